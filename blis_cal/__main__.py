@@ -1,0 +1,3 @@
+from blis_cal.cli import main
+
+main()

@@ -1,0 +1,304 @@
+"""TraceV2 contract: round-trips, both BLIS layouts and time bases, derived latencies, bad input."""
+
+import csv
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blis_cal.errors import TraceFormatError
+from blis_cal.trace import (
+    BASE_COLUMNS,
+    FEB_COLUMNS,
+    Chunk,
+    ServerInfo,
+    Trace,
+    TraceHeader,
+    TraceRecord,
+    TraceWriter,
+    itl_means_us,
+    read_trace,
+    trace_frame,
+    trace_summary,
+    write_trace,
+)
+
+
+def _record(i: int, **kw) -> TraceRecord:
+    base = dict(
+        request_id=i,
+        client_id="c0",
+        input_tokens=100 + i,
+        output_tokens=4,
+        server_input_tokens=100 + i,
+        arrival_time_us=1000 * i,
+        send_time_us=1000 * i + 10,
+        first_chunk_time_us=1000 * i + 510,
+        last_chunk_time_us=1000 * i + 810,
+        num_chunks=4,
+        finish_reason="length",
+    )
+    base.update(kw)
+    return TraceRecord(**base)
+
+
+def _rich_trace() -> Trace:
+    header = TraceHeader(
+        created_at="2026-11-23T10:00:00Z",
+        workload_seed=7,
+        workload_spec="preset:chatbot",
+        server=ServerInfo(
+            type="vllm",
+            model="tiny",
+            max_num_seqs=64,
+            block_size=128,
+            num_gpu_blocks=1024,
+            max_num_batched_tokens=2048,
+            max_model_len=4096,
+            gpu="cpu",
+            vllm_version="0.32.0",
+            enable_prefix_caching=True,
+        ),
+        network={"measured_rtt_ms": 0.25},
+        goodput_slo_targets={"critical": {"ttft_ms": 100.0, "e2e_ms": 2000.0}},
+        observed_kv_metrics={"source": "vllm", "hit_rate": 0.5, "preemptions": 0.0},
+    )
+    records = [
+        _record(
+            0,
+            slo_class="critical",
+            vllm_priority=0,
+            slo_target_us=5000,
+            x_request_id="abc",
+            think_time_us=7,
+            cached_tokens=64,
+            server_queue_us=12,
+            reason_ratio=0.25,
+            error_message='with, comma "quoted"',
+        ),
+        _record(1, prefix_group="g", prefix_length=768, streaming=False),
+        _record(
+            2,
+            status="error",
+            first_chunk_time_us=0,
+            last_chunk_time_us=0,
+            num_chunks=0,
+            output_tokens=0,
+            error_message="HTTP 500: boom",
+        ),
+    ]
+    itl = {0: [Chunk(510, 1), Chunk(610, 1), Chunk(710, 2)], 1: [Chunk(1510), Chunk(1810)]}
+    return Trace(header=header, records=records, itl=itl)
+
+
+def test_round_trip_is_lossless(tmp_path):
+    trace = _rich_trace()
+    write_trace(trace, tmp_path / "t.csv")
+    back = read_trace(tmp_path / "t.csv")
+    assert back.header == trace.header
+    assert back.records == trace.records
+    assert back.itl == trace.itl
+    # and writing again gives the same bytes
+    write_trace(back, tmp_path / "u.csv")
+    for suffix in (".csv", ".yaml", ".itl.csv"):
+        assert (tmp_path / f"t{suffix}").read_bytes() == (tmp_path / f"u{suffix}").read_bytes()
+
+
+def test_writer_layout_is_27_base_columns_plus_used_optionals(tmp_path):
+    write_trace(Trace(TraceHeader(), [_record(0)]), tmp_path / "plain.csv")
+    assert next(csv.reader((tmp_path / "plain.csv").open())) == BASE_COLUMNS
+    write_trace(_rich_trace(), tmp_path / "rich.csv")
+    cols = next(csv.reader((tmp_path / "rich.csv").open()))
+    assert cols[cols.index("slo_class") + 1] == "vllm_priority"
+    assert cols[cols.index("deadline_us") + 1] == "slo_target_us"
+    assert cols[-1] == "server_queue_us"
+
+
+def test_real_sample_traces_load(trace_a, trace_c):
+    a = read_trace(trace_a)
+    assert len(a.records) == 150 and all(r.status == "ok" for r in a.records)
+    assert a.header.server.num_gpu_blocks == 1024 and a.header.server.block_size == 128
+    assert a.itl is not None and sum(len(v) for v in a.itl.values()) == sum(
+        r.output_tokens for r in a.records
+    )
+    c = read_trace(trace_c)
+    assert len(c.records) == 150
+    assert all(r.prefix_length == 768 and r.total_input_tokens == r.input_tokens + 768 for r in c.records)
+
+
+def test_derived_latencies_match_hand_computed(trace_a):
+    trace = read_trace(trace_a)
+    r0 = trace.records[0]  # row: send 754372, first 850813, last 2750115, 88 chunks
+    assert r0.ttft_us == 850813 - 754372
+    assert r0.e2e_us == 2750115 - 754372
+    chunks = trace.itl[0]
+    assert itl_means_us(trace)[0] == pytest.approx((chunks[-1].timestamp_us - chunks[0].timestamp_us) / 87)
+    frame = trace_frame(trace)
+    assert frame.loc[0, "ttft_us"] == 96441 and frame.loc[0, "e2e_us"] == 1995743
+    # without the ITL file: (last-first)/(num_chunks-1)
+    trace.itl = None
+    assert itl_means_us(trace)[0] == pytest.approx((2750115 - 850813) / 87)
+
+
+def test_itl_counts_tokens_not_chunks():
+    trace = _rich_trace()
+    # request 0: events at 510, 610, 710 carrying 1, 1, 2 tokens -> 200 µs over 3 tokens
+    assert itl_means_us(trace)[0] == pytest.approx(200 / 3)
+
+
+def test_feb_22_column_layout(tmp_path):
+    path = tmp_path / "feb.csv"
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(FEB_COLUMNS)
+        w.writerow(
+            [3, "c", "", "", "", 0, "", "true", 120, 9, 0, 0, 0, 0, "0", 100, 150, 400, 900, 9, "ok", ""]
+        )
+    trace = read_trace(path)
+    (r,) = trace.records
+    assert (r.request_id, r.input_tokens, r.output_tokens, r.ttft_us, r.e2e_us) == (3, 120, 9, 250, 750)
+    assert any("22-column" in n for n in trace.notes) and any("no header" in n for n in trace.notes)
+
+
+def test_absolute_epoch_times_normalised(tmp_path):
+    epoch = 1_763_900_000_000_000
+    trace = Trace(
+        TraceHeader(),
+        [
+            _record(
+                0,
+                arrival_time_us=0,
+                send_time_us=epoch + 5,
+                first_chunk_time_us=epoch + 105,
+                last_chunk_time_us=epoch + 405,
+            ),
+            _record(
+                1,
+                arrival_time_us=1000,
+                send_time_us=epoch + 1020,
+                first_chunk_time_us=epoch + 1120,
+                last_chunk_time_us=epoch + 1320,
+            ),
+        ],
+        itl={0: [Chunk(epoch + 105), Chunk(epoch + 405)]},
+    )
+    write_trace(trace, tmp_path / "abs.csv")
+    back = read_trace(tmp_path / "abs.csv")
+    r0, r1 = back.records
+    assert (r0.send_time_us, r0.first_chunk_time_us, r0.last_chunk_time_us) == (0, 100, 400)
+    assert (r1.send_time_us, r1.ttft_us, r1.e2e_us) == (1015, 100, 300)
+    assert [c.timestamp_us for c in back.itl[0]] == [100, 400]
+    assert any("epoch" in n for n in back.notes)
+
+
+def test_trace_writer_is_readable_mid_run_and_after_close(tmp_path):
+    path = tmp_path / "live.csv"
+    writer = TraceWriter(path, TraceHeader(mode="real"))
+    writer.append(_record(0), [Chunk(510), Chunk(810)])
+    partial = read_trace(path)  # as after a crash
+    assert [r.request_id for r in partial.records] == [0] and partial.itl[0][1].timestamp_us == 810
+    writer.append(_record(1))
+    writer.close(TraceHeader(mode="real", warm_up_requests=0, observed_kv_metrics={"hit_rate": 0.1}))
+    final = read_trace(path)
+    assert len(final.records) == 2 and final.header.observed_kv_metrics == {"hit_rate": 0.1}
+
+
+def test_summary_counts_and_rates():
+    s = trace_summary(_rich_trace())
+    assert s["requests"] == 3 and s["by_status"] == {"error": 1, "ok": 2}
+    assert s["ttft_mean_ms"] == 0.5 and s["e2e_mean_ms"] == 0.8
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _write_rows(path: Path, rows: list[list], columns=BASE_COLUMNS) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(columns)
+        w.writerows(rows)
+    return path
+
+
+def _good_row(**kw) -> list:
+    rec = dataclasses.asdict(_record(0, **kw))
+    return [str(rec[c]).lower() if isinstance(rec[c], bool) else rec[c] for c in BASE_COLUMNS]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r[:-1], "wrong column count"),
+        (lambda r: [*r[:10], "many", *r[11:]], "field output_tokens"),
+        (lambda r: [*r[:20], "-5", *r[21:]], "field send_time_us: negative time"),
+        (lambda r: [*r[:21], "1", *r[22:]], "first_chunk_time_us: 1 is before send_time_us"),
+        (lambda r: [*r[:24], "lost", *r[25:]], "field status"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, mutate, message):
+    path = _write_rows(tmp_path / "bad.csv", [_good_row(), mutate(_good_row())])
+    with pytest.raises(TraceFormatError, match=message) as err:
+        read_trace(path)
+    assert "bad.csv" in str(err.value)
+    assert ":3:" in str(err.value) or "row 2" in str(err.value)
+    # the good row survives with --skip-bad-rows, and the skip is reported
+    trace = read_trace(path, skip_bad_rows=True)
+    assert len(trace.records) == 1 and any("skipped" in n for n in trace.notes)
+
+
+def test_missing_file_and_bad_headers(tmp_path):
+    with pytest.raises(TraceFormatError, match="cannot read trace data"):
+        read_trace(tmp_path / "nope.csv")
+    data = _write_rows(tmp_path / "t.csv", [_good_row()])
+    (tmp_path / "t.yaml").write_text("mode: real\nserver: {model: tiny, colour: blue}\n")
+    with pytest.raises(TraceFormatError, match="unknown key 'colour'"):
+        read_trace(data)
+    (tmp_path / "t.yaml").write_text("trace_version: 2\nbogus_key: 1\n")
+    with pytest.raises(TraceFormatError, match="unknown key 'bogus_key'"):
+        read_trace(data)
+    (tmp_path / "t.yaml").write_text("mode: [unclosed\n")
+    with pytest.raises(TraceFormatError, match="unreadable YAML"):
+        read_trace(data)
+    with pytest.raises(TraceFormatError, match="cannot read trace header"):
+        read_trace(data, header_path=tmp_path / "absent.yaml")
+    (tmp_path / "t.yaml").write_text("server: {max_num_seqs: many}\n")
+    with pytest.raises(TraceFormatError, match="max_num_seqs"):
+        read_trace(data)
+
+
+def test_bad_itl_file(tmp_path):
+    data = _write_rows(tmp_path / "t.csv", [_good_row()])
+    (tmp_path / "t.itl.csv").write_text("request_id,chunk_index,timestamp_us\n0,0,-4\n")
+    with pytest.raises(TraceFormatError, match=r"t.itl.csv:2: negative"):
+        read_trace(data)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    path = _write_rows(tmp_path / "bad.csv", [_good_row()[:-2]])
+    proc = subprocess.run(
+        [sys.executable, "-m", "blis_cal", "trace", "info", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "bad.csv:2" in proc.stderr
+    ok = subprocess.run(
+        [sys.executable, "-m", "blis_cal", "trace", "info", str(path), "--skip-bad-rows", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "skipped 1 bad row" in ok.stderr
+
+
+def test_cli_info_json_on_sample(trace_a):
+    proc = subprocess.run(
+        [sys.executable, "-m", "blis_cal", "trace", "info", str(trace_a), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import json
+
+    summary = json.loads(proc.stdout)
+    assert summary["requests"] == 150 and summary["by_status"] == {"ok": 150}
+    assert summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
