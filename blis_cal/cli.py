@@ -78,6 +78,1278 @@ def summary_table(title: str, summary: dict) -> Table:
     return table
 
 
+# ---------------------------------------------------------------------------------------------- convert
+
+convert_app = typer.Typer(
+    help="Write workload spec YAML from a preset, ServeGen data or a trace.", no_args_is_help=True
+)
+app.add_typer(convert_app, name="convert")
+
+
+def emit_spec(spec, output: Path | None) -> None:
+    """A workload spec as YAML: to --output, else stdout."""
+    from blis_cal.workload import spec_to_yaml
+
+    text = spec_to_yaml(spec)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        stderr.print(f"wrote {output}", highlight=False)
+
+
+def _preset_names() -> str:
+    from blis_cal.workload import workload_presets
+
+    return ", ".join(workload_presets.names())
+
+
+@convert_app.command("preset")
+def convert_preset(
+    name: str = typer.Argument(
+        ...,
+        help="Preset or scenario: chatbot, summarization, contentgen, multidoc, "
+        "bursty, unfair, prefix-heavy, mixed-slo.",
+    ),
+    rate: float = typer.Option(..., "--rate", help="Aggregate rate, requests/s."),
+    num_requests: int = typer.Option(
+        0, "--num-requests", help="Requests to generate (0: bounded by --duration)."
+    ),
+    duration: float = typer.Option(0.0, "--duration", help="Horizon in seconds (0: none)."),
+    seed: int = typer.Option(0, "--seed", help="Workload seed written into the spec."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Write a preset's or scenario's workload spec.
+
+    Presets (BLIS defaults.yaml) use constant arrivals at the rate and gaussian lengths; scenarios
+    (bursty, unfair, prefix-heavy, mixed-slo) have their own clients and arrival processes.
+
+    Examples:
+
+        blis convert preset chatbot --rate 4 --num-requests 500 > chatbot.yaml
+
+        blis convert preset mixed-slo --rate 10 --duration 120 -o mixed.yaml
+    """
+    from blis_cal.errors import ConfigError
+    from blis_cal.workload import preset_spec, workload_presets
+
+    if name not in workload_presets:
+        raise ConfigError(f"unknown workload preset {name!r}; allowed: {_preset_names()}")
+    spec = preset_spec(name, rate, num_requests)
+    spec.horizon = round(duration * 1e6) if duration > 0 else 0
+    spec.seed = seed
+    emit_spec(spec, output)
+
+
+@convert_app.command("servegen")
+def convert_servegen(
+    directory: Path = typer.Argument(
+        ..., help="Directory of chunk-<ID>-trace.csv + chunk-<ID>-dataset.json."
+    ),
+    rate: float | None = typer.Option(
+        None,
+        "--rate",
+        help="Aggregate rate, requests/s (default: the sum of "
+        "each chunk's busiest rate, so chunks keep their own rates).",
+    ),
+    num_requests: int = typer.Option(
+        0, "--num-requests", help="Requests to generate (0: bounded by --duration)."
+    ),
+    duration: float = typer.Option(0.0, "--duration", help="Horizon in seconds (0: none)."),
+    span_start: float = typer.Option(
+        0.0, "--span-start", help="Only rows / windows starting at or after this (s)."
+    ),
+    span_end: float = typer.Option(
+        0.0, "--span-end", help="Only rows / windows starting before this (s; 0: no end)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Workload seed written into the spec."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Import ServeGen data as a workload spec (one client per chunk).
+
+    Each chunk's busiest row in the span gives its rate and arrival process (Gamma / Weibull with the
+    row's cv, else Poisson); its first dataset window in the span gives empirical length PDFs.
+
+    Examples:
+
+        blis convert servegen servegen/language/ --num-requests 2000 > servegen.yaml
+
+        blis convert servegen data/ --rate 20 --span-start 3600 --span-end 7200 --duration 300
+    """
+    from blis_cal.workload.servegen import servegen_spec
+
+    spec = servegen_spec(
+        directory,
+        rate=rate,
+        num_requests=num_requests,
+        horizon_us=round(duration * 1e6) if duration > 0 else 0,
+        span_start=span_start,
+        span_end=span_end,
+        seed=seed,
+    )
+    emit_spec(spec, output)
+
+
+@convert_app.command("trace")
+def convert_trace(
+    trace_csv: Path = typer.Argument(..., help="Trace data CSV; the header is the sibling .yaml."),
+    header: Path | None = typer.Option(None, "--header", help="Header YAML, if not the sibling .yaml."),
+    lengths: str = typer.Option(
+        "empirical", "--lengths", help="Length fit: empirical (observed PDF) or gaussian."
+    ),
+    num_requests: int | None = typer.Option(
+        None, "--num-requests", help="Requests to generate (default: as many as the trace has)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Workload seed written into the spec."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
+) -> None:
+    """Fit a workload spec to an observed trace: rate, burstiness (cv), lengths, prefix groups, sessions.
+
+    Examples:
+
+        blis convert trace traces/A_poisson_0.8.csv > a.yaml
+
+        blis convert trace run.csv --lengths gaussian --num-requests 1000 -o fitted.yaml
+    """
+    from blis_cal.trace import read_trace
+    from blis_cal.workload.fit_trace import spec_from_trace
+
+    trace = read_trace(trace_csv, header)
+    print_notes(trace.notes)
+    spec = spec_from_trace(trace, lengths=lengths, num_requests=num_requests, seed=seed)
+    arrival = spec.clients[0].arrival
+    cv = f" cv {arrival.cv:g}" if arrival.cv is not None else ""
+    stderr.print(
+        f"fitted {len(spec.clients)} client(s): {spec.aggregate_rate:g} req/s, {arrival.process}{cv} arrivals",
+        highlight=False,
+    )
+    emit_spec(spec, output)
+
+
+# ---------------------------------------------------------------------------------------------- replay / run
+# Cluster options of `replay` and `run`, and `blis policies` (cluster engineer's section;
+# library: blis_cal.simulate.cluster). Allowed values are checked against the registries.
+
+_OPT_POLICY_CONFIG = typer.Option(
+    None,
+    "--policy-config",
+    help="Cluster policy YAML (instances, admission, routing, scheduler); flags override it.",
+)
+_OPT_INSTANCES = typer.Option(None, "--instances", help="Number of instances behind the router (default 1).")
+_OPT_ADMISSION = typer.Option(
+    None, "--admission-policy", help="Admission policy (default always-admit); `blis policies` lists them."
+)
+_OPT_ROUTING = typer.Option(
+    None, "--routing-policy", help="Routing policy (default round-robin); `blis policies` lists them."
+)
+_OPT_SCORERS = typer.Option(
+    None,
+    "--routing-scorers",
+    help="Scorers of the weighted policy as NAME:WEIGHT,... "
+    "(default prefix-affinity:3,queue-depth:2,kv-utilization:2).",
+)
+_OPT_SCHEDULER = typer.Option(
+    None, "--scheduler", help="Instance scheduler (default fcfs); `blis policies` lists them."
+)
+_OPT_PRIORITY = typer.Option(
+    None,
+    "--priority-policy",
+    help="Priority policy of priority-fcfs (default constant); `blis policies` lists them.",
+)
+_OPT_TRACE_DECISIONS = typer.Option(
+    None, "--trace-decisions", help="Write one JSON line per routing decision (candidates and scores) here."
+)
+
+
+def _cluster_policy(policy_config, instances, admission, routing, scorers, scheduler, priority, decisions):
+    """The cluster policy from --policy-config and the flags, or None when no cluster option was given."""
+    given = (policy_config, instances, admission, routing, scorers, scheduler, priority, decisions)
+    if all(value is None for value in given):
+        return None
+    from blis_cal.errors import ConfigError
+    from blis_cal.simulate.cluster import PolicyConfig, load_policy_config, parse_scorers
+
+    base = load_policy_config(policy_config) if policy_config is not None else PolicyConfig()
+    policy = base.with_overrides(
+        instances=instances,
+        admission=admission,
+        routing=routing,
+        scorers=parse_scorers(scorers) if scorers is not None else None,
+        scheduler=scheduler,
+        priority=priority,
+    )
+    if scorers is not None and policy.routing != "weighted":
+        raise ConfigError(
+            f"--routing-scorers needs --routing-policy weighted (the policy is {policy.routing!r})"
+        )
+    return policy
+
+
+def _simulate(requests, config, sim_model, follow_up, policy, decisions):
+    """One instance (`simulate`) unless cluster options were given, then the cluster (`run_cluster`)."""
+    if policy is None:
+        from blis_cal.simulate import simulate
+
+        return simulate(requests, config, sim_model, follow_up)
+    from blis_cal.simulate.cluster import run_cluster
+
+    return run_cluster(requests, config, sim_model, policy, follow_up=follow_up, trace_decisions=decisions)
+
+
+@app.command("policies")
+def policies_cmd() -> None:
+    """List the cluster policies: admission, routing, scorers, schedulers, priority policies (JSON).
+
+    Examples:
+
+        blis policies
+    """
+    from blis_cal.simulate.cluster import admission_policies, routing_policies, routing_scorers
+    from blis_cal.simulate.cluster.scheduling import priority_policies
+    from blis_cal.simulate.scheduler import scheduler_policies
+
+    print_json(
+        {
+            "admission_policies": admission_policies.names(),
+            "routing_policies": routing_policies.names(),
+            "routing_scorers": routing_scorers.names(),
+            "scheduler_policies": scheduler_policies.names(),
+            "priority_policies": priority_policies.names(),
+        }
+    )
+
+
+# Options shared by `replay` and `run` (simulator engineer's section).
+
+_LATENCY_HELP = "Step-time model (registry `latency_models`): blackbox (α/β) or roofline."
+
+
+def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
+    from blis_cal.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated numbers like 1000,2.5,100; got {text!r}") from None
+
+
+def _sim_model(
+    latency_model: str, alpha, beta, model, gpu, tp, coeffs, vllm_version, model_config, hardware_config
+):
+    from blis_cal.simulate import LatencyOptions, build_latency_model
+
+    opts = LatencyOptions(
+        alpha=_floats("--alpha", alpha),
+        beta=_floats("--beta", beta),
+        model=model or "",
+        gpu=gpu or "",
+        tp=tp or 0,
+        vllm_version=vllm_version,
+        coeffs_path=coeffs,
+        model_config=model_config,
+        hardware_config=hardware_config,
+    )
+    return build_latency_model(latency_model, opts)
+
+
+def _sim_outputs(run, results: Path | None, trace_output: str | None, source=None) -> None:
+    from blis_cal.replay import results_to_trace, write_results_json
+    from blis_cal.trace import write_trace
+
+    if results is not None:
+        write_results_json(run, results)
+    if trace_output is not None:
+        csv_path = trace_output if trace_output.endswith(".csv") else trace_output + ".csv"
+        write_trace(results_to_trace(run, source), csv_path)
+    print_json(run.summary)
+
+
+@app.command("replay")
+def replay_cmd(
+    trace_csv: Path = typer.Argument(..., help="Trace data CSV; the header is the sibling .yaml."),
+    header: Path | None = typer.Option(None, "--header", help="Header YAML, if not the sibling .yaml."),
+    results: Path | None = typer.Option(
+        None, "--results", help="Write per-request results (JSON array) here."
+    ),
+    trace_output: str | None = typer.Option(
+        None, "--trace-output", help="Write a replayed TraceV2 as PREFIX.csv/.yaml."
+    ),
+    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
+    alpha: str | None = typer.Option(
+        None, "--alpha", help="α0,α1,α2 (µs): queue delay α0+α1·input, output delay α2."
+    ),
+    beta: str | None = typer.Option(
+        None, "--beta", help="β0,β1,β2[,...] (µs): step = β0 + β1·prefill + β2·decode tokens."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="Model id for the coefficient lookup (default: header server.model)."
+    ),
+    gpu: str | None = typer.Option(
+        None, "--gpu", help="GPU for the lookup (default: header server.gpu or defaults.yaml)."
+    ),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
+    vllm_version: str | None = typer.Option(
+        None, "--vllm-version", help="Pick the entry of this vLLM version."
+    ),
+    coeffs: str | None = typer.Option(
+        None, "--coeffs", help="Coefficients YAML (defaults.yaml layout) instead of the shipped one."
+    ),
+    model_config: str | None = typer.Option(
+        None, "--model-config", help="roofline: HF config.json or its folder."
+    ),
+    hardware_config: str | None = typer.Option(
+        None, "--hardware-config", help="roofline: hardware_config.json."
+    ),
+    block_size: int | None = typer.Option(
+        None, "--block-size", help="KV block size in tokens (default: header)."
+    ),
+    num_gpu_blocks: int | None = typer.Option(None, "--num-gpu-blocks", help="KV blocks (default: header)."),
+    max_num_seqs: int | None = typer.Option(
+        None, "--max-num-seqs", help="Max running requests (default: header)."
+    ),
+    max_num_batched_tokens: int | None = typer.Option(
+        None, "--max-num-batched-tokens", help="Token budget per step (default: header)."
+    ),
+    max_model_len: int | None = typer.Option(
+        None, "--max-model-len", help="Max prompt + output length (default: header)."
+    ),
+    long_prefill_token_threshold: int | None = typer.Option(
+        None, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
+    ),
+    prefix_caching: bool | None = typer.Option(
+        None, "--prefix-caching/--no-prefix-caching", help="Prefix caching (default: header, else on)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    skip_bad_rows: bool = typer.Option(
+        False, "--skip-bad-rows", help="Replay the good rows, report the bad."
+    ),
+    policy_config: Path | None = _OPT_POLICY_CONFIG,
+    instances: int | None = _OPT_INSTANCES,
+    admission_policy: str | None = _OPT_ADMISSION,
+    routing_policy: str | None = _OPT_ROUTING,
+    routing_scorers: str | None = _OPT_SCORERS,
+    scheduler: str | None = _OPT_SCHEDULER,
+    priority_policy: str | None = _OPT_PRIORITY,
+    trace_decisions: Path | None = _OPT_TRACE_DECISIONS,
+) -> None:
+    """Replay a trace through the simulated vLLM instance; print the summary as JSON.
+
+    Every row becomes a request injected at its send time with its observed prompt and output lengths;
+    rows of a prefix group share their prefix, so the simulated prefix cache hits as vLLM's did. Engine
+    settings come from the header's `server:` block, overridden by the flags.
+
+    Examples:
+
+        blis replay traces/A_poisson_0.8.csv --alpha 20000,0,0 --beta 10000,30,500 --results r.json
+
+        blis replay run.csv --model meta-llama/llama-3.1-8b-instruct --gpu H100 --tp 2 --trace-output sim
+
+        blis replay run.csv --alpha 20000,0,0 --beta 10000,30,500 --instances 4 --routing-policy weighted
+    """
+    from blis_cal.replay import config_from_trace, requests_from_trace
+    from blis_cal.trace import read_trace
+
+    trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
+    server = trace.header.server
+    config = config_from_trace(
+        trace.header,
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+        enable_prefix_caching=prefix_caching,
+        seed=seed,
+    )
+    sim_model = _sim_model(
+        latency_model,
+        alpha,
+        beta,
+        model or (server.model if server else None),
+        gpu or (server.gpu if server else None),
+        tp or (server.tensor_parallel if server else None),
+        coeffs,
+        vllm_version,
+        model_config,
+        hardware_config,
+    )
+    notes = list(trace.notes)
+    policy = _cluster_policy(
+        policy_config,
+        instances,
+        admission_policy,
+        routing_policy,
+        routing_scorers,
+        scheduler,
+        priority_policy,
+        trace_decisions,
+    )
+    run = _simulate(requests_from_trace(trace, notes), config, sim_model, None, policy, trace_decisions)
+    print_notes(notes)
+    _sim_outputs(run, results, trace_output, trace)
+
+
+def run_requests(
+    spec_path: Path | None,
+    preset: str | None,
+    rate: float | None,
+    concurrency: int | None,
+    num_requests: int | None,
+    duration: float | None,
+    input_tokens: int | None,
+    output_tokens: int | None,
+    seed: int | None,
+) -> tuple[object, list, object]:
+    """The request source of `blis run` (workload owner): the workload, its first requests and, for closed
+    loops, the follow-up bridge that releases the next request when one finishes."""
+    from blis_cal.replay.from_workload import follow_up_for, requests_from_workload
+    from blis_cal.workload import workload_from_options
+
+    if spec_path is None and num_requests is None and duration is None:
+        num_requests = 1000
+    workload = workload_from_options(
+        spec_path=spec_path,
+        preset=preset,
+        rate=rate,
+        concurrency=concurrency,
+        num_requests=num_requests,
+        duration_s=duration,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        seed=seed,
+    )
+    return workload, requests_from_workload(workload), follow_up_for(workload)
+
+
+@app.command("run")
+def run_cmd(
+    workload_spec: Path | None = typer.Option(None, "--workload-spec", help="Workload spec YAML (BLIS v2)."),
+    preset: str | None = typer.Option(
+        None,
+        "--preset",
+        help="Preset (chatbot, summarization, contentgen, multidoc: constant arrivals at --rate) or scenario "
+        "(bursty, unfair, prefix-heavy, mixed-slo); needs --rate.",
+    ),
+    rate: float | None = typer.Option(
+        None, "--rate", help="Requests/s. Alone: Poisson arrivals with the chatbot preset's lengths."
+    ),
+    concurrency: int | None = typer.Option(
+        None,
+        "--concurrency",
+        help="N closed-loop users (next request when the answer completes; chatbot lengths).",
+    ),
+    num_requests: int | None = typer.Option(
+        None,
+        "--num-requests",
+        help="Number of requests (default 1000 unless a spec or --duration bounds the run).",
+    ),
+    duration: float | None = typer.Option(None, "--duration", help="Stop arrivals after this many seconds."),
+    input_tokens: int | None = typer.Option(
+        None,
+        "--input-tokens",
+        help="Constant prompt length (default: the workload's; chatbot N(256,100) in [2,800]).",
+    ),
+    output_tokens: int | None = typer.Option(
+        None,
+        "--output-tokens",
+        help="Constant output length (default: the workload's; chatbot N(256,100) in [1,1024]).",
+    ),
+    results: Path | None = typer.Option(
+        None, "--results", help="Write per-request results (JSON array) here."
+    ),
+    trace_output: str | None = typer.Option(
+        None, "--trace-output", help="Write the simulated trace as PREFIX.csv/.yaml."
+    ),
+    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
+    alpha: str | None = typer.Option(None, "--alpha", help="α0,α1,α2 (µs)."),
+    beta: str | None = typer.Option(None, "--beta", help="β0,β1,β2[,...] (µs)."),
+    model: str | None = typer.Option(None, "--model", help="Model id for the coefficient lookup."),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU for the lookup."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
+    vllm_version: str | None = typer.Option(
+        None, "--vllm-version", help="Pick the entry of this vLLM version."
+    ),
+    coeffs: str | None = typer.Option(
+        None, "--coeffs", help="Coefficients YAML instead of the shipped defaults.yaml."
+    ),
+    model_config: str | None = typer.Option(
+        None, "--model-config", help="roofline: HF config.json or its folder."
+    ),
+    hardware_config: str | None = typer.Option(
+        None, "--hardware-config", help="roofline: hardware_config.json."
+    ),
+    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
+    num_gpu_blocks: int = typer.Option(65536, "--num-gpu-blocks", help="KV blocks."),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Max running requests."),
+    max_num_batched_tokens: int = typer.Option(
+        2048, "--max-num-batched-tokens", help="Token budget per step."
+    ),
+    max_model_len: int = typer.Option(8192, "--max-model-len", help="Max prompt + output length."),
+    long_prefill_token_threshold: int = typer.Option(
+        0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
+    ),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Workload seed (default: the spec's, else 0); the simulator's (default 42)."
+    ),
+    policy_config: Path | None = _OPT_POLICY_CONFIG,
+    instances: int | None = _OPT_INSTANCES,
+    admission_policy: str | None = _OPT_ADMISSION,
+    routing_policy: str | None = _OPT_ROUTING,
+    routing_scorers: str | None = _OPT_SCORERS,
+    scheduler: str | None = _OPT_SCHEDULER,
+    priority_policy: str | None = _OPT_PRIORITY,
+    trace_decisions: Path | None = _OPT_TRACE_DECISIONS,
+) -> None:
+    """Simulate a workload (spec, preset, rate or closed-loop users) on vLLM; print the summary as JSON.
+
+    One workload source: --workload-spec FILE, --preset NAME --rate R, --rate R, or --concurrency N.
+
+    Examples:
+
+        blis run --rate 20 --num-requests 1000 --model meta-llama/llama-3.1-8b-instruct --gpu H100 --tp 2
+
+        blis run --rate 5 --input-tokens 1024 --output-tokens 128 --alpha 1000,1,100 --beta 6000,18,3 --results r.json
+
+        blis run --workload-spec spec.yaml --alpha 1000,1,100 --beta 6000,18,3
+
+        blis run --preset mixed-slo --rate 8 --duration 300 --alpha 1000,1,100 --beta 6000,18,3
+
+        blis run --concurrency 16 --num-requests 500 --alpha 1000,1,100 --beta 6000,18,3
+
+        blis run --preset prefix-heavy --rate 40 --alpha 1000,1,100 --beta 6000,18,3 --instances 4 --routing-policy weighted --routing-scorers prefix-affinity:3,queue-depth:2
+
+        blis run --rate 50 --alpha 1000,1,100 --beta 6000,18,3 --policy-config policy.yaml --instances 8 --trace-decisions decisions.jsonl
+    """
+    from blis_cal.simulate import SimConfig
+
+    config = SimConfig(
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_prefix_caching=prefix_caching,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+        seed=42 if seed is None else seed,
+    )
+    sim_model = _sim_model(
+        latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version, model_config, hardware_config
+    )
+    from blis_cal.replay.from_workload import workload_trace
+
+    workload, requests, follow_up = run_requests(
+        workload_spec, preset, rate, concurrency, num_requests, duration, input_tokens, output_tokens, seed
+    )
+    policy = _cluster_policy(
+        policy_config,
+        instances,
+        admission_policy,
+        routing_policy,
+        routing_scorers,
+        scheduler,
+        priority_policy,
+        trace_decisions,
+    )
+    run = _simulate(requests, config, sim_model, follow_up, policy, trace_decisions)
+    label = str(workload_spec) if workload_spec else (f"preset:{preset}" if preset else "")
+    source = workload_trace(workload, getattr(follow_up, "released", ()), label)
+    _sim_outputs(run, results, trace_output, source)
+
+
+# ---------------------------------------------------------------------------------------------- calibrate
+# Calibration engineer's section: `calibrate` and `validate` (library: blis_cal.calibrate).
+
+
+def _model_form_help() -> str:
+    from blis_cal.calibrate.fit import model_forms
+
+    return "Step-time form to fit: " + "; ".join(
+        f"{n}: {model_forms.get(n).description}" for n in model_forms.names()
+    )
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _calibration_table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for col in ("trace", "requests", "rate/s", "TTFT MAPE", "ITL MAPE", "E2E MAPE", "E2E r", "E2E quality"):
+        table.add_column(col, justify="left" if col == "trace" else "right")
+    for row in rows:
+        pct = [f"{100 * row[k]:.1f} %" if k in row else "-" for k in ("ttft_mape", "itl_mape", "e2e_mape")]
+        table.add_row(
+            str(row["trace"]),
+            str(row["requests"]),
+            f"{row['rate_rps']:.2f}",
+            *pct,
+            f"{row.get('e2e_pearson_r', 0):.3f}",
+            str(row.get("e2e_quality", "-")),
+        )
+    return table
+
+
+def _replay_fn(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version):
+    """Build the latency model once; return a function replaying a NamedTrace with it."""
+    from blis_cal.calibrate.sim_bridge import replay_model
+
+    sim_model = _sim_model(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version, None, None)
+    return sim_model, lambda named: replay_model(named.trace, sim_model)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    traces: list[Path] = typer.Argument(..., help="Trace data CSVs (headers are the sibling .yaml files)."),
+    do_fit: bool = typer.Option(False, "--fit", help="Fit α/β jointly over the traces, then compare."),
+    model: str | None = typer.Option(
+        None, "--model", help="Model id of the entry (default: header server.model)."
+    ),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU of the entry (default: header server.gpu)."),
+    tp: int | None = typer.Option(
+        None, "--tp", help="Tensor parallelism of the entry (default: header, else 1)."
+    ),
+    vllm_version: str | None = typer.Option(
+        None, "--vllm-version", help="vLLM version of the entry (default: header server.vllm_version)."
+    ),
+    model_form: str = typer.Option(
+        "blackbox", "--model-form", help="Fit: step-time form (see `blis calibrate --help`)."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Fit: add/replace the entry in this defaults.yaml."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write the JSON report (BLIS layout + ours) here."
+    ),
+    html_path: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+    sim_results: Path | None = typer.Option(
+        None, "--sim-results", help="No fit: compare with this results JSON from `blis replay --results`."
+    ),
+    coeffs: str | None = typer.Option(None, "--coeffs", help="No fit: coefficients YAML for the lookup."),
+    alpha: str | None = typer.Option(None, "--alpha", help="No fit: α0,α1,α2 (µs)."),
+    beta: str | None = typer.Option(None, "--beta", help="No fit: β0,β1,β2[,...] (µs)."),
+    rtt_us: int | None = typer.Option(
+        None, "--network-rtt-us", help="RTT added to simulated TTFT/E2E (default: header measured_rtt_ms)."
+    ),
+    warmup: int | None = typer.Option(
+        None, "--warmup-requests", help="Exclude ids below this (default: header)."
+    ),
+    bootstrap: int = typer.Option(
+        200, "--bootstrap", help="Fit: bootstrap replicates for the intervals (0: none)."
+    ),
+    prediction_draws: int = typer.Option(
+        10, "--prediction-draws", help="Fit: replays for p50/p99 prediction intervals (0: none)."
+    ),
+    max_evaluations: int = typer.Option(
+        8, "--max-evaluations", help="Fit: replays allowed for the simulation-in-the-loop refinement."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Fit: bootstrap seed."),
+) -> None:
+    """Compare simulated with observed latencies, or fit α/β from traces (`--fit`) and write them.
+
+    With `--fit`: a direct estimate from per-chunk timestamps, refined by replaying every trace in the
+    simulator, jointly over all traces; bootstrap intervals for every coefficient and for p50/p99 TTFT/E2E.
+    Without: compare one trace with `--sim-results`, or replay the traces with looked-up (`--coeffs/--model/
+    --gpu/--tp`) or given (`--alpha/--beta`) coefficients and compare. Prints a JSON summary.
+
+    Examples:
+
+        blis calibrate traces/A_poisson_0.8.csv traces/C_prefix_1.0.csv --fit --model tiny --gpu cpu --tp 1 --out defaults.yaml --html cal.html
+
+        blis calibrate run.csv --sim-results results.json --report cal.json
+
+        blis calibrate run.csv --coeffs defaults.yaml --model tiny --gpu cpu --tp 1
+    """
+    from blis_cal.calibrate.pipeline import load_traces, run_compare, run_fit
+    from blis_cal.calibrate.report_html import write_html
+    from blis_cal.errors import ConfigError
+
+    named = load_traces(traces)
+    for t in named:
+        print_notes(t.trace.notes)
+    server = named[0].trace.header.server
+    model = model or (server.model if server else "")
+    gpu = gpu or (server.gpu if server else "")
+    tp = tp or (server.tensor_parallel if server and server.tensor_parallel else 1)
+    vllm_version = vllm_version if vllm_version is not None else (server.vllm_version if server else "")
+    fit_result = None
+    if do_fit:
+        if sim_results or alpha or beta or coeffs:
+            raise ConfigError(
+                "--fit fits coefficients; it cannot be combined with --sim-results/--alpha/--beta/--coeffs"
+            )
+        if out is not None and (not model or not gpu):
+            raise ConfigError(
+                "--out needs the entry's --model and --gpu (the trace header does not name them)"
+            )
+        with stderr.status("fitting") as status:
+            fit_result, data, action = run_fit(
+                named,
+                model=model,
+                gpu=gpu,
+                tp=tp,
+                vllm_version=vllm_version,
+                model_form=model_form,
+                out=out,
+                bootstrap=bootstrap,
+                prediction_draws=prediction_draws,
+                max_evaluations=max_evaluations,
+                seed=seed,
+                rtt_us=rtt_us,
+                progress=lambda msg: status.update(f"fitting: {msg}"),
+            )
+        reports = [fit_result.reports[t.name] for t in named]
+        if action:
+            stderr.print(f"{action} entry ({model}, {gpu}, TP {tp}, {vllm_version or 'no version'}) in {out}")
+    else:
+        if out is not None:
+            raise ConfigError("--out writes fitted coefficients; add --fit")
+        if sim_results is not None:
+            from blis_cal.replay import read_results_json
+
+            if len(named) != 1:
+                raise ConfigError("--sim-results compares one trace; give exactly one TRACE.csv")
+            results = read_results_json(sim_results)
+            reports, data = run_compare(named, lambda _t: results, rtt_us=rtt_us, warmup=warmup)
+        else:
+            if not (alpha and beta) and not model:
+                raise ConfigError(
+                    "give --sim-results, --alpha and --beta, or --model/--gpu/--tp for a lookup (or --fit)"
+                )
+            _, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
+            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup)
+    if report is not None:
+        _write_json(report, data)
+    if html_path is not None:
+        write_html(html_path, reports, title="blis-cal calibration report", fit=fit_result)
+    stderr.print(_calibration_table("Calibration", data["summary_rows"]))
+    summary = {"summary_rows": data["summary_rows"], "targets": data["targets"]}
+    if "baseline_3plus3" in data:
+        stderr.print(
+            _calibration_table("BLIS 3+3 on the same traces", data["baseline_3plus3"]["summary_rows"])
+        )
+        summary["baseline_3plus3"] = data["baseline_3plus3"]
+    if fit_result is not None:
+        summary["calibration"] = {
+            k: data["calibration"][k]
+            for k in ("model_form", "alpha", "beta", "alpha_ci95", "beta_ci95", "loss", "fit_seconds")
+        }
+    print_json(summary)
+
+
+@app.command("validate")
+def validate_cmd(
+    traces: list[Path] = typer.Argument(
+        ..., help="Held-out trace data CSVs (headers are the sibling .yaml)."
+    ),
+    coeffs: str | None = typer.Option(None, "--coeffs", help="Coefficients YAML (defaults.yaml layout)."),
+    model: str | None = typer.Option(None, "--model", help="Model id for the lookup (default: header)."),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU for the lookup."),
+    tp: int | None = typer.Option(
+        None, "--tp", help="Tensor parallelism for the lookup (default: header, else 1)."
+    ),
+    vllm_version: str | None = typer.Option(
+        None, "--vllm-version", help="Pick the entry of this vLLM version."
+    ),
+    alpha: str | None = typer.Option(None, "--alpha", help="α0,α1,α2 (µs) instead of a lookup."),
+    beta: str | None = typer.Option(None, "--beta", help="β0,β1,β2[,...] (µs) instead of a lookup."),
+    rtt_us: int | None = typer.Option(
+        None, "--network-rtt-us", help="RTT added to simulated TTFT/E2E (default: header measured_rtt_ms)."
+    ),
+    report: Path | None = typer.Option(None, "--report", help="Write the JSON validation report here."),
+    html_path: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+    leave_one_out: bool = typer.Option(
+        False,
+        "--leave-one-out",
+        help="Cross-validate: fit on all traces but one, validate on that one, for each.",
+    ),
+    model_form: str = typer.Option(
+        "blackbox", "--model-form", help="--leave-one-out: the step-time form to fit."
+    ),
+) -> None:
+    """Validation report for a model/GPU pair over held-out traces: a row per trace and a pooled summary.
+
+    Each trace is replayed with the coefficients and compared (TTFT/ITL/E2E MAPE, Pearson r, bias, BLIS
+    quality, p50/p90/p99 errors); the summary pools all requests and checks the accuracy targets (E2E and
+    ITL MAPE ≤ 5 %, TTFT MAPE ≤ 10 %, E2E r ≥ 0.9).
+
+    Examples:
+
+        blis validate traces/real/*.csv --coeffs defaults.yaml --model tiny --gpu cpu --tp 1 --report v.json --html v.html
+
+        blis validate traces/*.csv traces/real/*.csv --leave-one-out --model-form blackbox-ctx --html loo.html
+    """
+    from blis_cal.calibrate.pipeline import load_traces, run_compare
+
+    named = load_traces(traces)
+    for t in named:
+        print_notes(t.trace.notes)
+    if leave_one_out:
+        from blis_cal.calibrate.pipeline import leave_one_out as cross_validate
+
+        with stderr.status("cross-validating") as status:
+            reports, fits = cross_validate(
+                named, model_form=model_form, rtt_us=rtt_us, progress=lambda m: status.update(m)
+            )
+        coefficients = {
+            "leave_one_out": model_form,
+            "fits": {
+                t.name: {"alpha": list(f.alpha), "beta": list(f.beta)}
+                for t, f in zip(named, fits, strict=True)
+            },
+        }
+        _validation_output(reports, coefficients, report, html_path, f"blis-cal leave-one-out ({model_form})")
+        return
+    server = named[0].trace.header.server
+    model = model or (server.model if server else None)
+    gpu = gpu or (server.gpu if server else None)
+    # As `calibrate --fit` writes entries: TP from the header, else 1.
+    tp = tp or (server.tensor_parallel if server and server.tensor_parallel else 1)
+    sim_model, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
+    reports, _ = run_compare(named, replay, rtt_us=rtt_us)
+    coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp}
+    _validation_output(
+        reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"
+    )
+
+
+def _validation_output(
+    reports, coefficients: dict, report: Path | None, html_path: Path | None, title: str
+) -> None:
+    from blis_cal.calibrate.pipeline import validation_report
+    from blis_cal.calibrate.report_html import write_html
+
+    data = validation_report(reports, coefficients)
+    if report is not None:
+        _write_json(report, data)
+    if html_path is not None:
+        write_html(html_path, reports, title=title)
+    stderr.print(_calibration_table("Validation", data["rows"]))
+    print_json(
+        {k: data[k] for k in ("coefficients", "rows", "targets")}
+        | {"summary": {k: v for k, v in data["summary"].items() if k != "metrics"}}
+    )
+
+
+# ---------------------------------------------------------------------------------------------- observe
+
+
+def _observe_headers(values: list[str]) -> dict[str, str]:
+    from blis_cal.errors import ConfigError
+
+    out = {}
+    for item in values:
+        key, sep, value = item.partition(":")
+        if not sep or not key.strip():
+            raise ConfigError(f"--header: expected KEY:VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _observe_server_info(values: list[str]) -> dict[str, object]:
+    """`--server-info max_num_seqs=64` -> typed ServerInfo fields (facts the server does not expose)."""
+    import dataclasses
+
+    from blis_cal.errors import ConfigError
+    from blis_cal.trace import ServerInfo
+
+    kinds = {f.name: f.type for f in dataclasses.fields(ServerInfo)}
+    out: dict[str, object] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in kinds:
+            raise ConfigError(
+                f"--server-info: expected KEY=VALUE with KEY one of {', '.join(kinds)}, got {item!r}"
+            )
+        kind = kinds[key]
+        try:
+            if kind == "int":
+                out[key] = int(text)
+            elif kind == "float":
+                out[key] = float(text)
+            elif kind.startswith("bool"):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                out[key] = text.lower() == "true"
+            else:
+                out[key] = text
+        except ValueError:
+            raise ConfigError(f"--server-info: {key} must be {kind}, got {text!r}") from None
+    return out
+
+
+@app.command("observe")
+def observe_cmd(
+    endpoint: str = typer.Option(..., "--endpoint", help="Server base URL, e.g. http://127.0.0.1:8000."),
+    model: str = typer.Option(..., "--model", help="Model name the server serves (sent in every request)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Trace data CSV; writes the sibling .yaml, .itl.csv, .metrics.csv."
+    ),
+    workload_spec: Path | None = typer.Option(None, "--workload-spec", help="Workload spec YAML (BLIS v2)."),
+    preset: str | None = typer.Option(None, "--preset", help="Preset or scenario (needs --rate)."),
+    rate: float | None = typer.Option(
+        None, "--rate", help="Requests/s. Alone: Poisson arrivals, chatbot lengths."
+    ),
+    concurrency: int | None = typer.Option(None, "--concurrency", help="N closed-loop users."),
+    num_requests: int | None = typer.Option(None, "--num-requests", help="Number of requests."),
+    duration: float | None = typer.Option(None, "--duration", help="Stop arrivals after this many seconds."),
+    input_tokens: int | None = typer.Option(None, "--input-tokens", help="Constant prompt length."),
+    output_tokens: int | None = typer.Option(None, "--output-tokens", help="Constant output length."),
+    seed: int | None = typer.Option(None, "--seed", help="Workload seed (overrides the spec's)."),
+    api: str = typer.Option("completions", "--api", help="completions or chat."),
+    prompt_mode: str | None = typer.Option(
+        None, "--prompt-mode", help="tokens (token-id arrays, exact; default for completions) or text (chat)."
+    ),
+    streaming: bool = typer.Option(True, "--streaming/--no-streaming", help="Stream responses (SSE)."),
+    max_concurrency: int | None = typer.Option(
+        None, "--max-concurrency", help="Cap on requests in flight (default 256; N with --concurrency N)."
+    ),
+    timeout: float = typer.Option(300.0, "--timeout", help="Whole-request timeout, seconds."),
+    drain_timeout: float = typer.Option(
+        30.0, "--drain-timeout", help="On Ctrl+C, wait this long for in-flight requests."
+    ),
+    warmup_requests: int = typer.Option(
+        0, "--warmup-requests", help="First N requests: recorded, left out of statistics."
+    ),
+    prewarm_duration: float = typer.Option(
+        0.0, "--prewarm-duration", help="Seconds of unrecorded load before the run."
+    ),
+    api_key: str = typer.Option(
+        "", "--api-key", envvar="BLIS_API_KEY", help="Bearer token (never written anywhere)."
+    ),
+    ignore_eos: bool = typer.Option(
+        True, "--ignore-eos/--no-ignore-eos", help="vLLM: exact output lengths (ignore_eos + min_tokens)."
+    ),
+    record_itl: bool | None = typer.Option(
+        None,
+        "--record-itl/--no-record-itl",
+        help="Write per-event times (.itl.csv); default on when streaming.",
+    ),
+    header: list[str] = typer.Option([], "--header", help="Extra HTTP header KEY:VALUE (repeatable)."),
+    rtt_ms: float = typer.Option(0.0, "--rtt-ms", help="Network round trip to record in the header, ms."),
+    max_errors: int = typer.Option(
+        0, "--max-errors", help="Stop after this many failed requests (0 = never)."
+    ),
+    metrics_interval: float = typer.Option(
+        1.0, "--metrics-interval", help="Seconds between /metrics samples (0 = off)."
+    ),
+    vocab_size: int = typer.Option(
+        8192, "--vocab-size", help="Token ids are drawn below this (model vocabulary size)."
+    ),
+    server_info: list[str] = typer.Option(
+        [], "--server-info", help="Server fact for the header, KEY=VALUE (e.g. max_num_seqs=64)."
+    ),
+    http_client: str = typer.Option(
+        "aiohttp", "--http-client", help="HTTP client for the requests: aiohttp (lower overhead) or httpx."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Drive a live OpenAI-compatible server with a workload and record a TraceV2 trace.
+
+    Requests go out at their scheduled arrivals (closed-loop users when the previous answer ends), streamed,
+    with exact lengths (token-id prompts, ignore_eos); every event's time and token count, the server's
+    usage, cached tokens and per-request metrics, and a /metrics time series are recorded. Ctrl+C stops
+    sending, drains in-flight requests for --drain-timeout, and leaves a valid trace.
+
+    Examples:
+
+        blis observe --endpoint http://127.0.0.1:8000 --model tiny --rate 2 --num-requests 100 --out run.csv
+
+        blis observe --endpoint http://127.0.0.1:8000 --model tiny --workload-spec spec.yaml --out run.csv
+
+        blis observe --endpoint http://127.0.0.1:8000 --model tiny --concurrency 8 --duration 60 --api chat --out chat.csv
+    """
+    from blis_cal.observe import ClientConfig, ObserveConfig, observe
+    from blis_cal.trace import read_trace, trace_summary
+    from blis_cal.workload import workload_from_options
+
+    workload = workload_from_options(
+        spec_path=workload_spec,
+        preset=preset,
+        rate=rate,
+        concurrency=concurrency,
+        num_requests=num_requests,
+        duration_s=duration,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        seed=seed,
+    )
+    client = ClientConfig(
+        endpoint=endpoint,
+        model=model,
+        api=api,
+        prompt_mode=prompt_mode or "",
+        streaming=streaming,
+        ignore_eos=ignore_eos,
+        timeout_s=timeout,
+        api_key=api_key,
+        headers=_observe_headers(header),
+        vocab_size=vocab_size,
+        http_client=http_client,
+    )
+    config = ObserveConfig(
+        client=client,
+        max_concurrency=max_concurrency or concurrency or 256,
+        drain_timeout_s=drain_timeout,
+        warmup_requests=warmup_requests,
+        prewarm_duration_s=prewarm_duration,
+        record_itl=streaming if record_itl is None else record_itl,
+        rtt_ms=rtt_ms,
+        max_errors=max_errors,
+        metrics_interval_s=metrics_interval,
+        workload_spec=str(workload_spec) if workload_spec else (f"preset:{preset}" if preset else ""),
+        server_overrides=_observe_server_info(server_info),
+    )
+    total = num_requests or getattr(workload, "num_requests", None) or None
+    if progress:
+        result = _observe_with_progress(workload, config, out, total)
+    else:
+        result = observe(workload, config, out)
+    print_notes(result.notes)
+    summary = trace_summary(read_trace(out))
+    if as_json:
+        print_json(summary)
+    else:
+        stderr.print(summary_table(f"Observed {out}", summary))
+    stderr.print(
+        f"wrote {out} (+ .yaml"
+        + (", .itl.csv" if config.record_itl else "")
+        + (", .metrics.csv" if result.metrics_path else "")
+        + ")",
+        highlight=False,
+    )
+    if result.stopped:
+        stderr.print(f"[yellow]{result.stopped}[/yellow]; the trace holds what was recorded", highlight=False)
+        raise SystemExit(130 if result.stopped == "interrupted" else 1)
+
+
+def _observe_with_progress(workload, config, out: Path, total: int | None):
+    """Run `observe` under a rich progress bar: sent / done / errors, live TTFT and E2E p50."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from blis_cal.observe import observe
+    from blis_cal.stats import percentile
+
+    bar = Progress(
+        TextColumn("observe"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=False,
+    )
+    task = bar.add_task("observe", total=total, info="")
+    last = [0.0]
+
+    def update(p) -> None:
+        import time
+
+        now = time.monotonic()
+        if now - last[0] < 0.2 and p.done != total:  # percentiles over all requests: not on every event
+            return
+        last[0] = now
+        ttft = percentile(p.ttft_us, 50) / 1000 if p.ttft_us else 0.0
+        e2e = percentile(p.e2e_us, 50) / 1000 if p.e2e_us else 0.0
+        info = f"sent {p.sent} in-flight {p.in_flight} errors {p.errors} TTFT p50 {ttft:.0f} ms E2E p50 {e2e:.0f} ms"
+        if p.stopping:
+            info += f" [yellow]{p.stopping}: draining[/yellow]"
+        bar.update(task, completed=p.done, info=info)
+
+    with bar:
+        return observe(workload, config, out, on_progress=update)
+
+
+# ---------------------------------------------------------------------------------------------- serve (twin)
+
+
+@app.command("serve")
+def serve_cmd(
+    port: int = typer.Option(8000, "--port", help="TCP port (0 = any free port)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    model: str | None = typer.Option(
+        None, "--model", help="Served model name; also the coefficient lookup key (default blis-twin)."
+    ),
+    speed: float = typer.Option(1.0, "--speed", help="Simulated seconds per wall second (>1: faster)."),
+    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
+    alpha: str | None = typer.Option(None, "--alpha", help="α0,α1,α2 (µs)."),
+    beta: str | None = typer.Option(None, "--beta", help="β0,β1,β2[,...] (µs)."),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU for the coefficient lookup."),
+    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
+    vllm_version: str | None = typer.Option(
+        None, "--vllm-version", help="Pick the entry of this vLLM version."
+    ),
+    coeffs: str | None = typer.Option(
+        None, "--coeffs", help="Coefficients YAML instead of the shipped defaults.yaml."
+    ),
+    model_config: str | None = typer.Option(
+        None, "--model-config", help="roofline: HF config.json or its folder."
+    ),
+    hardware_config: str | None = typer.Option(
+        None, "--hardware-config", help="roofline: hardware_config.json."
+    ),
+    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
+    num_gpu_blocks: int = typer.Option(65536, "--num-gpu-blocks", help="KV blocks."),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Max running requests."),
+    max_num_batched_tokens: int = typer.Option(
+        2048, "--max-num-batched-tokens", help="Token budget per step."
+    ),
+    max_model_len: int = typer.Option(8192, "--max-model-len", help="Context window (prompt + output)."),
+    long_prefill_token_threshold: int = typer.Option(
+        0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
+    ),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching."),
+    eos_mean_tokens: int = typer.Option(
+        128, "--eos-mean-tokens", help="Mean answer length when a request does not set ignore_eos."
+    ),
+    seed: int = typer.Option(42, "--seed", help="Seed of the simulator and of the answer lengths."),
+    policy_config: Path | None = _OPT_POLICY_CONFIG,
+    instances: int | None = _OPT_INSTANCES,
+    admission_policy: str | None = _OPT_ADMISSION,
+    routing_policy: str | None = _OPT_ROUTING,
+    routing_scorers: str | None = _OPT_SCORERS,
+    scheduler: str | None = _OPT_SCHEDULER,
+    priority_policy: str | None = _OPT_PRIORITY,
+) -> None:
+    """Serve the simulator behind vLLM's OpenAI API (a digital twin, no GPU): tokens stream in real time.
+
+    /v1/completions, /v1/chat/completions (SSE with usage chunk and [DONE], or JSON), /v1/models,
+    /metrics (vLLM names), /health, /version. `--speed 10` runs simulated time 10x faster than the wall.
+
+    Examples:
+
+        blis serve --port 8000 --alpha 20000,0,0 --beta 18000,1200,4500 --model tiny-twin
+
+        blis serve --model meta-llama/llama-3.1-8b-instruct --gpu H100 --tp 1 --speed 5
+
+        blis serve --alpha 5000,1,0 --beta 6000,12,150 --instances 4 --routing-policy least-loaded
+    """
+    import asyncio
+
+    from blis_cal.simulate import SimConfig
+    from blis_cal.twin.live import simulated_twin, twin_config_for
+    from blis_cal.twin.server import serve_forever
+
+    sim_model = _sim_model(
+        latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version, model_config, hardware_config
+    )
+    config = SimConfig(
+        block_size=block_size,
+        num_gpu_blocks=num_gpu_blocks,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        max_model_len=max_model_len,
+        enable_prefix_caching=prefix_caching,
+        long_prefill_token_threshold=long_prefill_token_threshold,
+        seed=seed,
+    )
+    policy = _cluster_policy(
+        policy_config,
+        instances,
+        admission_policy,
+        routing_policy,
+        routing_scorers,
+        scheduler,
+        priority_policy,
+        None,
+    )
+    twin = twin_config_for(
+        config, model_name=model or "blis-twin", speed=speed, eos_mean_tokens=eos_mean_tokens
+    )
+    engine = simulated_twin(config, sim_model, twin, policy)
+
+    def ready(url: str) -> None:
+        described = ", ".join(f"{k}={v}" for k, v in sim_model.describe().items())
+        stderr.print(
+            f"twin of [bold]{twin.model_name}[/bold] ({described}; speed x{speed:g}) at {url}  (Ctrl+C stops)",
+            highlight=False,
+        )
+
+    try:
+        asyncio.run(serve_forever(engine, host, port, ready))
+    except KeyboardInterrupt:
+        stderr.print("stopped")
+    except OSError as exc:
+        raise BlisError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo_cmd(
+    workdir: Path | None = typer.Option(
+        None, "--workdir", help="Where to write files (default: a new temp dir)."
+    ),
+    speed: float = typer.Option(2.0, "--speed", help="Twin speed: simulated seconds per wall second."),
+    duration: float = typer.Option(60.0, "--duration", help="Wall seconds of traffic."),
+    rate: float = typer.Option(0.5, "--rate", help="Requests per simulated second."),
+    seed: int = typer.Option(42, "--seed", help="Workload and fit seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
+) -> None:
+    """Run the whole loop on a digital twin: serve known α/β, observe, replay, fit, compare (no GPU).
+
+    Starts the twin in-process, observes it with a mixed workload (about a minute), rescales the trace to
+    simulated time, replays it with the true coefficients (parity), fits α/β and shows fitted vs true.
+
+    Examples:
+
+        blis demo
+
+        blis demo --workdir demo-out --speed 4 --duration 30
+    """
+    import tempfile
+
+    from blis_cal.demo import DemoConfig, run_demo
+
+    if workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="blis-demo-"))
+    stderr.print(f"blis demo: files in {workdir}", highlight=False)
+    result = run_demo(
+        DemoConfig(workdir=workdir, speed=speed, duration_s=duration, rate=rate, seed=seed), stderr
+    )
+    if as_json:
+        print_json(result.to_dict())
+        return
+    _demo_tables(result)
+
+
+def _demo_tables(result) -> None:
+    """The demo's report: coefficients true vs fitted, then MAPE of the two replays."""
+    coeffs = Table(title="Coefficients (µs): true vs fitted", title_justify="left")
+    for col in ("coefficient", "true", "fitted", "error"):
+        coeffs.add_column(col, justify="left" if col == "coefficient" else "right")
+    errors = result.coefficient_errors()
+    for name, true, fitted in (
+        ("alpha", result.true_alpha, result.fitted_alpha),
+        ("beta", result.true_beta, result.fitted_beta),
+    ):
+        for i, t in enumerate(true):
+            f = fitted[i] if i < len(fitted) else 0.0
+            err = errors.get(f"{name}{i}")
+            coeffs.add_row(f"{name}{i}", f"{t:g}", f"{f:.6g}", "-" if err is None else f"{err * 100:.1f} %")
+    stdout.print(coeffs)
+    mape = Table(title="MAPE vs observed", title_justify="left")
+    for col in ("replay", "TTFT", "ITL", "E2E"):
+        mape.add_column(col, justify="left" if col == "replay" else "right")
+    for label, values in (
+        ("true coefficients", result.parity_mape),
+        ("fitted coefficients", result.fitted_mape),
+    ):
+        mape.add_row(label, *(f"{values[m] * 100:.2f} %" for m in ("ttft", "itl", "e2e")))
+    stdout.print(mape)
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in result.seconds.items())
+    stdout.print(
+        f"{result.requests} requests {result.by_status}; client + HTTP overhead p50 "
+        f"{result.overhead_ms['p50']:.2f} ms; {timing}",
+        highlight=False,
+    )
+    stdout.print(f"report: {result.report_html}  defaults entry: {result.defaults_yaml}", highlight=False)
+
+
 def main() -> None:
     """Entry point: library errors become one line on stderr and exit code 2."""
     try:

@@ -1,0 +1,373 @@
+"""Compare simulated with observed per-request latencies (BLIS's calibration report, blis-formats.md §6).
+
+Pairs trace records with simulation results by request id; warm-up, non-`ok` and negative-latency rows are
+excluded and counted. TTFT and E2E are measured from the send time; ITL is the per-request mean gap per
+token after the first streamed event (the ITL file when present). The simulated TTFT/E2E get the network
+round trip added (header `measured_rtt_ms`, or a flag), as BLIS does. The JSON layout is BLIS's, with our
+extra fields alongside (readers of BLIS's layout ignore them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from scipy import stats as sstats
+
+from blis_cal.errors import BlisError
+from blis_cal.stats import percentile
+from blis_cal.trace import Trace, itl_means_us
+
+METRICS = ("ttft", "itl", "e2e")
+PERCENTILES = (50, 90, 95, 99)
+# BLIS HEAD's fixed list (cmd/calibrate.go); ours describe the same approximations.
+KNOWN_LIMITATIONS = [
+    "Simulator models discrete batch steps; real engines overlap work across steps",
+    "Prefix token IDs in the simulator are synthetic; cache hits depend on block-granular content identity",
+    "Speculative decoding is not modelled",
+    "Token counts may differ by block-granularity rounding between simulator and server",
+]
+
+
+class CalibrationError(BlisError):
+    """Inputs that cannot be compared or fitted (no pairs, no usable rows, inconsistent files)."""
+
+
+class ResultLike(Protocol):
+    """What compare needs from a simulated request (simulate.metrics.RequestResult satisfies it)."""
+
+    request_id: int
+    status: str
+    ttft_us: float
+    e2e_us: float
+    itl_mean_us: float
+    input_tokens: int
+    output_tokens: int
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def mape(real: np.ndarray, sim: np.ndarray) -> float:
+    """Mean |sim − real| / real over pairs with real ≠ 0 (a fraction, as BLIS reports it)."""
+    nz = real != 0
+    if not nz.any():
+        return 0.0
+    return float(np.mean(np.abs(sim[nz] - real[nz]) / np.abs(real[nz])))
+
+
+def pearson_r(real: np.ndarray, sim: np.ndarray) -> float:
+    """Pearson correlation (scipy); 0 with fewer than 3 pairs or a constant side, as BLIS does."""
+    if len(real) < 3 or np.ptp(real) == 0 or np.ptp(sim) == 0:
+        return 0.0
+    return float(sstats.pearsonr(real, sim).statistic)
+
+
+def bias_direction(real: np.ndarray, sim: np.ndarray) -> str:
+    if not np.any(real != 0):
+        return ""
+    total = float(np.sum(sim - real))
+    return "over-predict" if total > 0 else "under-predict" if total < 0 else "neutral"
+
+
+def quality(mape_value: float, r: float) -> str:
+    """BLIS's grade (first match): excellent / good / fair / poor."""
+    for grade, max_mape, min_r in (("excellent", 0.10, 0.95), ("good", 0.20, 0.85), ("fair", 0.35, 0.70)):
+        if mape_value < max_mape and r > min_r:
+            return grade
+    return "poor"
+
+
+def _pct_error(real: float, sim: float) -> float:
+    return abs(sim - real) / real if real > 0 else 0.0
+
+
+def workload_level(real: np.ndarray, sim: np.ndarray) -> dict[str, float]:
+    """BLIS's workload-level block: mean, median and p50/p90/p95/p99, real vs sim, with errors (µs)."""
+    out: dict[str, float] = {}
+    real_mean, sim_mean = float(np.mean(real)), float(np.mean(sim))
+    out.update(real_mean=real_mean, sim_mean=sim_mean, mean_error=sim_mean - real_mean)
+    out["mean_percent_error"] = _pct_error(real_mean, sim_mean)
+    real_med, sim_med = percentile(real, 50), percentile(sim, 50)
+    out.update(real_median=real_med, sim_median=sim_med, median_error=sim_med - real_med)
+    out["median_percent_error"] = _pct_error(real_med, sim_med)
+    for p in PERCENTILES:
+        rp, sp = percentile(real, p), percentile(sim, p)
+        out[f"real_p{p}"], out[f"sim_p{p}"] = rp, sp
+        out[f"p{p}_error"], out[f"p{p}_percent_error"] = sp - rp, _pct_error(rp, sp)
+    return out
+
+
+def request_level(real: np.ndarray, sim: np.ndarray) -> dict[str, Any]:
+    """BLIS's request-level block plus ours: median/p90 absolute percentage error, signed mean error."""
+    m, r = mape(real, sim), pearson_r(real, sim)
+    nz = real != 0
+    ape = np.abs(sim[nz] - real[nz]) / np.abs(real[nz]) if nz.any() else np.zeros(0)
+    signed = (sim[nz] - real[nz]) / np.abs(real[nz]) if nz.any() else np.zeros(0)
+    return {
+        "mape": m,
+        "pearson_r": r,
+        "bias_direction": bias_direction(real, sim),
+        "quality": quality(m, r),
+        "median_ape": percentile(ape, 50),
+        "p90_ape": percentile(ape, 90),
+        "mean_signed_percent_error": float(np.mean(signed)) if signed.size else 0.0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+
+
+@dataclass
+class Pairs:
+    """Matched observations, in trace order: request ids, send times and real/sim values per metric (µs)."""
+
+    request_ids: list[int] = field(default_factory=list)
+    send_us: list[int] = field(default_factory=list)
+    real: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    sim: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+    itl_ids: list[int] = field(default_factory=list)  # ITL pairs are a subset (requests with ≥ 2 tokens)
+
+    def arrays(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.real[metric], dtype=float), np.asarray(self.sim[metric], dtype=float)
+
+
+@dataclass
+class ComparisonReport:
+    """A calibration report: `to_dict()` is BLIS's JSON layout plus our fields."""
+
+    trace_info: dict[str, Any]
+    metrics: dict[str, dict[str, Any]]
+    pairs: Pairs
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. fitted coefficients, prediction intervals
+
+    def mape(self, metric: str) -> float:
+        return float(self.metrics[metric]["request_level"]["mape"]) if metric in self.metrics else math.nan
+
+    def pearson(self, metric: str) -> float:
+        return (
+            float(self.metrics[metric]["request_level"]["pearson_r"]) if metric in self.metrics else math.nan
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"trace_info": self.trace_info, "metrics": self.metrics}
+        out["config_match"] = {}
+        out["known_limitations"] = list(KNOWN_LIMITATIONS)
+        if "ttft" in self.metrics:
+            ttft_mape = self.mape("ttft")
+            out["ttft_tolerance"] = {"mape": ttft_mape, "threshold": 0.15, "within": ttft_mape <= 0.15}
+        if self.notes:
+            out["notes"] = list(self.notes)
+        out.update(self.extra)
+        return out
+
+
+def _sim_itl(result: ResultLike) -> float | None:
+    if result.output_tokens <= 1:
+        return None
+    if result.itl_mean_us:
+        return float(result.itl_mean_us)
+    return (float(result.e2e_us) - float(result.ttft_us)) / (result.output_tokens - 1)
+
+
+STALL_NOTE_US = 3_000_000
+
+
+def longest_decode_gap(trace: Trace) -> tuple[int, int]:
+    """Longest interval (µs) with no streamed token while some request was between its first and last
+    token, and where it started (µs); (0, 0) without an ITL file."""
+    if not trace.itl:
+        return 0, 0
+    times = np.sort(np.fromiter((c.timestamp_us for ch in trace.itl.values() for c in ch), dtype=np.int64))
+    spans = np.array([(ch[0].timestamp_us, ch[-1].timestamp_us) for ch in trace.itl.values() if len(ch) > 1])
+    if times.size < 2 or spans.size == 0:
+        return 0, 0
+    gaps = np.diff(times)
+    # A gap counts when a request was decoding across it (first token before, last token after).
+    starts, ends = np.sort(spans[:, 0]), np.sort(spans[:, 1])
+    active = np.searchsorted(starts, times[:-1], side="right") - np.searchsorted(
+        ends, times[:-1], side="right"
+    )
+    gaps = np.where(active > 0, gaps, 0)
+    k = int(np.argmax(gaps))
+    return int(gaps[k]), int(times[k])
+
+
+def resolve_rtt_us(trace: Trace, rtt_us: int | None) -> int:
+    """The flag when given, else the header's measured_rtt_ms × 1000 truncated (BLIS), else 0."""
+    if rtt_us is not None:
+        if rtt_us < 0:
+            raise CalibrationError(f"network RTT must be >= 0 µs, got {rtt_us}")
+        return int(rtt_us)
+    return int(float(trace.header.network.get("measured_rtt_ms", 0.0)) * 1000)
+
+
+def compare(
+    trace: Trace,
+    results: Iterable[ResultLike],
+    *,
+    rtt_us: int | None = None,
+    warmup: int | None = None,
+    trace_name: str = "",
+) -> ComparisonReport:
+    """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
+
+    `warmup` (None = the header's warm_up_requests) excludes request ids below it. Raises CalibrationError
+    when nothing can be compared.
+    """
+    warm = trace.header.warm_up_requests if warmup is None else warmup
+    if warm < 0:
+        raise CalibrationError(f"warm-up request count must be >= 0, got {warm}")
+    rtt = resolve_rtt_us(trace, rtt_us)
+    where = trace_name or "trace"
+    if not trace.records:
+        raise CalibrationError(f"{where}: the trace has no requests")
+    by_id: dict[int, ResultLike] = {}
+    for res in results:
+        by_id[int(res.request_id)] = res
+    if not by_id:
+        raise CalibrationError(f"{where}: no simulated results to compare with")
+    real_itl = itl_means_us(trace)
+    counts = dict.fromkeys(
+        (
+            "warm_up_excluded",
+            "non_ok_excluded",
+            "unmatched_real",
+            "sim_not_ok",
+            "token_mismatches",
+            "negative_latency",
+            "itl_dropped",
+        ),
+        0,
+    )
+    pairs = Pairs()
+    matched_ids: set[int] = set()
+    for rec in trace.records:
+        if rec.request_id < warm:
+            counts["warm_up_excluded"] += 1
+            continue
+        if rec.status != "ok":
+            counts["non_ok_excluded"] += 1
+            continue
+        res = by_id.get(rec.request_id)
+        if res is None:
+            counts["unmatched_real"] += 1
+            continue
+        matched_ids.add(rec.request_id)
+        if res.status != "ok":
+            counts["sim_not_ok"] += 1
+            continue
+        if rec.total_input_tokens != res.input_tokens or rec.output_tokens != res.output_tokens:
+            counts["token_mismatches"] += 1
+        if rec.ttft_us < 0 or rec.e2e_us < 0 or rec.first_chunk_time_us <= 0:
+            counts["negative_latency"] += 1
+            continue
+        pairs.request_ids.append(rec.request_id)
+        pairs.send_us.append(rec.send_time_us)
+        pairs.real["ttft"].append(float(rec.ttft_us))
+        pairs.sim["ttft"].append(float(res.ttft_us) + rtt)
+        pairs.real["e2e"].append(float(rec.e2e_us))
+        pairs.sim["e2e"].append(float(res.e2e_us) + rtt)
+        sim_itl = _sim_itl(res)
+        if rec.output_tokens > 1:
+            if rec.request_id in real_itl and sim_itl is not None:
+                pairs.itl_ids.append(rec.request_id)
+                pairs.real["itl"].append(real_itl[rec.request_id])
+                pairs.sim["itl"].append(sim_itl)
+            else:
+                counts["itl_dropped"] += 1
+    if not pairs.request_ids:
+        sim_ids = sorted(by_id)
+        trace_ids = sorted(r.request_id for r in trace.records)
+        raise CalibrationError(
+            f"{where}: no comparable pairs: trace ids {trace_ids[0]}..{trace_ids[-1]} ({len(trace_ids)} rows, "
+            f"{counts['non_ok_excluded']} not ok, {counts['warm_up_excluded']} warm-up), sim ids "
+            f"{sim_ids[0]}..{sim_ids[-1]} ({len(sim_ids)}), {len(matched_ids)} ids in common, "
+            f"{counts['sim_not_ok']} of them not ok in the simulation"
+        )
+    metrics: dict[str, dict[str, Any]] = {}
+    for metric in METRICS:
+        real, sim = pairs.arrays(metric)
+        if real.size == 0:
+            continue
+        metrics[metric] = {
+            "workload_level": workload_level(real, sim),
+            "request_level": request_level(real, sim),
+            "count": int(real.size),
+        }
+    sends = sorted(r.send_time_us for r in trace.records if r.request_id >= warm)
+    span_s = (sends[-1] - sends[0]) / 1e6 if len(sends) > 1 else 0.0
+    trace_info: dict[str, Any] = {
+        "num_requests": len(matched_ids) + counts["warm_up_excluded"] + counts["unmatched_real"],
+        "warm_up_excluded": counts["warm_up_excluded"],
+        "matched_pairs": len(matched_ids),
+        "token_mismatches": counts["token_mismatches"],
+    }
+    if counts["itl_dropped"]:
+        trace_info["itl_dropped"] = counts["itl_dropped"]
+    # Ours (BLIS readers ignore them).
+    trace_info.update(
+        trace=trace_name,
+        records=len(trace.records),
+        non_ok_excluded=counts["non_ok_excluded"],
+        unmatched_real=counts["unmatched_real"],
+        unmatched_sim=len(set(by_id) - {r.request_id for r in trace.records}),
+        sim_not_ok=counts["sim_not_ok"],
+        negative_latency=counts["negative_latency"],
+        compared=len(pairs.request_ids),
+        network_rtt_us=rtt,
+        offered_rate_rps=round((len(sends) - 1) / span_s, 4) if span_s > 0 else 0.0,
+    )
+    notes = []
+    if "itl" not in metrics:
+        notes.append(f"{where}: no ITL pairs (no request with two or more streamed tokens)")
+    gap_us, gap_at = longest_decode_gap(trace)
+    trace_info["longest_decode_gap_s"] = round(gap_us / 1e6, 3)
+    if gap_us > STALL_NOTE_US:
+        notes.append(
+            f"{where}: no token received for {gap_us / 1e6:.1f} s at {gap_at / 1e6:.1f} s while requests were "
+            "decoding: a very long prefill, or the server or the recording client stalled (e.g. another "
+            "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
+            "requests in flight"
+        )
+    return ComparisonReport(trace_info=trace_info, metrics=metrics, pairs=pairs, notes=notes)
+
+
+def summary_row(report: ComparisonReport) -> dict[str, Any]:
+    """One flat row (for tables and the validation report): requests, load, MAPE/r/bias/quality per metric."""
+    row: dict[str, Any] = {
+        "trace": report.trace_info.get("trace", ""),
+        "requests": report.trace_info["compared"],
+        "rate_rps": report.trace_info.get("offered_rate_rps", 0.0),
+    }
+    for metric in METRICS:
+        if metric not in report.metrics:
+            continue
+        block = report.metrics[metric]
+        rl, wl = block["request_level"], block["workload_level"]
+        row[f"{metric}_mape"] = rl["mape"]
+        row[f"{metric}_pearson_r"] = rl["pearson_r"]
+        row[f"{metric}_bias"] = rl["bias_direction"]
+        row[f"{metric}_quality"] = rl["quality"]
+        for p in (50, 90, 99):
+            row[f"{metric}_p{p}_percent_error"] = wl[f"p{p}_percent_error"]
+    return row
+
+
+def pooled(reports: Sequence[ComparisonReport]) -> dict[str, dict[str, Any]]:
+    """Metrics over the pairs of several reports pooled together (the validation summary)."""
+    out: dict[str, dict[str, Any]] = {}
+    for metric in METRICS:
+        real = np.concatenate([r.pairs.arrays(metric)[0] for r in reports]) if reports else np.zeros(0)
+        sim = np.concatenate([r.pairs.arrays(metric)[1] for r in reports]) if reports else np.zeros(0)
+        if real.size:
+            out[metric] = {
+                "workload_level": workload_level(real, sim),
+                "request_level": request_level(real, sim),
+                "count": int(real.size),
+            }
+    return out

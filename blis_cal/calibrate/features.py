@@ -1,0 +1,264 @@
+"""Step-time features reconstructed from observed per-chunk timestamps (the direct estimate's inputs).
+
+Between a request's first and last streamed token, the engine ran exactly one step per output token of that
+request, and its decode time is the sum of those steps. With a step time linear in batch features
+(β0 + β1·P + β2·D + ...), that sum is linear in the features summed over the steps in the window: the
+number of steps, the prefill tokens computed (requests whose first token arrived inside the window), the
+decode tokens produced (every request's tokens after its first, inside the window), and context sums.
+Counting tokens over a window is robust to several SSE events sharing one network read, which makes single
+inter-chunk gaps noisy. Dividing by the request's token count gives its mean ITL as a linear function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from blis_cal.trace import Chunk, Trace, TraceRecord, itl_means_us, ok_records
+
+# Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
+# after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
+# before each prefill (cached prefix), Dctx Σ context of decoding requests, Np prefill requests.
+EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
+DEFAULT_BLOCK_SIZE = 16
+
+
+def block_size_of(trace: Trace) -> int:
+    server = trace.header.server
+    return server.block_size if server and server.block_size > 0 else DEFAULT_BLOCK_SIZE
+
+
+def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, int]:
+    """Prompt tokens served from vLLM's prefix cache, per request.
+
+    The recorded `cached_tokens` when the trace has it; else full blocks of a shared prefix already computed
+    by an earlier request of the same prefix group (vLLM caches full blocks only, and only once a request's
+    prefill has run), or of the previous round of the same session.
+    """
+    block = block_size_of(trace)
+    first_token: dict[str, int] = {}
+    session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
+    out: dict[int, int] = {}
+    for rec in sorted(records, key=lambda r: r.send_time_us):
+        total = rec.total_input_tokens
+        if rec.cached_tokens is not None:
+            out[rec.request_id] = rec.cached_tokens
+        else:
+            cached = 0
+            group_first = first_token.get(rec.prefix_group) if rec.prefix_group else None
+            if group_first is not None and group_first <= rec.send_time_us:
+                cached = rec.prefix_length // block * block
+            prev = session_ctx.get(rec.session_id) if rec.session_id else None
+            if prev is not None and prev[1] <= rec.send_time_us:
+                cached = max(cached, min(prev[0], total) // block * block)
+            # vLLM always recomputes at least the last prompt token (it needs its logits).
+            out[rec.request_id] = min(cached, max(total - 1, 0) // block * block)
+        if rec.prefix_group and rec.prefix_group not in first_token:
+            first_token[rec.prefix_group] = rec.first_chunk_time_us
+        if rec.session_id:
+            session_ctx[rec.session_id] = (total + rec.output_tokens, rec.first_chunk_time_us)
+    return out
+
+
+def chunks_of(trace: Trace, rec: TraceRecord) -> list[Chunk]:
+    """The request's streamed events; evenly spaced between first and last chunk without an ITL file."""
+    if trace.itl and trace.itl.get(rec.request_id):
+        return trace.itl[rec.request_id]
+    n = max(rec.num_chunks, 1)
+    times = np.linspace(rec.first_chunk_time_us, rec.last_chunk_time_us, n).round().astype(np.int64)
+    tokens = [1] * n
+    # Spread any token surplus (several tokens per event) over the last event.
+    tokens[-1] += max(rec.output_tokens - n, 0)
+    return [Chunk(int(t), k) for t, k in zip(times, tokens, strict=True)]
+
+
+@dataclass
+class WindowRows:
+    """Per-request rows: mean ITL (µs) and the mean per-step features over its decode window."""
+
+    request_ids: np.ndarray
+    itl_us: np.ndarray
+    features: dict[str, np.ndarray]  # column -> per-token mean over the window ("steps" is 1)
+    send_us: np.ndarray
+
+    def matrix(self, columns: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.features[c] for c in columns])
+
+
+@dataclass
+class PrefillRows:
+    """Requests that arrived to an idle engine: TTFT and their prefill features (for the α estimate)."""
+
+    ttft_us: np.ndarray
+    prompt_tokens: np.ndarray
+    features: dict[str, np.ndarray]
+    # TTFT minus vLLM's own queue + scheduled→first-token times (NaN when not recorded): the time outside
+    # the engine, measured without any step-time model.
+    outside_us: np.ndarray
+
+    def matrix(self, columns: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.features[c] for c in columns])
+
+
+def _prefill_event(total: int, hit: int) -> tuple[float, ...]:
+    return (float(total - hit), 0.0, float(hit), 0.0, 1.0)
+
+
+def _decode_event(tokens: int, context: int) -> tuple[float, ...]:
+    # A decode step for output token k reads the prompt plus the k−1 tokens before it.
+    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0)
+
+
+def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
+    times: list[int] = []
+    values: list[tuple[float, ...]] = []
+    for rec in records:
+        chunks = chunks_of(trace, rec)
+        total = rec.total_input_tokens
+        hit = cached.get(rec.request_id, 0)
+        times.append(chunks[0].timestamp_us)
+        values.append(_prefill_event(total, hit))
+        produced = chunks[0].tokens
+        for chunk in chunks[1:]:
+            produced += chunk.tokens
+            values.append(_decode_event(chunk.tokens, total + produced - 1))
+            times.append(chunk.timestamp_us)
+    order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
+    t = np.asarray(times, dtype=np.int64)[order]
+    cum = np.vstack([np.zeros((1, len(EVENT_COLUMNS))), np.cumsum(np.asarray(values)[order], axis=0)])
+    return t, cum
+
+
+def window_rows(trace: Trace) -> WindowRows:
+    """One row per `ok` request with ≥ 2 output tokens and a measured ITL."""
+    records = ok_records(trace)
+    cached = estimate_cached_tokens(trace, records)
+    t, cum = _events(trace, records, cached)
+    itl = itl_means_us(trace)
+    ids, ys, sends, rows = [], [], [], []
+    for rec in records:
+        if rec.request_id not in itl or rec.output_tokens < 2:
+            continue
+        chunks = chunks_of(trace, rec)
+        steps = sum(c.tokens for c in chunks[1:])
+        if steps <= 0:
+            continue
+        lo = np.searchsorted(t, chunks[0].timestamp_us, side="right")
+        hi = np.searchsorted(t, chunks[-1].timestamp_us, side="right")
+        rows.append((cum[hi] - cum[lo]) / steps)
+        ids.append(rec.request_id)
+        ys.append(itl[rec.request_id])
+        sends.append(rec.send_time_us)
+    mat = np.asarray(rows, dtype=float).reshape(-1, len(EVENT_COLUMNS))
+    features = {"const": np.ones(len(ids))}
+    features.update({c: mat[:, i] for i, c in enumerate(EVENT_COLUMNS)})
+    return WindowRows(
+        request_ids=np.asarray(ids, dtype=np.int64),
+        itl_us=np.asarray(ys, dtype=float),
+        features=features,
+        send_us=np.asarray(sends, dtype=np.int64),
+    )
+
+
+def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
+    """Requests whose prefill ran alone on an idle engine: no other request's event between its send and
+    its first token (± `quiet_us`), and no other request sent in that interval. Their TTFT is queue delay
+    + one prefill-only step (+ output delay), which separates α (outside the step) from β1 (inside)."""
+    records = ok_records(trace)
+    cached = estimate_cached_tokens(trace, records)
+    stamps = []
+    for rec in records:
+        stamps.extend((c.timestamp_us, rec.request_id) for c in chunks_of(trace, rec))
+    stamps.sort()
+    times = np.asarray([s[0] for s in stamps], dtype=np.int64)
+    owners = np.asarray([s[1] for s in stamps], dtype=np.int64)
+    sends = np.asarray([r.send_time_us for r in records], dtype=np.int64)
+    ttft, prompt, p_new, p_ctx, outside = [], [], [], [], []
+    for rec in records:
+        lo = np.searchsorted(times, rec.send_time_us - quiet_us, side="left")
+        hi = np.searchsorted(times, rec.first_chunk_time_us + quiet_us, side="right")
+        if np.any(owners[lo:hi] != rec.request_id):
+            continue
+        others = (sends > rec.send_time_us - quiet_us) & (sends < rec.first_chunk_time_us)
+        if others.sum() > 1:
+            continue
+        hit = cached.get(rec.request_id, 0)
+        ttft.append(rec.ttft_us)
+        prompt.append(rec.total_input_tokens)
+        p_new.append(rec.total_input_tokens - hit)
+        p_ctx.append(hit)
+        server = rec.server_ttft_us
+        outside.append(rec.ttft_us - server - (rec.server_queue_us or 0) if server is not None else np.nan)
+    n = len(ttft)
+    features = {
+        "const": np.ones(n),
+        "P": np.asarray(p_new, dtype=float),
+        "D": np.zeros(n),
+        "Pctx": np.asarray(p_ctx, dtype=float),
+        "Dctx": np.zeros(n),
+        "Np": np.ones(n),
+    }
+    return PrefillRows(
+        ttft_us=np.asarray(ttft, dtype=float),
+        prompt_tokens=np.asarray(prompt, dtype=float),
+        outside_us=np.asarray(outside, dtype=float),
+        features=features,
+    )
+
+
+@dataclass
+class StepRows:
+    """Observed engine steps that computed a prefill while decodes were in flight: duration and features."""
+
+    duration_us: np.ndarray
+    send_us: np.ndarray
+    features: dict[str, np.ndarray]
+
+    def matrix(self, columns: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.features[c] for c in columns])
+
+
+def prefill_step_rows(trace: Trace, burst_gap_us: int = 3_000) -> StepRows:
+    """Steps reconstructed from bursts of streamed events (the events of one step arrive within a few ms).
+
+    A burst holding a request's first token and other requests' decode tokens ends a step that ran back to
+    back with the previous one (those decodes were in flight), so its duration is the time since the
+    previous burst. These steps measure the prefill cost inside the step (β1), which stalls every decode.
+    """
+    records = ok_records(trace)
+    cached = estimate_cached_tokens(trace, records)
+    ev_t: list[int] = []
+    ev_v: list[tuple[float, ...]] = []  # EVENT_COLUMNS, then the send time of a prefilled request
+    for rec in records:
+        chunks = chunks_of(trace, rec)
+        total, hit = rec.total_input_tokens, cached.get(rec.request_id, 0)
+        ev_t.append(chunks[0].timestamp_us)
+        ev_v.append((*_prefill_event(total, hit), float(rec.send_time_us)))
+        produced = chunks[0].tokens
+        for chunk in chunks[1:]:
+            produced += chunk.tokens
+            ev_t.append(chunk.timestamp_us)
+            ev_v.append((*_decode_event(chunk.tokens, total + produced - 1), 0.0))
+    if not ev_t:
+        return StepRows(
+            np.zeros(0), np.zeros(0, dtype=np.int64), {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS)}
+        )
+    order = np.argsort(np.asarray(ev_t), kind="stable")
+    t = np.asarray(ev_t, dtype=np.int64)[order]
+    v = np.asarray(ev_v, dtype=float)[order]
+    starts = np.r_[0, np.nonzero(np.diff(t) > burst_gap_us)[0] + 1]
+    sums = np.add.reduceat(v, starts, axis=0)
+    latest_send = np.maximum.reduceat(v[:, -1], starts)
+    begin = t[starts]
+    durations = np.diff(begin)
+    s = sums[1:]
+    # Prefill in the burst, decodes in flight, the prefilled requests sent before the step began, and the
+    # step within the token budget (a larger prefill was chunked over earlier steps: vLLM's chunked prefill).
+    server = trace.header.server
+    budget = server.max_num_batched_tokens if server and server.max_num_batched_tokens else 2048
+    keep = (s[:, 0] > 0) & (s[:, 1] > 0) & (latest_send[1:] < begin[:-1]) & (s[:, 0] + s[:, 1] <= budget)
+    features = {"const": np.ones(int(keep.sum()))}
+    features.update({c: s[keep, i] for i, c in enumerate(EVENT_COLUMNS)})
+    return StepRows(durations[keep].astype(float), begin[1:][keep], features)

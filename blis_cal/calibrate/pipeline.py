@@ -1,0 +1,198 @@
+"""What `blis calibrate` and `blis validate` do, as library calls (the CLI only parses and prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from blis_cal.calibrate.compare import (
+    METRICS,
+    CalibrationError,
+    ComparisonReport,
+    compare,
+    pooled,
+    summary_row,
+)
+from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
+from blis_cal.calibrate.fit import FitResult, NamedTrace, fit
+from blis_cal.trace import read_trace
+
+COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
+# The accuracy targets on held-out real traces (issue 5): metric -> (MAPE at most, Pearson r at least).
+TARGETS = {"e2e_mape": 0.05, "itl_mape": 0.05, "ttft_mape": 0.10, "e2e_pearson_r": 0.9}
+
+
+def load_traces(paths: Sequence[str | Path], *, skip_bad_rows: bool = False) -> list[NamedTrace]:
+    """Read each trace (header = sibling .yaml); names are the file stems, made unique."""
+    if not paths:
+        raise CalibrationError("no trace files given")
+    out: list[NamedTrace] = []
+    seen: dict[str, int] = {}
+    # A shell glob (traces/*.csv) also matches the per-chunk and /metrics companions of each trace.
+    companions = [str(p) for p in paths if str(p).endswith(COMPANION_SUFFIXES)]
+    paths = [p for p in paths if not str(p).endswith(COMPANION_SUFFIXES)]
+    if not paths:
+        raise CalibrationError(
+            f"only companion files given ({', '.join(companions)}); name the trace .csv files"
+        )
+    for path in paths:
+        trace = read_trace(path, skip_bad_rows=skip_bad_rows)
+        if companions and not out:
+            trace.notes.append(f"skipped {len(companions)} companion file(s) (.itl.csv / .metrics.csv)")
+        name = Path(path).stem
+        seen[name] = seen.get(name, 0) + 1
+        out.append(NamedTrace(name if seen[name] == 1 else f"{name}#{seen[name]}", trace))
+    return out
+
+
+def pooled_report(reports: Sequence[ComparisonReport]) -> dict[str, Any]:
+    """BLIS's layout at the top level over all traces pooled (so BLIS tooling reads it), per-trace reports
+    under `per_trace`."""
+    if len(reports) == 1:
+        out = reports[0].to_dict()
+    else:
+        info: dict[str, Any] = {}
+        for key in ("num_requests", "warm_up_excluded", "matched_pairs", "token_mismatches", "compared"):
+            info[key] = sum(int(r.trace_info.get(key, 0)) for r in reports)
+        info["traces"] = [r.trace_info.get("trace", "") for r in reports]
+        merged = ComparisonReport(trace_info=info, metrics=pooled(reports), pairs=reports[0].pairs)
+        out = merged.to_dict()
+    out["per_trace"] = [r.to_dict() for r in reports]
+    out["summary_rows"] = [summary_row(r) for r in reports]
+    return out
+
+
+def target_check(metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Whether pooled metrics meet the accuracy targets."""
+    out = {}
+    for key, bound in TARGETS.items():
+        metric, stat = key.split("_", 1)
+        if metric not in metrics:
+            continue
+        value = metrics[metric]["request_level"]["mape" if stat == "mape" else "pearson_r"]
+        ok = value <= bound if stat == "mape" else value >= bound
+        out[key] = {"value": value, "target": bound, "met": bool(ok)}
+    return out
+
+
+def run_fit(
+    traces: Sequence[NamedTrace],
+    *,
+    model: str,
+    gpu: str,
+    tp: int,
+    vllm_version: str = "",
+    model_form: str = "blackbox",
+    out: str | Path | None = None,
+    bootstrap: int = 200,
+    prediction_draws: int = 10,
+    max_evaluations: int = 8,
+    seed: int = 0,
+    rtt_us: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[FitResult, dict[str, Any], str]:
+    """Fit jointly over `traces`, compare each replayed with the fitted coefficients, optionally merge the
+    entry into the defaults.yaml `out`. Returns (fit, JSON report, merge action or "")."""
+    result = fit(
+        traces,
+        model_form=model_form,
+        bootstrap=bootstrap,
+        prediction_draws=prediction_draws,
+        max_evaluations=max_evaluations,
+        seed=seed,
+        rtt_us=rtt_us,
+        progress=progress,
+    )
+    blocks = {t.trace.header.server.num_gpu_blocks for t in traces if t.trace.header.server}
+    entry = make_entry(
+        model=model,
+        gpu=gpu,
+        tp=tp,
+        vllm_version=vllm_version,
+        alpha=tuple(round(a, 6) for a in result.alpha),
+        beta=tuple(round(b, 6) for b in result.beta),
+        loss=round(result.loss, 6),
+        total_kv_blocks=blocks.pop() if len(blocks) == 1 else 0,
+        fit=result.metadata(),
+    )
+    action = merge_defaults_entry(out, entry) if out is not None else ""
+    report = pooled_report([result.reports[t.name] for t in traces])
+    report["calibration"] = result.to_dict() | {"entry": entry}
+    report["targets"] = target_check(report["metrics"])
+    if model_form != "blackbox":
+        # An extended form is reported side by side with BLIS's 3+3 fitted the same way on the same traces.
+        plain = fit(
+            traces, model_form="blackbox", bootstrap=0, max_evaluations=max_evaluations, rtt_us=rtt_us
+        )
+        report["baseline_3plus3"] = {
+            "alpha": list(plain.alpha),
+            "beta": list(plain.beta),
+            "loss": plain.loss,
+            "summary_rows": [summary_row(plain.reports[t.name]) for t in traces],
+        }
+    return result, report, action
+
+
+def run_compare(
+    traces: Sequence[NamedTrace],
+    simulate: Callable[[NamedTrace], Sequence[Any]],
+    *,
+    rtt_us: int | None = None,
+    warmup: int | None = None,
+) -> tuple[list[ComparisonReport], dict[str, Any]]:
+    """Compare each trace with its simulated results (`simulate(trace)`); the pooled JSON report."""
+    reports = [compare(t.trace, simulate(t), rtt_us=rtt_us, warmup=warmup, trace_name=t.name) for t in traces]
+    report = pooled_report(reports)
+    report["targets"] = target_check(report["metrics"])
+    return reports, report
+
+
+def validation_report(reports: Sequence[ComparisonReport], coefficients: dict[str, Any]) -> dict[str, Any]:
+    """`blis validate`'s JSON: a row per trace, the pooled summary, the targets, full per-trace reports."""
+    summary = pooled(reports)
+    return {
+        "coefficients": coefficients,
+        "rows": [summary_row(r) for r in reports],
+        "summary": {
+            "traces": len(reports),
+            "requests": sum(r.trace_info["compared"] for r in reports),
+            "metrics": summary,
+            **{
+                f"{m}_{k}": summary[m]["request_level"][k]
+                for m in METRICS
+                if m in summary
+                for k in ("mape", "pearson_r", "quality")
+            },
+        },
+        "targets": target_check(summary),
+        "per_trace": [r.to_dict() for r in reports],
+    }
+
+
+def leave_one_out(
+    traces: Sequence[NamedTrace],
+    *,
+    model_form: str = "blackbox",
+    max_evaluations: int = 8,
+    rtt_us: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[list[ComparisonReport], list[FitResult]]:
+    """Cross-validation: for each trace, fit on all the others and compare it with the replay using those
+    coefficients. Every report is on a trace the fit never saw."""
+    from blis_cal.calibrate.fit import default_simulator, evaluate, model_forms
+
+    if len(traces) < 2:
+        raise CalibrationError("leave-one-out needs at least two traces")
+    form = model_forms.get(model_form)
+    reports, fits = [], []
+    for i, held in enumerate(traces):
+        if progress:
+            progress(f"fitting without {held.name} ({i + 1}/{len(traces)})")
+        others = [t for j, t in enumerate(traces) if j != i]
+        result = fit(
+            others, model_form=model_form, bootstrap=0, max_evaluations=max_evaluations, rtt_us=rtt_us
+        )
+        reports.append(evaluate([held], form, result.alpha, result.beta, default_simulator, rtt_us)[0])
+        fits.append(result)
+    return reports, fits

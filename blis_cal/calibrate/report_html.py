@@ -1,0 +1,184 @@
+"""Self-contained HTML calibration / validation report (matplotlib images embedded as base64 PNG)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blis_cal.calibrate.compare import METRICS, ComparisonReport, summary_row
+from blis_cal.calibrate.fit import FitResult
+
+_LABELS = {"ttft": "TTFT", "itl": "ITL (mean per request)", "e2e": "E2E"}
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:0.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th{background:#f2f2f2} td.l,th.l{text-align:left}
+.excellent{background:#d8f5d0}.good{background:#eef7c8}.fair{background:#fbeec2}.poor{background:#f8d0d0}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
+.note{color:#666;font-size:0.9em}
+"""
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    # No metadata: the same inputs give byte-identical images.
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figures(report: ComparisonReport) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in METRICS if m in report.metrics]
+    out = []
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        real, sim = (a / 1000 for a in report.pairs.arrays(metric))
+        ax.scatter(real, sim, s=8, alpha=0.6)
+        hi = max(real.max(), sim.max()) * 1.05
+        ax.plot([0, hi], [0, hi], "k--", lw=0.8)
+        ax.set(xlabel="observed (ms)", ylabel="predicted (ms)", title=f"{_LABELS[metric]}")
+    out.append(("Predicted vs observed, per request", _png(fig)))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        real, sim = (np.sort(a / 1000) for a in report.pairs.arrays(metric))
+        ax.step(real, np.linspace(0, 1, real.size), label="observed", where="post")
+        ax.step(sim, np.linspace(0, 1, sim.size), label="predicted", where="post")
+        ax.set(xlabel="ms", ylabel="CDF", title=_LABELS[metric])
+        ax.legend(loc="lower right")
+    out.append(("Distributions (CDF)", _png(fig)))
+    fig, ax = plt.subplots(figsize=(10, 3.4))
+    send = (np.asarray(report.pairs.send_us) - min(report.pairs.send_us)) / 1e6
+    for metric in ("ttft", "e2e"):
+        real, sim = report.pairs.arrays(metric)
+        ax.scatter(
+            send, 100 * (sim - real) / np.where(real != 0, real, 1), s=8, alpha=0.6, label=metric.upper()
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel="send time (s)", ylabel="error (%)", title="Residuals over time (predicted − observed)")
+    ax.legend()
+    out.append(("Residuals over time", _png(fig)))
+    return out
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def _summary_table(reports: Sequence[ComparisonReport]) -> str:
+    cols = ["trace", "requests", "rate_rps"]
+    for m in METRICS:
+        cols += [f"{m}_mape", f"{m}_pearson_r", f"{m}_bias", f"{m}_quality"]
+    rows = [summary_row(r) for r in reports]
+    head = "".join(f"<th class=l>{c}</th>" if c == "trace" else f"<th>{c}</th>" for c in cols)
+    body = []
+    for row in rows:
+        cells = []
+        for c in cols:
+            v = row.get(c, "")
+            cls = f" class={v}" if c.endswith("_quality") and v else (" class=l" if c == "trace" else "")
+            if c.endswith("_mape") and isinstance(v, float):
+                v = f"{100 * v:.1f} %"
+            cells.append(f"<td{cls}>{_cell(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _percentile_table(report: ComparisonReport) -> str:
+    head = "<tr><th class=l>metric</th>" + "".join(
+        f"<th>{k}</th>"
+        for k in ("real p50", "sim p50", "real p90", "sim p90", "real p99", "sim p99", "mean err %")
+    )
+    rows = []
+    for m in METRICS:
+        if m not in report.metrics:
+            continue
+        wl = report.metrics[m]["workload_level"]
+        vals = [wl["real_p50"], wl["sim_p50"], wl["real_p90"], wl["sim_p90"], wl["real_p99"], wl["sim_p99"]]
+        cells = "".join(f"<td>{v / 1000:.1f} ms</td>" for v in vals)
+        rows.append(f"<tr><td class=l>{m}</td>{cells}<td>{100 * wl['mean_percent_error']:.1f}</td></tr>")
+    return f"<table>{head}</tr>{''.join(rows)}</table>"
+
+
+def _coefficient_table(fit: FitResult) -> str:
+    names = [f"α{i}" for i in range(3)] + [f"β{i}" for i in range(len(fit.beta))]
+    values = list(fit.alpha) + list(fit.beta)
+    direct = list(fit.direct_alpha) + list(fit.direct_beta)
+    cis = list(fit.alpha_ci) + list(fit.beta_ci)
+    rows = []
+    for i, name in enumerate(names):
+        ci = f"[{cis[i][0]:.4g}, {cis[i][1]:.4g}]" if i < len(cis) else "n/a"
+        rows.append(
+            f"<tr><td class=l>{name}</td><td>{values[i]:.6g}</td><td>{direct[i]:.6g}</td><td>{ci}</td></tr>"
+        )
+    head = "<tr><th class=l>coefficient</th><th>fitted</th><th>direct estimate</th><th>95 % CI</th></tr>"
+    meta = (
+        f"<p class=note>form {html.escape(fit.model_form)}; method: {html.escape(fit.method)}; loss "
+        f"{fit.loss:.4f} (direct {fit.direct_loss:.4f}); {fit.num_requests} requests from "
+        f"{html.escape(', '.join(fit.traces))}; {fit.evaluations} replays; {fit.fit_seconds:.1f} s.</p>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>{meta}"
+
+
+def _intervals_table(intervals: dict[str, Any]) -> str:
+    rows = []
+    for trace, block in intervals.items():
+        for key, v in block.items():
+            inside = v["lo"] <= v["observed"] <= v["hi"]
+            rows.append(
+                f"<tr><td class=l>{html.escape(trace)}</td><td class=l>{key}</td><td>{v['lo']}</td>"
+                f"<td>{v['hi']}</td><td>{v['observed']}</td><td>{'yes' if inside else 'no'}</td></tr>"
+            )
+    head = "<tr><th class=l>trace</th><th class=l>statistic</th><th>lo</th><th>hi</th><th>observed</th><th>inside</th></tr>"
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def render_html(
+    reports: Sequence[ComparisonReport],
+    *,
+    title: str = "blis-cal calibration report",
+    fit: FitResult | None = None,
+    held_out: Sequence[str] = (),
+) -> str:
+    """The whole report as one HTML string (no external files)."""
+    parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{html.escape(title)}</title>"]
+    parts.append(f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>")
+    parts.append("<h2>Summary</h2>" + _summary_table(reports))
+    if held_out:
+        parts.append(f"<p class=note>held out of the fit: {html.escape(', '.join(held_out))}</p>")
+    parts.append(
+        "<p class=note>MAPE = mean |predicted − observed| / observed per request; quality grades are BLIS's "
+        "(excellent: MAPE &lt; 10 % and r &gt; 0.95; good: &lt; 20 % and &gt; 0.85; fair: &lt; 35 % and &gt; 0.70).</p>"
+    )
+    if fit is not None:
+        parts.append("<h2>Coefficients</h2>" + _coefficient_table(fit))
+        if fit.prediction_intervals:
+            parts.append("<h2>Prediction intervals (95 %)</h2>" + _intervals_table(fit.prediction_intervals))
+    for rep in reports:
+        name = rep.trace_info.get("trace") or "trace"
+        parts.append(f"<h2>{html.escape(str(name))}</h2>" + _percentile_table(rep))
+        for note in rep.notes:
+            parts.append(f"<p class=note>{html.escape(note)}</p>")
+        for caption, uri in _figures(rep):
+            parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' src='{uri}'>")
+    parts.append("</body></html>\n")
+    return "".join(parts)
+
+
+def write_html(path: str | Path, reports: Sequence[ComparisonReport], **kwargs: Any) -> None:
+    Path(path).write_text(render_html(reports, **kwargs), encoding="utf-8")

@@ -1,0 +1,22 @@
+"""The calibration's view of the simulator: replay a trace with given coefficients."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from blis_cal.replay import config_from_trace, replay_trace
+from blis_cal.simulate import LatencyModel, RequestResult, latency_models
+from blis_cal.trace import Trace
+
+
+def replay_with(
+    trace: Trace, latency_model: str, alpha: Sequence[float], beta: Sequence[float]
+) -> list[RequestResult]:
+    """Replay `trace` on the engine settings in its header with the `latency_model` built from α/β."""
+    model = latency_models.get(latency_model)(tuple(alpha), tuple(beta))
+    return replay_trace(trace, config_from_trace(trace.header), model).results
+
+
+def replay_model(trace: Trace, model: LatencyModel) -> list[RequestResult]:
+    """Replay `trace` on the engine settings in its header with an already built latency model."""
+    return replay_trace(trace, config_from_trace(trace.header), model).results

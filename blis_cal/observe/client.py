@@ -1,0 +1,520 @@
+"""HTTP side of the observer: request bodies for the OpenAI APIs, SSE parsing, one timed request.
+
+Every SSE event is timestamped on a monotonic clock when it is parsed. Token counts per event come from
+vLLM's cumulative `usage` (`stream_options.continuous_usage_stats`), so one event carrying several tokens
+(stream_interval, speculative decoding, a busy API server) is recorded as such, never as one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import httpx
+
+from blis_cal.errors import ConfigError
+from blis_cal.trace import Chunk
+from blis_cal.workload.request import TOKEN_ID_FLOOR, WORDS
+
+APIS = ("completions", "chat")
+HTTP_CLIENTS = ("aiohttp", "httpx")
+PROMPT_MODES = ("tokens", "text")
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_ERROR_TEXT_LIMIT = 500
+
+
+class RequestLike(Protocol):
+    """What the client needs of a workload request (blis_cal.workload.WorkloadRequest)."""
+
+    request_id: int
+    tenant_id: str
+    slo_class: str
+    output_tokens: int
+    context: tuple[tuple[str, int], ...]
+
+    def token_ids(
+        self, vocab_size: int, *, floor: int = ..., answers: Mapping[int, Any] | None = ...
+    ) -> list[int]: ...
+
+
+class Clock:
+    """Monotonic microseconds since the run started (perf_counter: CLOCK_MONOTONIC on Linux)."""
+
+    def __init__(self) -> None:
+        self._t0_ns = time.perf_counter_ns()
+
+    @property
+    def t0_ns(self) -> int:
+        """The run's start on the perf_counter clock (to join with other processes' CLOCK_MONOTONIC)."""
+        return self._t0_ns
+
+    def now_us(self) -> int:
+        return (time.perf_counter_ns() - self._t0_ns) // 1000
+
+
+@dataclass
+class ClientConfig:
+    endpoint: str
+    model: str
+    api: str = "completions"
+    prompt_mode: str = ""  # "" = tokens for completions, text for chat
+    streaming: bool = True
+    ignore_eos: bool = True
+    continuous_usage: bool = True  # vLLM: cumulative usage on every event -> exact tokens per event
+    timeout_s: float = 300.0
+    http_client: str = "aiohttp"  # transport for the workload's requests (HTTP_CLIENTS)
+    collect_answers: bool = False  # keep generated ids / text (sessions whose context accumulates)
+    api_key: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    vocab_size: int = 8192
+    tokens_per_word: float = 1.0  # text prompts: measured at start by measure_tokens_per_word
+
+    def __post_init__(self) -> None:
+        if self.api not in APIS:
+            raise ConfigError(f"--api: {self.api!r} is not one of {', '.join(APIS)}")
+        if not self.prompt_mode:
+            self.prompt_mode = "tokens" if self.api == "completions" else "text"
+        if self.prompt_mode not in PROMPT_MODES:
+            raise ConfigError(f"--prompt-mode: {self.prompt_mode!r} is not one of {', '.join(PROMPT_MODES)}")
+        if self.api == "chat" and self.prompt_mode == "tokens":
+            raise ConfigError(
+                "--prompt-mode tokens needs --api completions (chat takes text; use --prompt-mode text)"
+            )
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(f"--endpoint: {self.endpoint!r} must start with http:// or https://")
+        if self.http_client not in HTTP_CLIENTS:
+            raise ConfigError(f"--http-client: {self.http_client!r} is not one of {', '.join(HTTP_CLIENTS)}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--timeout: must be > 0 seconds, got {self.timeout_s}")
+        if self.vocab_size <= TOKEN_ID_FLOOR:
+            raise ConfigError(
+                f"--vocab-size: must be > {TOKEN_ID_FLOOR} (lower ids are special tokens), got {self.vocab_size}"
+            )
+        self.endpoint = self.endpoint.rstrip("/")
+
+
+@dataclass
+class Outcome:
+    """What happened to one request on the wire. Times are Clock µs; 0 = did not happen."""
+
+    status: str = "ok"
+    error_message: str = ""
+    http_status: int = 0
+    send_us: int = 0
+    first_us: int = 0
+    last_us: int = 0
+    chunks: list[Chunk] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+    finish_reason: str = ""
+    x_request_id: str = ""
+    server_metrics: dict[str, float] = field(default_factory=dict)  # vLLM's per-request `metrics` block
+    answer_ids: list[int] = field(default_factory=list)  # generated ids (collect_answers, token prompts)
+    answer_text: list[str] = field(default_factory=list)  # generated text (collect_answers)
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+
+
+def text_prompt(req: RequestLike, tokens_per_word: float, answers: Mapping[int, str] | None = None) -> str:
+    """The prompt as words (the workload's one-token-per-word vocabulary), scaled so the server counts about
+    as many tokens as the workload asked for; identical segments give byte-identical text (prefix hits).
+
+    A segment of L tokens becomes max(1, round(L / tokens_per_word)) words, word i being WORDS[id_i] (ids
+    reused cyclically when there are more words than tokens); at 1 token per word this is exactly
+    `WorkloadRequest.prompt_text()`. `answers` (request id -> the text the server generated) replace the
+    synthetic ("out:<id>", k) segments of accumulated chat history.
+    """
+    ids = req.token_ids(len(WORDS), floor=0)
+    words: list[str] = []
+    pos = 0
+    for key, length in req.context:
+        seg = ids[pos : pos + length]
+        pos += length
+        if answers and key.startswith("out:") and int(key[4:]) in answers:
+            words.append(answers[int(key[4:])])
+            continue
+        if length <= 0:
+            continue
+        count = max(1, round(length / tokens_per_word))
+        words.extend(WORDS[seg[i % length]] for i in range(count))
+    return " ".join(words)
+
+
+def build_body(
+    req: RequestLike, cfg: ClientConfig, answers: Mapping[int, Any] | None = None
+) -> dict[str, Any]:
+    """The JSON body for one request: exact output length (vLLM: min_tokens + ignore_eos), usage on.
+
+    `answers` (request id -> generated token ids, or text for text prompts) put the server's real answers
+    into accumulated chat history, as a chat client does: vLLM caches generated tokens' KV too, so the next
+    round hits the cache on them.
+    """
+    max_tokens = max(1, req.output_tokens)
+    if cfg.prompt_mode == "tokens":
+        prompt: Any = req.token_ids(cfg.vocab_size, answers=answers)
+    else:
+        prompt = text_prompt(req, cfg.tokens_per_word, answers)
+    body: dict[str, Any] = {"model": cfg.model}
+    if cfg.api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    body["max_tokens"] = max_tokens
+    if cfg.ignore_eos:
+        body["min_tokens"] = max_tokens
+        body["ignore_eos"] = True
+    if cfg.collect_answers and cfg.prompt_mode == "tokens":
+        body["return_token_ids"] = True  # vLLM: the generated ids, for the session's next round
+    body["stream"] = cfg.streaming
+    if cfg.streaming:
+        options = {"include_usage": True}
+        if cfg.continuous_usage:
+            options["continuous_usage_stats"] = True
+        body["stream_options"] = options
+    return body
+
+
+def build_headers(req: RequestLike, cfg: ClientConfig, x_request_id: str) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "X-Request-Id": x_request_id}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    # llm-d gateway hints, as BLIS sends them
+    if req.tenant_id:
+        headers["x-gateway-inference-fairness-id"] = req.tenant_id
+    if req.slo_class:
+        headers["x-gateway-inference-objective"] = req.slo_class
+    headers.update(cfg.headers)
+    return headers
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
+
+# ---------------------------------------------------------------------------------------------- SSE
+
+
+class SSEDecoder:
+    """Incremental server-sent-events decoder: bytes in, the `data` payload of each complete event out.
+
+    Handles CRLF / CR line ends, several events in one read, events split across reads, comment lines
+    (`: keep-alive`), other fields (`event:`, `id:`, `retry:`) and multi-line data.
+    """
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data
+        if b"\r" in buf:
+            held = buf.endswith(b"\r")  # maybe the first half of CRLF: decide on the next read
+            if held:
+                buf = buf[:-1]
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if held:
+                buf += b"\r"
+        parts = buf.split(b"\n\n")
+        self._buf = parts.pop()
+        out = []
+        for block in parts:
+            payload = _event_data(block)
+            if payload is not None:
+                out.append(payload)
+        return out
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes of an unfinished event (non-empty at end of stream = truncated event)."""
+        return self._buf.strip(b"\r\n")
+
+
+def _event_data(block: bytes) -> bytes | None:
+    if block.startswith(b"data: ") and b"\n" not in block:  # fast path: vLLM's one-line events
+        return block[6:]
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if not line or line.startswith(b":"):
+            continue
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(data) if data else None
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+class _StreamState:
+    """Folds parsed events into an Outcome."""
+
+    def __init__(self, out: Outcome, collect: bool = False) -> None:
+        self.out = out
+        self.collect = collect
+        self.seen_tokens = 0  # cumulative completion tokens reported by continuous usage
+        self.done = False
+
+    def event(self, payload: bytes, now_us: int) -> None:
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return
+        try:
+            msg = json.loads(payload)
+        except ValueError:
+            raise _StreamError(f"malformed SSE event: {_clip(payload.decode('utf-8', 'replace'))}") from None
+        if not isinstance(msg, dict):
+            raise _StreamError(f"malformed SSE event (not a JSON object): {_clip(str(msg))}")
+        if "error" in msg:  # vLLM: an error after the stream started keeps HTTP 200
+            raise _StreamError(f"server error in stream: {_error_text(msg)}")
+        try:
+            self._message(msg, now_us)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise _StreamError(
+                f"malformed SSE event ({exc}): {_clip(payload.decode('utf-8', 'replace'))}"
+            ) from None
+
+    def _message(self, msg: dict[str, Any], now_us: int) -> None:
+        out = self.out
+        choices = msg.get("choices") or []
+        usage = msg.get("usage")
+        tokens = 0
+        if choices:
+            choice = choices[0]
+            if choice.get("finish_reason"):
+                out.finish_reason = str(choice["finish_reason"])
+            if isinstance(usage, dict) and "completion_tokens" in usage:
+                total = int(usage["completion_tokens"])
+                tokens = max(0, total - self.seen_tokens)
+                self.seen_tokens = max(self.seen_tokens, total)
+            elif _carries_output(choice):
+                tokens = 1  # no per-event usage: one token per content event is all we can say
+            if self.collect:
+                _collect(out, choice)
+        if usage is not None and not choices:
+            self.final_usage(msg)
+        elif isinstance(usage, dict):
+            out.prompt_tokens = int(usage.get("prompt_tokens") or out.prompt_tokens)
+        if tokens > 0:
+            if not out.chunks:
+                out.first_us = now_us
+            out.last_us = now_us
+            out.chunks.append(Chunk(now_us, tokens))
+
+    def final_usage(self, msg: dict[str, Any]) -> None:
+        out = self.out
+        usage = msg.get("usage") or {}
+        out.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        out.completion_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or {}
+        if isinstance(details, dict) and details.get("cached_tokens") is not None:
+            out.cached_tokens = int(details["cached_tokens"])
+        metrics = msg.get("metrics")
+        if isinstance(metrics, dict):
+            out.server_metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def finish(self) -> None:
+        """End of a stream: fill what the usage event did not say."""
+        out = self.out
+        if not out.completion_tokens:
+            out.completion_tokens = sum(c.tokens for c in out.chunks)
+
+
+def _collect(out: Outcome, choice: dict[str, Any]) -> None:
+    ids = choice.get("token_ids")
+    if isinstance(ids, list):
+        out.answer_ids.extend(int(i) for i in ids)
+    text = choice.get("text")
+    if text is None:
+        part = choice.get("delta") or choice.get("message") or {}
+        text = part.get("content") if isinstance(part, dict) else None
+    if text:
+        out.answer_text.append(str(text))
+
+
+def _carries_output(choice: dict[str, Any]) -> bool:
+    if choice.get("text") or choice.get("token_ids"):
+        return True
+    delta = choice.get("delta")
+    return isinstance(delta, dict) and bool(delta.get("content") or delta.get("reasoning_content"))
+
+
+class _StreamError(Exception):
+    pass
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "…"
+
+
+def _error_text(msg: dict[str, Any]) -> str:
+    err = msg.get("error")
+    if isinstance(err, dict):
+        return _clip(str(err.get("message") or err))
+    return _clip(str(err if err is not None else msg.get("message", msg)))
+
+
+def parse_response_body(body: bytes, out: Outcome, now_us: int, collect: bool = False) -> None:
+    """A non-streaming response: one chunk carrying every completion token."""
+    try:
+        msg = json.loads(body)
+    except ValueError:
+        raise _StreamError(f"malformed JSON response: {_clip(body.decode('utf-8', 'replace'))}") from None
+    if not isinstance(msg, dict) or "error" in msg:
+        raise _StreamError(f"server error: {_error_text(msg) if isinstance(msg, dict) else _clip(str(msg))}")
+    state = _StreamState(out)
+    state.final_usage(msg)
+    choices = msg.get("choices") or []
+    if choices and choices[0].get("finish_reason"):
+        out.finish_reason = str(choices[0]["finish_reason"])
+    if choices and collect:
+        _collect(out, choices[0])
+    out.last_us = now_us
+    out.chunks = [Chunk(now_us, max(1, out.completion_tokens))]
+
+
+# ---------------------------------------------------------------------------------------------- sending
+
+
+@asynccontextmanager
+async def _post_httpx(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+    async with client.stream("POST", url, json=body, headers=headers) as resp:
+        yield resp.status_code, resp.aiter_raw()
+
+
+@asynccontextmanager
+async def _post_aiohttp(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
+) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+    async with session.post(url, json=body, headers=headers) as resp:
+        yield resp.status, resp.content.iter_any()  # every buffered byte per read: fewer wake-ups
+
+
+async def send(
+    client: httpx.AsyncClient | aiohttp.ClientSession,
+    cfg: ClientConfig,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    clock: Clock,
+) -> Outcome:
+    """Send one request and record it. Errors are data (status error/timeout, the run goes on); a task
+    cancellation is recorded as `cancelled` with what arrived so far."""
+    out = Outcome(x_request_id=headers.get("X-Request-Id", ""))
+    url = cfg.endpoint + _PATHS[cfg.api]
+    state = _StreamState(out, cfg.collect_answers)
+    post = _post_httpx if isinstance(client, httpx.AsyncClient) else _post_aiohttp
+    try:
+        async with asyncio.timeout(cfg.timeout_s):
+            out.send_us = clock.now_us()
+            async with post(client, url, body, headers) as (status, reads):
+                out.http_status = status
+                if status != 200:
+                    text = b"".join([data async for data in reads]).decode("utf-8", "replace")
+                    out.last_us = clock.now_us()
+                    out.status = "error"
+                    out.error_message = f"HTTP {status}: {_body_error(text)}"
+                    return out
+                if cfg.streaming:
+                    await _read_stream(reads, state, clock)
+                else:
+                    parts = []
+                    async for data in reads:
+                        if not out.first_us:
+                            out.first_us = clock.now_us()
+                        parts.append(data)
+                    parse_response_body(b"".join(parts), out, clock.now_us(), cfg.collect_answers)
+                    out.first_us = out.first_us or out.last_us
+    except TimeoutError:
+        out.status = "timeout"
+        out.error_message = f"no complete response within --timeout {cfg.timeout_s:g} s"
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the dispatcher cancelled us to record the request; the task ends normally
+        out.status = "cancelled"
+        out.error_message = "cancelled (run stopped before the request finished)"
+    except _StreamError as exc:
+        out.status = "error"
+        out.error_message = str(exc)
+    except httpx.TimeoutException as exc:
+        out.status = "timeout"
+        out.error_message = f"HTTP timeout: {type(exc).__name__}"
+    except (httpx.HTTPError, aiohttp.ClientError) as exc:
+        out.status = "error"
+        out.error_message = f"HTTP error: {type(exc).__name__}: {_clip(str(exc)) or 'connection failed'}"
+    if out.status != "ok":
+        state.finish()
+    return out
+
+
+async def _read_stream(reads: AsyncIterator[bytes], state: _StreamState, clock: Clock) -> None:
+    decoder = SSEDecoder()
+    async for data in reads:
+        for payload in decoder.feed(data):
+            state.event(payload, clock.now_us())
+        if state.done:
+            break
+    if not state.done:
+        if decoder.pending:
+            pending = _clip(decoder.pending.decode("utf-8", "replace"))
+            raise _StreamError(f"stream ended inside an event: {pending}")
+        if not state.out.finish_reason:
+            raise _StreamError("stream ended before [DONE] and before a finish_reason")
+    state.finish()
+
+
+def _body_error(text: str) -> str:
+    try:
+        msg = json.loads(text)
+    except ValueError:
+        return _clip(text)
+    return _error_text(msg) if isinstance(msg, dict) else _clip(text)
+
+
+def make_client(max_connections: int) -> httpx.AsyncClient:
+    """An httpx client for the run's side requests (/metrics, /v1/models, calibration, prewarm) and, with
+    `--http-client httpx`, the workload itself. Per-request deadlines are `send`'s whole-request timeout."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None))
+
+
+def make_session(max_connections: int) -> aiohttp.ClientSession:
+    """The aiohttp session for the workload's requests: its C HTTP parser costs about a third of httpx's
+    CPU per streamed event (benchmarks/observer_overhead.py), which keeps chunk timestamps honest at load."""
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, force_close=False)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+
+async def measure_tokens_per_word(client: httpx.AsyncClient, cfg: ClientConfig) -> tuple[float, str]:
+    """Tokens per WORDS word on this server: prompt_tokens of 200 words minus that of 100, over 100 (the
+    difference cancels BOS and chat-template tokens). Returns (ratio, note); 1.0 with a note on failure."""
+    counts = []
+    for n in (100, 200):
+        text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
+        body: dict[str, Any] = {"model": cfg.model, "max_tokens": 1, "stream": False}
+        if cfg.api == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = text
+        headers = {"Content-Type": "application/json", **cfg.headers}
+        if cfg.api_key:
+            headers["Authorization"] = f"Bearer {cfg.api_key}"
+        try:
+            resp = await client.post(cfg.endpoint + _PATHS[cfg.api], json=body, headers=headers, timeout=60.0)
+            counts.append(int(resp.json()["usage"]["prompt_tokens"]))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            return 1.0, f"tokens-per-word calibration request failed ({type(exc).__name__}); assuming 1.0"
+    ratio = (counts[1] - counts[0]) / 100
+    if not 0.2 <= ratio <= 10.0:
+        return 1.0, f"tokens-per-word measured as {ratio:g} (implausible); assuming 1.0"
+    return ratio, f"text prompts: {ratio:g} tokens per word (measured)"

@@ -1,0 +1,415 @@
+"""The observe run: send a workload to a live server and record everything into a TraceV2 trace.
+
+Open loop: each pre-generated request is sent at its scheduled arrival (the trace keeps both the scheduled
+arrival and the actual send time). Closed loop: when a request finishes `ok`, `Workload.follow_up` gives
+the user's / session's next request (arrival = finish + think time), merged with the pre-generated ones by
+arrival time (on a tie the follow-up goes first, as BLIS does). `max_concurrency` caps requests in flight.
+Rows are appended and flushed as requests finish; a stop (Ctrl+C, `max_errors`) ends sending, drains
+in-flight requests for up to `drain_timeout_s`, then cancels and records the rest as `cancelled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import heapq
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import httpx
+
+from blis_cal.errors import ConfigError
+from blis_cal.observe.client import (
+    ClientConfig,
+    Clock,
+    Outcome,
+    build_body,
+    build_headers,
+    make_client,
+    make_session,
+    measure_tokens_per_word,
+    new_request_id,
+    send,
+)
+from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
+from blis_cal.trace import ServerInfo, TraceHeader, TraceWriter, sibling
+
+
+@dataclass
+class ObserveConfig:
+    client: ClientConfig
+    max_concurrency: int = 256
+    drain_timeout_s: float = 30.0
+    warmup_requests: int = (
+        0  # requests with id < N: sent and recorded, excluded from statistics (trace.ok_records)
+    )
+    prewarm_duration_s: float = 0.0  # unrecorded load before the run (4 workers), to warm the server
+    record_itl: bool = True
+    rtt_ms: float = 0.0
+    max_errors: int = 0  # stop after this many error/timeout requests (0 = never)
+    metrics_interval_s: float = 1.0  # /metrics sidecar period (0 = no sidecar)
+    workload_spec: str = ""  # for the header: spec path or preset:<name>
+    server_overrides: dict[str, Any] = field(default_factory=dict)  # ServerInfo fields the server hides
+
+    def __post_init__(self) -> None:
+        if self.max_concurrency < 1:
+            raise ConfigError(f"--max-concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.drain_timeout_s < 0:
+            raise ConfigError(f"--drain-timeout: must be >= 0, got {self.drain_timeout_s}")
+        if self.warmup_requests < 0:
+            raise ConfigError(f"--warmup-requests: must be >= 0, got {self.warmup_requests}")
+        if self.prewarm_duration_s < 0:
+            raise ConfigError(f"--prewarm-duration: must be >= 0, got {self.prewarm_duration_s}")
+        if self.max_errors < 0:
+            raise ConfigError(f"--max-errors: must be >= 0, got {self.max_errors}")
+        if self.metrics_interval_s < 0:
+            raise ConfigError(f"--metrics-interval: must be >= 0, got {self.metrics_interval_s}")
+        if self.rtt_ms < 0:
+            raise ConfigError(f"--rtt-ms: must be >= 0, got {self.rtt_ms}")
+        if self.record_itl and not self.client.streaming:
+            raise ConfigError("--record-itl needs streaming; pass --no-record-itl with --no-streaming")
+
+
+@dataclass
+class Progress:
+    """Live counters for a progress display (read by the CLI; the library never prints)."""
+
+    sent: int = 0
+    done: int = 0
+    errors: int = 0  # error + timeout
+    in_flight: int = 0
+    ttft_us: list[int] = field(default_factory=list)  # ok requests past warm-up
+    e2e_us: list[int] = field(default_factory=list)
+    stopping: str = ""
+
+
+@dataclass
+class ObserveResult:
+    csv_path: Path
+    header: TraceHeader
+    recorded: int
+    by_status: dict[str, int]
+    stopped: str  # "" = ran to completion; else why it stopped early
+    notes: list[str]
+    metrics_path: Path | None
+
+
+class Observer:
+    def __init__(
+        self,
+        workload: Any,
+        config: ObserveConfig,
+        csv_path: str | Path,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.workload = workload
+        self.config = config
+        self.csv_path = Path(csv_path)
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self._stop_reason = ""
+        self._stop = asyncio.Event()
+        self._hard_stop = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._by_status: dict[str, int] = {}
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._answers: dict[int, Any] = {}  # request id -> the server's answer (accumulating sessions)
+        self.notes: list[str] = []
+        self.clock: Clock | None = None  # the run's clock, once started
+
+    # ------------------------------------------------------------------ control
+
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop sending and drain; a second call cancels in-flight requests at once."""
+        if self._stop.is_set():
+            self._hard_stop.set()
+        else:
+            self._stop_reason = reason
+            self.progress.stopping = reason
+            self._stop.set()
+        self._wake.set()
+        self._emit()
+
+    def _emit(self) -> None:
+        if self._on_progress is not None:
+            self._on_progress(self.progress)
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, handle_signals: bool = False) -> ObserveResult:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self.request_stop, "interrupted")
+        try:
+            if cfg.client.http_client == "httpx":
+                async with make_client(cfg.max_concurrency + 4) as client:
+                    return await self._run(client, client)
+            async with make_client(8) as client, make_session(cfg.max_concurrency) as session:
+                return await self._run(client, session)
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(sig)
+
+    async def _run(
+        self, client: httpx.AsyncClient, transport: httpx.AsyncClient | aiohttp.ClientSession
+    ) -> ObserveResult:
+        """`client` makes the side requests (facts, /metrics, calibration); `transport` the workload's."""
+        cfg, ccfg = self.config, self.config.client
+        auth = {"Authorization": f"Bearer {ccfg.api_key}"} if ccfg.api_key else {}
+        aux_headers = {**ccfg.headers, **auth}
+        facts = await server_facts(client, ccfg.endpoint, ccfg.model, aux_headers)
+        self.notes.extend(facts.notes)
+        info = _apply_overrides(facts.info, cfg.server_overrides)
+        if ccfg.prompt_mode == "text":
+            ccfg.tokens_per_word, note = await measure_tokens_per_word(client, ccfg)
+            self.notes.append(note)
+        if cfg.prewarm_duration_s > 0:
+            await _prewarm(client, ccfg, cfg.prewarm_duration_s)
+            facts.metrics = (
+                await scrape_metrics(client, ccfg.endpoint, aux_headers) if facts.metrics else None
+            )
+        accumulate = _accumulates(self.workload)
+        ccfg.collect_answers = accumulate
+        header = TraceHeader(
+            created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            mode="real",
+            warm_up_requests=cfg.warmup_requests,
+            workload_seed=getattr(self.workload, "seed", None),
+            workload_spec=cfg.workload_spec,
+            session_context_growth="accumulate" if accumulate else "",
+            server=info,
+            network={"measured_rtt_ms": float(cfg.rtt_ms)} if cfg.rtt_ms else {},
+        )
+        # A full collection walks every long-lived object (numpy, the workload...) and stalled every stream
+        # for ~75 ms in benchmarks/observer_overhead.py: fake ITL spikes. Freeze what exists now.
+        gc.collect()
+        gc.freeze()
+        clock = self.clock = Clock()
+        sampler = sampler_task = None
+        if facts.metrics is not None and cfg.metrics_interval_s > 0:
+            sampler = MetricsSampler(
+                client, ccfg.endpoint, aux_headers, self.csv_path, clock, cfg.metrics_interval_s
+            )
+            sampler_task = asyncio.create_task(sampler.run())
+        # this run replaces any trace at this path: an old sibling it will not rewrite must not be read with it
+        for suffix, rewritten in ((".itl.csv", cfg.record_itl), (".metrics.csv", sampler is not None)):
+            if not rewritten:
+                sibling(self.csv_path, suffix).unlink(missing_ok=True)
+        writer = TraceWriter(self.csv_path, header, record_itl=cfg.record_itl)
+        try:
+            await self._dispatch(transport, clock, writer)
+        finally:
+            gc.unfreeze()
+            duration_s = clock.now_us() / 1e6
+            if sampler_task is not None:
+                sampler_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler_task
+            if facts.metrics is not None:
+                after = await scrape_metrics(client, ccfg.endpoint, aux_headers)
+                if after is not None:
+                    header.observed_kv_metrics = kv_deltas(facts.metrics, after, duration_s)
+            writer.close(header)
+        if sampler is not None and sampler.failures:
+            self.notes.append(f"/metrics sidecar: {sampler.failures} scrape(s) failed")
+        return ObserveResult(
+            csv_path=self.csv_path,
+            header=header,
+            recorded=writer.count,
+            by_status=dict(sorted(self._by_status.items())),
+            stopped=self._stop_reason,
+            notes=self.notes,
+            metrics_path=sampler.path if sampler is not None else None,
+        )
+
+    async def _dispatch(self, client: Any, clock: Clock, writer: TraceWriter) -> None:
+        cfg = self.config
+        # heap of (arrival_us, 0 = follow-up / 1 = pre-generated, sequence, request)
+        pending: list[tuple[int, int, int, Any]] = []
+        seq = 0
+        for req in self.workload.requests:
+            pending.append((req.arrival_us, 1, seq, req))
+            seq += 1
+        heapq.heapify(pending)
+        sem = asyncio.Semaphore(cfg.max_concurrency)
+        in_flight = self._in_flight
+
+        def on_done(req: Any, out: Outcome) -> None:
+            nonlocal seq
+            if out.status == "cancelled":
+                return
+            # a failed round ends its session (BLIS); a closed-loop user then starts a new one
+            finished_at = max(out.last_us, out.send_us)
+            nxt = self.workload.follow_up(req, out.completion_tokens, finished_at, ok=out.status == "ok")
+            if nxt is not None:
+                heapq.heappush(pending, (nxt.arrival_us, 0, seq, nxt))
+                seq += 1
+                self._wake.set()
+
+        while not self._stop.is_set():
+            if not pending:
+                if not in_flight:
+                    break
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            delay_us = pending[0][0] - clock.now_us()
+            if delay_us > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay_us / 1e6):
+                        await self._wake.wait()
+                continue
+            if not await self._acquire(sem):
+                break
+            arrival_us, _, _, req = heapq.heappop(pending)
+            task = asyncio.create_task(self._one(client, clock, writer, req, arrival_us, sem, on_done))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        await self._drain(in_flight)
+
+    async def _acquire(self, sem: asyncio.Semaphore) -> bool:
+        """A concurrency slot, or False when a stop comes first."""
+        if not sem.locked():
+            await sem.acquire()
+            return True
+        acquire = asyncio.create_task(sem.acquire())
+        stop = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self._stop.is_set():
+                sem.release()
+                return False
+            return True
+        acquire.cancel()
+        return False
+
+    async def _drain(self, in_flight: set[asyncio.Task[None]]) -> None:
+        if not in_flight:
+            return
+        if not self._stop.is_set():  # normal end: every request finishes or hits its own --timeout
+            done_or_stop = asyncio.create_task(self._stop.wait())
+            while in_flight and not self._stop.is_set():
+                await asyncio.wait({*in_flight, done_or_stop}, return_when=asyncio.FIRST_COMPLETED)
+            done_or_stop.cancel()
+            if not in_flight:
+                return
+        hard = asyncio.create_task(self._hard_stop.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        while in_flight and not hard.done() and loop.time() < deadline:
+            await asyncio.wait(
+                {*in_flight, hard}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED
+            )
+        hard.cancel()
+        for task in list(in_flight):
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _one(
+        self,
+        client: Any,
+        clock: Clock,
+        writer: TraceWriter,
+        req: Any,
+        arrival_us: int,
+        sem: asyncio.Semaphore,
+        on_done: Callable[[Any, Outcome], None],
+    ) -> None:
+        cfg = self.config
+        ccfg = cfg.client
+        try:
+            body = build_body(req, ccfg, self._answers)
+            headers = build_headers(req, ccfg, new_request_id())
+            self.progress.sent += 1
+            self.progress.in_flight += 1
+            self._emit()
+            try:
+                out = await send(client, ccfg, body, headers, clock)
+            except Exception as exc:  # a bug or an unforeseen library error: record it, keep observing
+                out = Outcome(status="error", error_message=f"observer error: {type(exc).__name__}: {exc}")
+                out.x_request_id = headers.get("X-Request-Id", "")
+        finally:
+            sem.release()
+        self.progress.in_flight -= 1
+        record = build_record(req, out, ccfg.model, arrival_us, ccfg.streaming)
+        writer.append(record, out.chunks if out.status == "ok" else None)
+        self._by_status[out.status] = self._by_status.get(out.status, 0) + 1
+        if ccfg.collect_answers and out.status == "ok":
+            answer = out.answer_ids if ccfg.prompt_mode == "tokens" else "".join(out.answer_text)
+            if ccfg.prompt_mode == "text" or len(answer) == out.completion_tokens:
+                self._answers[req.request_id] = answer
+        self.progress.done += 1
+        if out.status == "ok" and req.request_id >= cfg.warmup_requests and out.first_us:
+            self.progress.ttft_us.append(out.first_us - out.send_us)
+            self.progress.e2e_us.append(out.last_us - out.send_us)
+        if out.status in ("error", "timeout"):
+            self.progress.errors += 1
+            if cfg.max_errors and self.progress.errors >= cfg.max_errors:
+                self.request_stop(f"stopped after {self.progress.errors} failed requests (--max-errors)")
+        if not self._stop.is_set():
+            on_done(req, out)
+        self._in_flight.discard(asyncio.current_task())  # before waking the dispatcher, which checks it
+        self._wake.set()
+        self._emit()
+
+
+def _accumulates(workload: Any) -> bool:
+    """Whether some session's prompt carries its earlier prompts and answers (workload spec multi_turn)."""
+    spec = getattr(workload, "spec", None)
+    clients = getattr(spec, "clients", None) or []
+    return any(getattr(c.multi_turn, "context_growth", "") == "accumulate" for c in clients if c.multi_turn)
+
+
+def _apply_overrides(info: ServerInfo, overrides: dict[str, Any]) -> ServerInfo:
+    for key, value in overrides.items():
+        setattr(info, key, value)
+    return info
+
+
+async def _prewarm(client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: float) -> None:
+    """Unrecorded load (4 workers, BLIS's `"warm "`×256 prompt, 64 tokens) so the run starts warm."""
+    body: dict[str, Any] = {"model": ccfg.model, "max_tokens": 64, "stream": False}
+    if ccfg.api == "chat":
+        body["messages"] = [{"role": "user", "content": "warm " * 256}]
+    else:
+        body["prompt"] = "warm " * 256
+    headers = {"Content-Type": "application/json", **ccfg.headers}
+    if ccfg.api_key:
+        headers["Authorization"] = f"Bearer {ccfg.api_key}"
+    url = ccfg.endpoint + ("/v1/chat/completions" if ccfg.api == "chat" else "/v1/completions")
+
+    async def worker() -> None:
+        while True:
+            try:
+                await client.post(url, json=body, headers=headers, timeout=ccfg.timeout_s)
+            except httpx.HTTPError:
+                await asyncio.sleep(0.5)
+
+    workers = [asyncio.create_task(worker()) for _ in range(4)]
+    await asyncio.sleep(duration_s)
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+
+
+def observe(
+    workload: Any,
+    config: ObserveConfig,
+    csv_path: str | Path,
+    on_progress: Callable[[Progress], None] | None = None,
+    handle_signals: bool = True,
+) -> ObserveResult:
+    """Run an observation to completion (or Ctrl+C) and return what was recorded."""
+    observer = Observer(workload, config, csv_path, on_progress)
+    return asyncio.run(observer.run(handle_signals=handle_signals))

@@ -1,0 +1,14 @@
+"""Traces and workloads turned into simulator requests, and simulation results written back out."""
+
+from blis_cal.replay.from_trace import config_from_trace, replay_trace, requests_from_trace
+from blis_cal.replay.results import read_results_json, results_to_json, results_to_trace, write_results_json
+
+__all__ = [
+    "config_from_trace",
+    "read_results_json",
+    "replay_trace",
+    "requests_from_trace",
+    "results_to_json",
+    "results_to_trace",
+    "write_results_json",
+]

@@ -1,0 +1,107 @@
+"""Replay a TraceV2 trace through the simulator: trace rows -> SimRequests, header -> SimConfig.
+
+Each row becomes a request injected at its send time (the moment the server could first see it), with the
+server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group`
+share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
+did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
+output as its own prefix (multi-turn chat history).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blis_cal.simulate.engine import SimConfig, simulate
+from blis_cal.simulate.latency import LatencyModel
+from blis_cal.simulate.metrics import SimRun
+from blis_cal.simulate.request import SimRequest, output_key
+from blis_cal.trace import Trace, TraceHeader, TraceRecord
+
+# Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
+SERVER_FIELDS = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+
+
+def injection_time_us(rec: TraceRecord) -> int:
+    """When the server could first see the request: its send time if recorded, else its arrival."""
+    return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
+
+
+def request_input_len(rec: TraceRecord) -> int:
+    """Whole prompt: the server's count when recorded, else prefix + suffix."""
+    return rec.server_input_tokens if rec.server_input_tokens > 0 else rec.prefix_length + rec.input_tokens
+
+
+def requests_from_trace(trace: Trace, notes: list[str] | None = None) -> list[SimRequest]:
+    """One SimRequest per row that produced output (rows with 0 output tokens never ran: skipped, noted)."""
+    accumulate = trace.header.session_context_growth == "accumulate"
+    history: dict[str, tuple[tuple[tuple[str, int], ...], int]] = {}  # session -> (segments, own input len)
+    out: list[SimRequest] = []
+    skipped: list[int] = []
+    for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
+        if rec.output_tokens <= 0:
+            skipped.append(rec.request_id)
+            continue
+        input_len = request_input_len(rec)
+        segments = _segments(
+            rec, input_len, history.get(rec.session_id) if accumulate and rec.session_id else None
+        )
+        if accumulate and rec.session_id:
+            history[rec.session_id] = (
+                (*segments, (output_key(rec.request_id), rec.output_tokens)),
+                input_len + rec.output_tokens,
+            )
+        out.append(
+            SimRequest(
+                request_id=rec.request_id,
+                arrival_us=injection_time_us(rec),
+                input_len=input_len,
+                output_len=rec.output_tokens,
+                segments=segments,
+                slo_class=rec.slo_class,
+                tenant_id=rec.tenant_id,
+                priority=rec.vllm_priority or 0,
+                session_id=rec.session_id,
+                round_index=rec.round_index,
+            )
+        )
+    if skipped and notes is not None:
+        shown = ", ".join(str(i) for i in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        notes.append(f"{len(skipped)} row(s) with 0 output tokens not replayed (request_id {shown})")
+    out.sort(key=lambda r: r.request_id)
+    return out
+
+
+def _segments(
+    rec: TraceRecord, input_len: int, previous: tuple[tuple[tuple[str, int], ...], int] | None
+) -> tuple[tuple[str, int], ...]:
+    own = f"req:{rec.request_id}"
+    if previous is not None and 0 < previous[1] <= input_len:
+        prior, prior_len = previous
+        return prior + (((own, input_len - prior_len),) if input_len > prior_len else ())
+    if rec.prefix_group and rec.prefix_length > 0:
+        shared = min(rec.prefix_length, input_len)
+        rest = input_len - shared
+        return ((f"prefix:{rec.prefix_group}", shared),) + (((own, rest),) if rest else ())
+    return ((own, input_len),)
+
+
+def config_from_trace(header: TraceHeader, base: SimConfig | None = None, **overrides: Any) -> SimConfig:
+    """Engine settings: `base` (defaults), then the header's `server:` block, then non-None `overrides`."""
+    values = (base or SimConfig()).to_dict()
+    server = header.server
+    if server is not None:
+        for name in SERVER_FIELDS:
+            value = getattr(server, name)
+            if value:
+                values[name] = value
+        if server.enable_prefix_caching is not None:
+            values["enable_prefix_caching"] = server.enable_prefix_caching
+    values |= {k: v for k, v in overrides.items() if v is not None}
+    return SimConfig(**values)
+
+
+def replay_trace(
+    trace: Trace, config: SimConfig, model: LatencyModel, notes: list[str] | None = None
+) -> SimRun:
+    """Simulate a trace's requests on `config` (see `config_from_trace`) with `model`."""
+    return simulate(requests_from_trace(trace, notes), config, model)

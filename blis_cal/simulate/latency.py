@@ -1,0 +1,181 @@
+"""Step-time models: how long one engine step takes, and the per-request delays around it.
+
+A model answers three questions, all in integer µs:
+- `queue_delay_us(input_len)`: from a request's arrival (send) to its joining the waiting queue;
+- `step_time_us(batch)`: one engine step computing `batch`;
+- `output_delay_us()`: from the end of the step that produced a token to the client receiving it.
+
+Models are a registry (`latency_models`); the CLI's `--latency-model` values come from it.
+
+"blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
+hits and D = decode tokens in the step:
+    queue delay = int(α0 + α1·input_len)      output delay = int(α2)
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd)
+where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
+Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
+cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
+Np / Nd = number of prefill / decode requests (per-sequence overheads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from blis_cal.errors import ConfigError
+from blis_cal.registry import Registry
+
+latency_models: Registry[type[LatencyModel]] = Registry("latency model")
+
+BETA_TERMS = (
+    "constant",
+    "prefill_tokens",
+    "decode_tokens",
+    "prefill_context_tokens",
+    "decode_context_tokens",
+    "prefill_requests",
+    "decode_requests",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """What one engine step computes (the step-time model's input)."""
+
+    num_prefill_tokens: int  # prompt tokens computed this step, after prefix-cache hits
+    num_decode_tokens: int
+    num_prefill_reqs: int
+    num_decode_reqs: int
+    prefill_context_tokens: int  # Σ tokens already in KV before each prefill chunk
+    decode_context_tokens: int  # Σ context length (tokens in KV) of decoding requests
+    # Σ over prefill chunks of n·c + n(n−1)/2 (n new tokens after c in KV): attention (query, key) pairs.
+    prefill_attention_pairs: int = 0
+
+    def features(self) -> tuple[int, ...]:
+        """The blackbox regressors in β order (1 for the constant term)."""
+        return (
+            1,
+            self.num_prefill_tokens,
+            self.num_decode_tokens,
+            self.prefill_context_tokens,
+            self.decode_context_tokens,
+            self.num_prefill_reqs,
+            self.num_decode_reqs,
+        )
+
+
+@dataclass
+class LatencyOptions:
+    """Everything a model may be built from (CLI flags); each model takes what it needs."""
+
+    alpha: tuple[float, ...] | None = None
+    beta: tuple[float, ...] | None = None
+    model: str = ""
+    gpu: str = ""
+    tp: int = 1
+    vllm_version: str | None = None
+    coeffs_path: str | None = None
+    model_config: str | None = None  # roofline: HF config.json (or its folder)
+    hardware_config: str | None = None  # roofline: hardware_config.json
+
+
+class LatencyModel:
+    """Interface of every step-time model."""
+
+    name = ""
+
+    def queue_delay_us(self, input_len: int) -> int:
+        raise NotImplementedError
+
+    def step_time_us(self, batch: StepBatch) -> int:
+        raise NotImplementedError
+
+    def output_delay_us(self) -> int:
+        raise NotImplementedError
+
+    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
+        """Step time of a pure-decode batch (hot path when jumping over decode steps)."""
+        return self.step_time_us(StepBatch(0, num_decode, 0, num_decode, 0, decode_context_tokens))
+
+    def describe(self) -> dict:
+        """JSON-able description for run summaries."""
+        return {"latency_model": self.name}
+
+    @classmethod
+    def from_options(cls, opts: LatencyOptions) -> LatencyModel:
+        raise NotImplementedError
+
+
+def check_coefficients(
+    name: str, values: tuple[float, ...] | list[float], min_len: int, max_len: int
+) -> tuple[float, ...]:
+    """Finite, non-negative, right count; raises ConfigError naming the offending value."""
+    values = tuple(float(v) for v in values)
+    if not min_len <= len(values) <= max_len:
+        want = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
+        raise ConfigError(f"{name} needs {want} coefficients, got {len(values)}: {list(values)}")
+    for i, v in enumerate(values):
+        if not math.isfinite(v):
+            raise ConfigError(f"{name}[{i}] is {v}; coefficients must be finite numbers")
+        if v < 0:
+            raise ConfigError(f"{name}[{i}] is {v}; coefficients must be >= 0 (times cannot be negative)")
+    return values
+
+
+@latency_models.register("blackbox")
+class BlackboxModel(LatencyModel):
+    """BLIS α/β linear model (see the module docstring for the terms)."""
+
+    name = "blackbox"
+
+    def __init__(self, alpha: tuple[float, ...] | list[float], beta: tuple[float, ...] | list[float]) -> None:
+        self.alpha = check_coefficients("alpha", alpha, 3, 3)
+        self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS))
+        self._b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
+        self._out = int(self.alpha[2])
+
+    def queue_delay_us(self, input_len: int) -> int:
+        return int(self.alpha[0] + self.alpha[1] * input_len)
+
+    def step_time_us(self, batch: StepBatch) -> int:
+        b = self._b
+        return int(
+            b[0]
+            + b[1] * batch.num_prefill_tokens
+            + b[2] * batch.num_decode_tokens
+            + b[3] * batch.prefill_context_tokens
+            + b[4] * batch.decode_context_tokens
+            + b[5] * batch.num_prefill_reqs
+            + b[6] * batch.num_decode_reqs
+        )
+
+    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
+        b = self._b
+        return int(b[0] + b[2] * num_decode + b[4] * decode_context_tokens + b[6] * num_decode)
+
+    def output_delay_us(self) -> int:
+        return self._out
+
+    def describe(self) -> dict:
+        return {"latency_model": self.name, "alpha": list(self.alpha), "beta": list(self.beta)}
+
+    @classmethod
+    def from_options(cls, opts: LatencyOptions) -> BlackboxModel:
+        if opts.alpha is not None and opts.beta is not None:
+            return cls(opts.alpha, opts.beta)
+        from blis_cal.simulate.coefficients import load_coefficients
+
+        if not opts.model:
+            raise ConfigError(
+                "the blackbox model needs --alpha and --beta, or --model/--gpu/--tp to look them up"
+            )
+        coeffs = load_coefficients(opts.coeffs_path, opts.model, opts.gpu, opts.tp, opts.vllm_version)
+        return cls(
+            opts.alpha if opts.alpha is not None else coeffs.alpha,
+            opts.beta if opts.beta is not None else coeffs.beta,
+        )
+
+
+def build_latency_model(name: str, opts: LatencyOptions) -> LatencyModel:
+    """The registered model `name` built from `opts` (ConfigError listing allowed names if unknown)."""
+    return latency_models.get(name).from_options(opts)

@@ -1,0 +1,141 @@
+"""Fit a workload spec to an observed trace (`blis convert trace`): rate, burstiness, lengths, prefixes.
+
+One client per (client_id, prefix_group) in the trace, with its share of the arrivals; the arrival process
+is fitted to the whole trace's inter-arrival gaps (Poisson when their cv is within sampling noise of 1,
+else gamma with that cv, constant when they barely vary); lengths are the observed empirical PDFs
+(or gaussians). Sessions (session_id / round_index) become multi-turn clients.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import numpy as np
+
+from blis_cal.errors import ConfigError
+from blis_cal.registry import Registry
+from blis_cal.trace import Trace, TraceRecord
+from blis_cal.workload.spec import Arrival, ClientSpec, Distribution, MultiTurn, WorkloadSpec, check_spec
+
+length_fits: Registry[Callable[[Sequence[int]], Distribution]] = Registry("length fit")
+
+
+@length_fits.register("empirical")
+def empirical(values: Sequence[int]) -> Distribution:
+    """The observed PMF: regenerated lengths follow the trace's exactly (up to sampling)."""
+    counts = Counter(int(v) for v in values)
+    n = sum(counts.values())
+    return Distribution("empirical", {str(k): round(counts[k] / n, 9) for k in sorted(counts)})
+
+
+@length_fits.register("gaussian")
+def gaussian(values: Sequence[int]) -> Distribution:
+    """Mean and standard deviation, clamped to the observed range."""
+    arr = np.asarray(values, dtype=float)
+    return Distribution(
+        "gaussian",
+        {
+            "mean": round(float(arr.mean()), 3),
+            "std_dev": round(float(arr.std()), 3),
+            "min": int(arr.min()),
+            "max": int(arr.max()),
+        },
+    )
+
+
+def rate_rps(arrivals_us: Sequence[int]) -> float:
+    """Requests per second over the arrival span: (n - 1) / (last - first), as `blis trace info`."""
+    times = sorted(arrivals_us)
+    span = times[-1] - times[0] if len(times) > 1 else 0
+    return (len(times) - 1) / (span / 1e6) if span > 0 else 0.0
+
+
+def fit_arrival(arrivals_us: Sequence[int]) -> Arrival:
+    """Poisson if the gaps' cv is within two standard errors of 1, constant if they barely vary, else gamma."""
+    gaps = np.diff(np.sort(np.asarray(arrivals_us, dtype=float)))
+    if len(gaps) < 2 or gaps.mean() <= 0:
+        return Arrival("poisson")
+    cv = float(gaps.std() / gaps.mean())
+    if cv < 0.05:
+        return Arrival("constant")
+    if abs(cv - 1.0) <= max(0.1, 2.0 / math.sqrt(len(gaps))):
+        return Arrival("poisson")
+    return Arrival("gamma", cv=round(cv, 4))
+
+
+def _most_common(values: Sequence) -> object:
+    return Counter(values).most_common(1)[0][0]
+
+
+def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
+    sessions: dict[str, list[TraceRecord]] = {}
+    for r in records:
+        if r.session_id:
+            sessions.setdefault(r.session_id, []).append(r)
+    if not sessions:
+        return None
+    thinks = [r.think_time_us for r in records if r.round_index > 0 and r.think_time_us > 0]
+    if not thinks:  # gap between a round's answer and the next round's arrival
+        for rounds in sessions.values():
+            rounds.sort(key=lambda r: r.round_index)
+            thinks += [
+                max(b.arrival_time_us - a.last_chunk_time_us, 0) for a, b in itertools.pairwise(rounds)
+            ]
+    return MultiTurn(
+        max_rounds=max(r.round_index for r in records) + 1,
+        think_time_us=int(np.median(thinks)) if thinks else 0,
+        context_growth=growth if growth == "accumulate" else "",
+    )
+
+
+def spec_from_trace(
+    trace: Trace, *, lengths: str = "empirical", num_requests: int | None = None, seed: int = 0
+) -> WorkloadSpec:
+    """A spec whose regenerated workload has the trace's rate, burstiness, length PDFs and prefixes."""
+    fit = length_fits.get(lengths)
+    records = sorted(trace.records, key=lambda r: (r.arrival_time_us, r.request_id))
+    starts = [r for r in records if r.round_index == 0]
+    if len(starts) < 2:
+        raise ConfigError("trace: need at least 2 requests (round 0) to fit an arrival rate")
+    groups: dict[tuple[str, str], list[TraceRecord]] = {}
+    for r in records:
+        groups.setdefault((r.client_id, r.prefix_group), []).append(r)
+    growth = trace.header.session_context_growth
+    arrival = fit_arrival([r.arrival_time_us for r in starts])
+    clients = []
+    for (client_id, group), members in groups.items():
+        ok = [r for r in members if r.status == "ok"] or members
+        multi_turn = _multi_turn(members, growth)
+        # With accumulated context, later rounds' inputs include history: fit own tokens on round 0.
+        fresh = [r for r in ok if r.round_index == 0] if multi_turn and multi_turn.context_growth else ok
+        base = client_id or "client"
+        sole = sum(1 for cid, _ in groups if cid == client_id) == 1
+        clients.append(
+            ClientSpec(
+                id=base if sole else f"{base}/{group or 'no-prefix'}",
+                tenant_id=str(_most_common([r.tenant_id for r in members])),
+                slo_class=str(_most_common([r.slo_class for r in members])),
+                rate_fraction=float(sum(1 for r in members if r.round_index == 0)) or 1.0,
+                arrival=arrival,
+                input_distribution=fit([r.input_tokens for r in fresh]),
+                output_distribution=fit([r.output_tokens for r in ok]),
+                prefix_group=group,
+                prefix_length=int(_most_common([r.prefix_length for r in members])) if group else None,
+                streaming=bool(_most_common([r.streaming for r in members])),
+                multi_turn=multi_turn,
+            )
+        )
+    if len({bool(c.slo_class) for c in clients}) > 1:  # the spec needs SLO classes on all or none
+        clients = [c if c.slo_class else replace(c, slo_class="standard") for c in clients]
+    spec = WorkloadSpec(
+        clients=clients,
+        seed=seed,
+        aggregate_rate=round(rate_rps([r.arrival_time_us for r in starts]), 6),
+        num_requests=len(records) if num_requests is None else num_requests,
+    )
+    check_spec(spec, "trace fit")
+    return spec

@@ -1,0 +1,134 @@
+"""The workload behind the CLI's workload flags (shared by `blis run` and `blis observe`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+from blis_cal.errors import ConfigError
+from blis_cal.workload.generator import Workload, generate
+from blis_cal.workload.presets import preset_lengths, preset_spec
+from blis_cal.workload.spec import ClientSpec, Distribution, WorkloadSpec, check_spec, load_spec
+
+DEFAULT_LENGTHS_PRESET = "chatbot"  # --rate / --concurrency alone: the chatbot preset's lengths
+
+
+def _constant(value: int, flag: str) -> Distribution:
+    if value < 1:
+        raise ConfigError(f"{flag}: must be >= 1, got {value}")
+    return Distribution("constant", {"value": int(value)})
+
+
+def options_spec(
+    *,
+    spec_path: str | Path | None = None,
+    preset: str | None = None,
+    rate: float | None = None,
+    concurrency: int | None = None,
+    num_requests: int | None = None,
+    duration_s: float | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    seed: int | None = None,
+) -> WorkloadSpec:
+    """The spec the flags describe (see `workload_from_options`)."""
+    given = [
+        flag
+        for flag, value in (
+            ("--workload-spec", spec_path),
+            ("--preset", preset),
+            ("--concurrency", concurrency),
+        )
+        if value is not None
+    ]
+    if len(given) > 1:
+        raise ConfigError(f"give only one workload source, not {' and '.join(given)}")
+    if rate is not None and (spec_path is not None or concurrency is not None):
+        raise ConfigError(f"--rate cannot be combined with {given[0]}")
+    if preset is not None and rate is None:
+        raise ConfigError("--preset needs --rate (requests/s)")
+    if not given and rate is None:
+        raise ConfigError(
+            "give a workload: --workload-spec FILE, --preset NAME --rate R, --rate R or --concurrency N"
+        )
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ConfigError(f"--rate: must be > 0 requests/s, got {rate}")
+    if num_requests is not None and num_requests < 1:
+        raise ConfigError(f"--num-requests: must be >= 1, got {num_requests}")
+    if duration_s is not None and not (math.isfinite(duration_s) and duration_s > 0):
+        raise ConfigError(f"--duration: must be > 0 seconds, got {duration_s}")
+
+    if spec_path is not None:
+        spec = load_spec(spec_path)
+    elif preset is not None:
+        spec = preset_spec(preset, rate, 0)
+    else:
+        prompt, output, _ = preset_lengths(DEFAULT_LENGTHS_PRESET)
+        if concurrency is not None:
+            if concurrency < 1:
+                raise ConfigError(f"--concurrency: must be >= 1, got {concurrency}")
+            client = ClientSpec("users", prompt, output, concurrency=concurrency, streaming=True)
+        else:
+            client = ClientSpec("poisson", prompt, output, rate_fraction=1.0, streaming=True)
+        spec = WorkloadSpec(clients=[client], aggregate_rate=float(rate or 0.0))
+    if input_tokens is not None or output_tokens is not None:
+        spec.clients = [
+            dataclasses.replace(
+                c,
+                input_distribution=(
+                    _constant(input_tokens, "--input-tokens")
+                    if input_tokens is not None
+                    else c.input_distribution
+                ),
+                output_distribution=(
+                    _constant(output_tokens, "--output-tokens")
+                    if output_tokens is not None
+                    else c.output_distribution
+                ),
+            )
+            for c in spec.clients
+        ]
+    if num_requests is not None:
+        spec.num_requests = num_requests
+    if duration_s is not None:
+        spec.horizon = round(duration_s * 1e6)
+    if seed is not None:
+        if seed < 0:
+            raise ConfigError(f"--seed: must be >= 0, got {seed}")
+        spec.seed = seed
+    if not spec.num_requests and not spec.horizon:
+        raise ConfigError("bound the workload: give --num-requests N or --duration SECONDS")
+    check_spec(spec, "workload options")
+    return spec
+
+
+def workload_from_options(
+    *,
+    spec_path: str | Path | None = None,
+    preset: str | None = None,
+    rate: float | None = None,
+    concurrency: int | None = None,
+    num_requests: int | None = None,
+    duration_s: float | None = None,
+    input_tokens: int | None = None,
+    output_tokens: int | None = None,
+    seed: int | None = None,
+) -> Workload:
+    """The workload the CLI flags describe. Exactly one source: a spec file, a preset/scenario (needs
+    rate), `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, no think
+    time, chatbot lengths). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
+    `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError otherwise.
+    """
+    spec = options_spec(
+        spec_path=spec_path,
+        preset=preset,
+        rate=rate,
+        concurrency=concurrency,
+        num_requests=num_requests,
+        duration_s=duration_s,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        seed=seed,
+    )
+    return generate(spec)

@@ -1,0 +1,333 @@
+"""Calibration comparison: metric definitions, pairing rules, BLIS report layout, defaults.yaml merge, HTML."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from blis_cal.calibrate import CalibrationError, compare, mape, pearson_r, quality
+from blis_cal.calibrate.compare import bias_direction, pooled, workload_level
+from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
+from blis_cal.calibrate.report_html import render_html
+from blis_cal.cli import app
+from blis_cal.simulate import RequestResult
+from blis_cal.trace import Chunk, Trace, TraceHeader, TraceRecord, read_trace
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def result(rid, ttft, e2e, out=3, inp=10, status="ok"):
+    itl = (e2e - ttft) / (out - 1) if out > 1 else 0.0
+    return RequestResult(rid, status, 0, 0, 0, 0, ttft, e2e, ttft, e2e, itl, inp, out, 0, 0)
+
+
+def record(rid, send, first, last, out=3, inp=10, status="ok"):
+    return TraceRecord(
+        request_id=rid,
+        input_tokens=inp,
+        output_tokens=out,
+        send_time_us=send,
+        arrival_time_us=send,
+        first_chunk_time_us=first,
+        last_chunk_time_us=last,
+        num_chunks=out,
+        status=status,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_metric_definitions_hand_computed():
+    real = np.array([100.0, 200.0, 400.0])
+    sim = np.array([110.0, 180.0, 400.0])
+    # |10|/100, |20|/200, 0 -> (0.1 + 0.1 + 0) / 3
+    assert mape(real, sim) == pytest.approx(0.2 / 3)
+    assert bias_direction(real, sim) == "under-predict"  # Σ(sim − real) = −10
+    assert bias_direction(real, real) == "neutral"
+    assert pearson_r(real, sim) == pytest.approx(np.corrcoef(real, sim)[0, 1])
+    assert pearson_r(real[:2], sim[:2]) == 0.0  # fewer than 3 pairs
+    assert pearson_r(real, np.array([5.0, 5.0, 5.0])) == 0.0  # constant side
+    wl = workload_level(real, sim)
+    assert wl["real_mean"] == pytest.approx(700 / 3)
+    assert wl["sim_p50"] == 180.0
+    assert wl["real_p90"] == pytest.approx(200 + 0.8 * 200)  # rank 0.9·2 = 1.8
+    assert wl["mean_error"] == pytest.approx((690 - 700) / 3)
+
+
+@pytest.mark.parametrize(
+    ("m", "r", "grade"),
+    [
+        (0.05, 0.99, "excellent"),
+        (0.05, 0.9, "good"),
+        (0.15, 0.9, "good"),
+        (0.3, 0.8, "fair"),
+        (0.4, 0.99, "poor"),
+    ],
+)
+def test_quality_thresholds_are_blis(m, r, grade):
+    assert quality(m, r) == grade
+
+
+def test_mape_ignores_zero_real():
+    assert mape(np.array([0.0, 100.0]), np.array([5.0, 150.0])) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------- pairing
+
+
+def small_trace(rtt_ms=0.0, warm=0):
+    recs = [
+        record(0, 0, 100, 300),  # warm-up when warm=1
+        record(1, 1000, 1200, 1400),
+        record(2, 2000, 2300, 2700),
+        record(3, 3000, 0, 0, status="error"),
+        record(4, 4000, 4100, 4500, out=5),
+    ]
+    itl = {
+        1: [Chunk(1200), Chunk(1300), Chunk(1400)],
+        2: [Chunk(2300), Chunk(2500), Chunk(2700)],
+        4: [Chunk(4100), Chunk(4200, 3), Chunk(4500)],  # an event carrying 3 tokens
+    }
+    if warm:
+        itl[0] = [Chunk(100), Chunk(200), Chunk(300)]
+    header = TraceHeader(warm_up_requests=warm, network={"measured_rtt_ms": rtt_ms} if rtt_ms else {})
+    return Trace(header=header, records=recs, itl=itl)
+
+
+def test_compare_pairs_by_id_and_counts_exclusions():
+    trace = small_trace(rtt_ms=0.05, warm=1)
+    results = [result(1, 150, 350), result(2, 250, 650), result(4, 50, 450, out=5, inp=11), result(3, 1, 2)]
+    rep = compare(trace, reversed(results))  # order does not matter: paired by id
+    info = rep.trace_info
+    assert info["warm_up_excluded"] == 1
+    assert info["non_ok_excluded"] == 1
+    assert info["matched_pairs"] == 3
+    assert info["token_mismatches"] == 1  # request 4: 11 simulated prompt tokens vs 10 observed
+    assert info["network_rtt_us"] == 50
+    assert info["num_requests"] == 4  # matched + warm-up + unmatched real (BLIS)
+    assert rep.pairs.request_ids == [1, 2, 4]
+    assert rep.pairs.real["ttft"] == [200.0, 300.0, 100.0]
+    assert rep.pairs.sim["ttft"] == [200.0, 300.0, 100.0]  # 150 + 50 RTT, ...
+    assert rep.pairs.sim["e2e"] == [400.0, 700.0, 500.0]
+    # ITL: request 4 has 4 tokens after its first event over 400 µs -> 100 µs.
+    assert rep.pairs.real["itl"] == [100.0, 200.0, 100.0]
+    assert rep.pairs.sim["itl"] == [100.0, 200.0, 100.0]
+    assert rep.mape("ttft") == 0.0 and rep.mape("e2e") == 0.0
+
+
+def test_compare_flag_rtt_overrides_header_and_counts_unmatched():
+    trace = small_trace(rtt_ms=5.0)
+    rep = compare(trace, [result(1, 100, 300), result(2, 200, 600), result(99, 1, 2)], rtt_us=100)
+    assert rep.trace_info["network_rtt_us"] == 100
+    assert rep.trace_info["unmatched_real"] == 2  # ids 0 and 4 have no simulated result
+    assert rep.trace_info["unmatched_sim"] == 1
+    assert rep.pairs.sim["ttft"] == [200.0, 300.0]
+
+
+def test_report_json_has_blis_layout():
+    rep = compare(small_trace(), [result(i, 100 * (i + 1), 300 * (i + 1)) for i in (0, 1, 2, 4)])
+    data = json.loads(json.dumps(rep.to_dict()))
+    assert set(data["trace_info"]) >= {
+        "num_requests",
+        "warm_up_excluded",
+        "matched_pairs",
+        "token_mismatches",
+    }
+    for metric in ("ttft", "e2e", "itl"):
+        block = data["metrics"][metric]
+        assert set(block) == {"workload_level", "request_level", "count"}
+        assert set(block["request_level"]) >= {"mape", "pearson_r", "bias_direction", "quality"}
+        wl = block["workload_level"]
+        for key in ("real_mean", "sim_mean", "mean_error", "mean_percent_error", "real_median", "sim_median"):
+            assert key in wl
+        for p in (50, 90, 95, 99):
+            assert {f"real_p{p}", f"sim_p{p}", f"p{p}_error", f"p{p}_percent_error"} <= set(wl)
+    assert len(data["known_limitations"]) == 4
+    assert set(data["ttft_tolerance"]) == {"mape", "threshold", "within"}
+
+
+def test_pooled_metrics_equal_one_report_when_alone():
+    rep = compare(small_trace(), [result(i, 100 * (i + 1), 300 * (i + 1)) for i in (0, 1, 2, 4)])
+    assert pooled([rep])["e2e"]["request_level"] == rep.metrics["e2e"]["request_level"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_empty_trace_is_a_clear_error():
+    with pytest.raises(CalibrationError, match="no requests"):
+        compare(Trace(header=TraceHeader(), records=[]), [result(0, 1, 2)])
+
+
+def test_all_error_rows_is_a_clear_error():
+    trace = Trace(header=TraceHeader(), records=[record(i, 0, 0, 0, status="error") for i in range(3)])
+    with pytest.raises(CalibrationError, match="3 not ok"):
+        compare(trace, [result(i, 1, 2) for i in range(3)])
+
+
+def test_mismatched_ids_is_a_clear_error():
+    with pytest.raises(CalibrationError, match="0 ids in common"):
+        compare(small_trace(), [result(i, 1, 2) for i in range(100, 105)])
+
+
+def test_no_results_is_a_clear_error():
+    with pytest.raises(CalibrationError, match="no simulated results"):
+        compare(small_trace(), [])
+
+
+def test_negative_rtt_is_rejected():
+    with pytest.raises(CalibrationError, match="RTT"):
+        compare(small_trace(), [result(1, 1, 2)], rtt_us=-1)
+
+
+# ---------------------------------------------------------------------------------------------- defaults.yaml
+
+
+def test_merge_adds_entry_keeping_every_other_byte(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    shutil.copy(REPO / "defaults.yaml", path)
+    before = path.read_text(encoding="utf-8")
+    entry = make_entry(
+        model="tiny", gpu="cpu", tp=1, vllm_version="0.32.0", alpha=(1, 2, 0), beta=(3, 4, 5), loss=0.1
+    )
+    assert merge_defaults_entry(path, entry) == "added"
+    after = path.read_text(encoding="utf-8")
+    added = after[len(after) - len(before) :] if after.endswith(before) else None
+    assert added is None  # inserted inside the models list, not at the end
+    # Everything before the insertion point and after it is byte-identical.
+    i = next(k for k in range(len(before)) if before[k] != after[k])
+    assert after[:i] == before[:i]
+    assert after.endswith(before[i:])
+    data = yaml.safe_load(after)
+    assert data["models"][-1]["id"] == "tiny" and data["models"][-1]["beta_coeffs"] == [3.0, 4.0, 5.0]
+    assert len(data["models"]) == len(yaml.safe_load(before)["models"]) + 1
+    assert data["trained_physics_coefficients"] == yaml.safe_load(before)["trained_physics_coefficients"]
+
+
+def test_merge_replaces_matching_entry_only(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    shutil.copy(REPO / "defaults.yaml", path)
+    before_data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    target = before_data["models"][5]
+    entry = make_entry(
+        model=target["id"].upper(),  # ids compare case-insensitively
+        gpu=target["GPU"],
+        tp=target["tensor_parallelism"],
+        vllm_version=target["vllm_version"],
+        alpha=(1, 1, 1),
+        beta=(2, 2, 2),
+        loss=0.5,
+        fit={"traces": ["x"]},
+    )
+    assert merge_defaults_entry(path, entry) == "replaced"
+    after = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert len(after["models"]) == len(before_data["models"])
+    assert after["models"][5]["alpha_coeffs"] == [1.0, 1.0, 1.0]
+    assert after["models"][5]["fit"] == {"traces": ["x"]}
+    for k, m in enumerate(before_data["models"]):
+        if k != 5:
+            assert after["models"][k] == m
+    # Replacing again with the same entry is a fixed point.
+    text = path.read_text(encoding="utf-8")
+    merge_defaults_entry(path, entry)
+    assert path.read_text(encoding="utf-8") == text
+
+
+def test_merge_creates_missing_file_and_section(tmp_path):
+    path = tmp_path / "new.yaml"
+    entry = make_entry(model="m", gpu="g", tp=2, vllm_version="", alpha=(1, 2, 3), beta=(4, 5, 6), loss=0)
+    assert merge_defaults_entry(path, entry) == "created"
+    assert yaml.safe_load(path.read_text())["models"][0]["tensor_parallelism"] == 2
+    other = tmp_path / "other.yaml"
+    other.write_text("# keep me\nversion: 0.0.1\n")
+    assert merge_defaults_entry(other, entry) == "added"
+    text = other.read_text()
+    assert text.startswith("# keep me\nversion: 0.0.1\n")
+    assert yaml.safe_load(text)["models"][0]["id"] == "m"
+
+
+def test_merge_rejects_bad_files(tmp_path):
+    entry = make_entry(model="m", gpu="g", tp=1, vllm_version="", alpha=(1, 2, 3), beta=(4, 5, 6), loss=0)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: 3\n")
+    with pytest.raises(Exception, match="must be a list"):
+        merge_defaults_entry(bad, entry)
+    with pytest.raises(Exception, match="TP >= 1"):
+        make_entry(model="m", gpu="g", tp=0, vllm_version="", alpha=(1, 2, 3), beta=(4, 5, 6), loss=0)
+
+
+# ---------------------------------------------------------------------------------------------- HTML / CLI
+
+
+def test_html_is_self_contained_with_pictures():
+    rep = compare(
+        small_trace(), [result(i, 100 * (i + 1), 300 * (i + 1)) for i in (0, 1, 2, 4)], trace_name="t"
+    )
+    page = render_html([rep], title="x")
+    assert page.count("data:image/png;base64,") == 3
+    assert "http://" not in page and "https://" not in page
+    assert render_html([rep], title="x") == page  # deterministic
+
+
+def test_cli_calibrate_with_given_coefficients_writes_blis_report(tmp_path, trace_a):
+    out = tmp_path / "cal.json"
+    proc = CliRunner().invoke(
+        app,
+        ["calibrate", str(trace_a), "--alpha", "8000,0,0", "--beta", "16000,1150,2500", "--report", str(out)],
+    )
+    assert proc.exit_code == 0, proc.output
+    data = json.loads(out.read_text())
+    assert data["trace_info"]["matched_pairs"] == 150
+    assert data["metrics"]["e2e"]["request_level"]["mape"] < 0.2
+    assert data["summary_rows"][0]["trace"] == "A_poisson_0.8"
+
+
+def test_cli_calibrate_with_sim_results(tmp_path, trace_a):
+    results = tmp_path / "r.json"
+    runner = CliRunner()
+    proc = runner.invoke(
+        app,
+        [
+            "replay",
+            str(trace_a),
+            "--alpha",
+            "8000,0,0",
+            "--beta",
+            "16000,1150,2500",
+            "--results",
+            str(results),
+        ],
+    )
+    assert proc.exit_code == 0, proc.output
+    proc = runner.invoke(app, ["calibrate", str(trace_a), "--sim-results", str(results)])
+    assert proc.exit_code == 0, proc.output
+    assert json.loads(proc.stdout)["summary_rows"][0]["requests"] == 150
+
+
+def test_fit_needs_the_itl_file(tmp_path, trace_a):
+    from blis_cal.calibrate.fit import NamedTrace, fit
+
+    trace = dataclasses.replace(read_trace(trace_a), itl=None)
+    with pytest.raises(CalibrationError, match="ITL file"):
+        fit([NamedTrace("a", trace)], bootstrap=0)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text((REPO / "traces" / "A_poisson_0.8.csv").read_text().splitlines()[0] + "\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "blis_cal", "calibrate", str(empty), "--alpha", "1,0,0", "--beta", "1,1,1"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "no requests" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,348 @@
+"""Observer client: request bodies for both APIs and prompt modes, SSE decoding, response parsing (respx)."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import respx
+
+from blis_cal.errors import ConfigError
+from blis_cal.observe.client import (
+    ClientConfig,
+    Clock,
+    SSEDecoder,
+    build_body,
+    build_headers,
+    send,
+    text_prompt,
+)
+from blis_cal.workload import WorkloadRequest
+from blis_cal.workload.request import WORDS
+
+URL = "http://fake:8000"
+
+
+def wreq(rid=0, n_in=20, n_out=5, prefix=0, group="", tenant="", slo=""):
+    context = ((f"prefix:{group}", prefix),) if prefix else ()
+    context += ((f"req:{rid}", n_in),)
+    return WorkloadRequest(
+        request_id=rid,
+        client_id="c",
+        tenant_id=tenant,
+        slo_class=slo,
+        arrival_us=0,
+        prefix_group=group,
+        prefix_length=prefix,
+        input_tokens=n_in,
+        output_tokens=n_out,
+        session_id="",
+        round_index=0,
+        streaming=True,
+        think_time_us=0,
+        token_seed=3,
+        context=context,
+    )
+
+
+def cfg(**kw):
+    return ClientConfig(endpoint=URL, model="m", **kw)
+
+
+# ---------------------------------------------------------------------------------------------- bodies
+
+
+def test_completions_token_body_asks_for_exact_lengths_and_per_event_usage():
+    body = build_body(wreq(n_in=20, n_out=7, prefix=16, group="g"), cfg(vocab_size=100))
+    assert body["model"] == "m"
+    assert len(body["prompt"]) == 36 and all(4 <= t < 100 for t in body["prompt"])
+    assert body["max_tokens"] == body["min_tokens"] == 7 and body["ignore_eos"] is True
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+
+
+def test_prefix_group_members_send_identical_leading_tokens_and_text():
+    a, b = wreq(rid=1, prefix=32, group="g"), wreq(rid=2, prefix=32, group="g")
+    ba, bb = build_body(a, cfg()), build_body(b, cfg())
+    assert ba["prompt"][:32] == bb["prompt"][:32] and ba["prompt"][32:] != bb["prompt"][32:]
+    ta, tb = text_prompt(a, 1.5), text_prompt(b, 1.5)
+    shared = " ".join(ta.split()[: round(32 / 1.5)])
+    assert tb.startswith(shared + " ")
+
+
+def test_chat_defaults_to_text_prompt_scaled_by_tokens_per_word():
+    c = cfg(api="chat", tokens_per_word=2.0)
+    body = build_body(wreq(n_in=40, n_out=3), c)
+    assert c.prompt_mode == "text" and "prompt" not in body
+    [message] = body["messages"]
+    words = message["content"].split()
+    assert message["role"] == "user" and len(words) == 20 and set(words) <= set(WORDS)
+
+
+def test_text_prompt_at_one_token_per_word_is_the_workloads_own_text():
+    r = wreq(n_in=25, prefix=10, group="g")
+    assert text_prompt(r, 1.0) == r.prompt_text()
+
+
+def test_no_streaming_and_no_ignore_eos_bodies():
+    body = build_body(wreq(n_out=9), cfg(streaming=False, ignore_eos=False))
+    assert body["stream"] is False and "stream_options" not in body
+    assert body["max_tokens"] == 9 and "min_tokens" not in body and "ignore_eos" not in body
+
+
+def test_headers_carry_request_id_key_gateway_hints_and_extras():
+    h = build_headers(wreq(tenant="t1", slo="critical"), cfg(api_key="sk-1", headers={"X-A": "b"}), "rid-1")
+    assert h["X-Request-Id"] == "rid-1" and h["Authorization"] == "Bearer sk-1" and h["X-A"] == "b"
+    assert h["x-gateway-inference-fairness-id"] == "t1" and h["x-gateway-inference-objective"] == "critical"
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"api": "grpc"}, "--api"),
+        ({"prompt_mode": "images"}, "--prompt-mode"),
+        ({"api": "chat", "prompt_mode": "tokens"}, "--prompt-mode"),
+        ({"timeout_s": 0}, "--timeout"),
+        ({"vocab_size": 4}, "--vocab-size"),
+        ({"http_client": "requests"}, "--http-client"),
+    ],
+)
+def test_bad_client_options_name_the_flag(kw, flag):
+    with pytest.raises(ConfigError, match=flag):
+        cfg(**kw)
+
+
+def test_endpoint_must_be_http():
+    with pytest.raises(ConfigError, match="--endpoint"):
+        ClientConfig(endpoint="localhost:8000", model="m")
+
+
+# ---------------------------------------------------------------------------------------------- SSE
+
+
+def test_sse_decoder_several_events_in_one_read_and_split_events():
+    d = SSEDecoder()
+    assert d.feed(b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: {"c"') == [b'{"a":1}', b'{"b":2}']
+    assert d.pending == b'data: {"c"'
+    assert d.feed(b":3}\n") == []
+    assert d.feed(b"\ndata: [DONE]\n\n") == [b'{"c":3}', b"[DONE]"]
+    assert d.pending == b""
+
+
+def test_sse_decoder_crlf_comments_fields_and_multiline_data():
+    d = SSEDecoder()
+    raw = b': keep-alive\r\n\r\nevent: message\r\nid: 7\r\ndata: {"x":\r\ndata: 1}\r\n\r'
+    assert d.feed(raw) == []  # the last CR may be half of a CRLF
+    assert d.feed(b"\n") == [b'{"x":\n1}']
+
+
+def test_sse_decoder_ignores_comment_only_events():
+    assert SSEDecoder().feed(b": ping\n\n: ping\n\ndata: 1\n\n") == [b"1"]
+
+
+# ---------------------------------------------------------------------------------------------- send
+
+
+class Reads(httpx.AsyncByteStream):
+    """A response body arriving in the given network reads."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    async def __aiter__(self):
+        for p in self.parts:
+            await asyncio.sleep(0.001)
+            yield p
+
+
+def ev(msg):
+    return b"data: " + json.dumps(msg).encode() + b"\n\n"
+
+
+def chunk(text, completion, finish=None, prompt=10):
+    return ev(
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
+        }
+    )
+
+
+USAGE = ev(
+    {
+        "id": "cmpl-1",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": 10,
+            "completion_tokens": 5,
+            "total_tokens": 15,
+            "prompt_tokens_details": {"cached_tokens": 8},
+        },
+        "metrics": {
+            "time_to_first_token_ms": 12.5,
+            "generation_time_ms": 40.0,
+            "queue_time_ms": 0.5,
+            "mean_itl_ms": 10.0,
+        },
+    }
+)
+
+
+def run_send(parts, status=200, **kw):
+    async def go():
+        with respx.mock:
+            respx.post(f"{URL}/v1/completions").mock(return_value=httpx.Response(status, stream=Reads(parts)))
+            async with httpx.AsyncClient() as client:
+                c = cfg(**kw)
+                return await send(client, c, build_body(wreq(n_out=5), c), {"X-Request-Id": "r1"}, Clock())
+
+    return asyncio.run(go())
+
+
+def test_stream_with_multi_token_events_records_tokens_per_event_and_server_truth():
+    parts = [
+        chunk("a", 1),
+        chunk("bc", 3) + chunk("", 4),
+        chunk("e", 5, "length") + USAGE + b"data: [DONE]\n\n",
+    ]
+    out = run_send(parts)
+    assert out.status == "ok" and out.http_status == 200
+    assert [c.tokens for c in out.chunks] == [1, 2, 1, 1]  # "" text with a token still counts
+    assert out.completion_tokens == 5 == sum(c.tokens for c in out.chunks)
+    assert out.prompt_tokens == 10 and out.cached_tokens == 8 and out.finish_reason == "length"
+    assert out.server_metrics["queue_time_ms"] == 0.5 and out.x_request_id == "r1"
+    times = [c.timestamp_us for c in out.chunks]
+    assert out.send_us <= out.first_us == times[0] <= times[-1] == out.last_us
+    assert times == sorted(times)
+
+
+def test_chat_role_chunk_carries_no_token():
+    role = ev(
+        {
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 0},
+        }
+    )
+    tok = ev(
+        {
+            "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 1},
+        }
+    )
+
+    async def go():
+        with respx.mock:
+            respx.post(f"{URL}/v1/chat/completions").mock(
+                return_value=httpx.Response(200, stream=Reads([role, tok, b"data: [DONE]\n\n"]))
+            )
+            async with httpx.AsyncClient() as client:
+                c = cfg(api="chat")
+                return await send(client, c, build_body(wreq(n_out=1), c), {}, Clock())
+
+    out = asyncio.run(go())
+    assert (
+        out.status == "ok" and len(out.chunks) == 1 and out.completion_tokens == 1 and out.prompt_tokens == 9
+    )
+
+
+def test_stream_without_usage_counts_one_token_per_content_event():
+    parts = [
+        ev({"choices": [{"index": 0, "text": "a"}]}),
+        ev({"choices": [{"index": 0, "text": "b", "finish_reason": "stop"}]}),
+        b"data: [DONE]\n\n",
+    ]
+    out = run_send(parts, continuous_usage=False)
+    assert out.status == "ok" and out.completion_tokens == 2 and out.finish_reason == "stop"
+
+
+def test_error_event_inside_200_stream_is_an_error():
+    err = ev({"error": {"message": "engine died", "type": "InternalServerError", "code": 500}})
+    out = run_send([chunk("a", 1), err, b"data: [DONE]\n\n"])
+    assert out.status == "error" and "engine died" in out.error_message
+    assert len(out.chunks) == 1 and out.completion_tokens == 1
+
+
+def test_malformed_event_is_an_error():
+    out = run_send([chunk("a", 1), b"data: {oops\n\n"])
+    assert out.status == "error" and "malformed SSE event" in out.error_message
+
+
+def test_stream_cut_before_done_is_an_error():
+    out = run_send([chunk("a", 1), b'data: {"choi'])
+    assert out.status == "error" and "inside an event" in out.error_message
+
+
+def test_http_error_status_records_the_servers_message():
+    body = json.dumps(
+        {"error": {"message": "This model's maximum context length is 4096 tokens.", "code": 400}}
+    )
+    out = run_send([body.encode()], status=400)
+    assert out.status == "error" and out.http_status == 400
+    assert out.error_message.startswith("HTTP 400: This model's maximum context length")
+
+
+def test_non_streaming_response_is_one_chunk_with_all_tokens():
+    body = {
+        "choices": [{"index": 0, "text": "abcde", "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 0}},
+    }
+    out = run_send([json.dumps(body).encode()], streaming=False)
+    assert out.status == "ok" and out.completion_tokens == 5 and out.cached_tokens == 0
+    assert [c.tokens for c in out.chunks] == [5] and out.send_us <= out.first_us <= out.last_us
+
+
+def test_connection_error_is_data():
+    async def go():
+        with respx.mock:
+            respx.post(f"{URL}/v1/completions").mock(side_effect=httpx.ConnectError("refused"))
+            async with httpx.AsyncClient() as client:
+                c = cfg()
+                return await send(client, c, build_body(wreq(), c), {}, Clock())
+
+    out = asyncio.run(go())
+    assert out.status == "error" and "ConnectError" in out.error_message
+
+
+def test_whole_request_timeout_is_status_timeout():
+    class Slow(httpx.AsyncByteStream):
+        async def __aiter__(self):
+            yield chunk("a", 1)
+            await asyncio.sleep(5)
+            yield b"data: [DONE]\n\n"
+
+    async def go():
+        with respx.mock:
+            respx.post(f"{URL}/v1/completions").mock(return_value=httpx.Response(200, stream=Slow()))
+            async with httpx.AsyncClient() as client:
+                c = cfg(timeout_s=0.2)
+                return await send(client, c, build_body(wreq(), c), {}, Clock())
+
+    out = asyncio.run(go())
+    assert out.status == "timeout" and len(out.chunks) == 1 and "--timeout" in out.error_message
+
+
+def test_event_with_wrong_types_is_a_malformed_event_not_a_crash():
+    bad = ev({"choices": [{"index": 0, "text": "a"}], "usage": {"completion_tokens": "many"}})
+    out = run_send([chunk("a", 1), bad, b"data: [DONE]\n\n"])
+    assert out.status == "error" and "malformed SSE event" in out.error_message and len(out.chunks) == 1
+
+
+def test_cli_server_info_and_header_flags_are_typed_and_strict():
+    from blis_cal.cli import _observe_headers, _observe_server_info
+
+    assert _observe_server_info(["max_num_seqs=64", "gpu=A100", "enable_prefix_caching=false"]) == {
+        "max_num_seqs": 64,
+        "gpu": "A100",
+        "enable_prefix_caching": False,
+    }
+    assert _observe_headers(["X-A: b:c"]) == {"X-A": "b:c"}
+    with pytest.raises(ConfigError, match="max_num_seqs must be int"):
+        _observe_server_info(["max_num_seqs=many"])
+    with pytest.raises(ConfigError, match="KEY one of"):
+        _observe_server_info(["num_gpus=2"])

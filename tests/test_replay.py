@@ -1,0 +1,183 @@
+"""Replay: trace rows -> requests, header -> engine settings, results JSON and replayed traces, the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from blis_cal.replay import (
+    config_from_trace,
+    read_results_json,
+    replay_trace,
+    requests_from_trace,
+    results_to_trace,
+    write_results_json,
+)
+from blis_cal.simulate import BlackboxModel, SimConfig
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, read_trace, write_trace
+
+MODEL = BlackboxModel((20000, 0, 0), (10000, 30, 500))
+
+
+def test_requests_follow_the_trace(trace_c):
+    trace = read_trace(trace_c)
+    reqs = requests_from_trace(trace)
+    assert len(reqs) == len(trace.records)
+    by_id = {r.request_id: r for r in trace.records}
+    for r in reqs:
+        rec = by_id[r.request_id]
+        assert r.arrival_us == rec.send_time_us
+        assert r.input_len == rec.server_input_tokens
+        assert r.output_len == rec.output_tokens
+        assert r.segments[0] == (f"prefix:{rec.prefix_group}", rec.prefix_length)
+        assert sum(n for _, n in r.segments) == r.input_len
+
+
+def test_header_sets_engine_and_flags_override(trace_a):
+    header = read_trace(trace_a).header
+    config = config_from_trace(header)
+    assert (config.block_size, config.num_gpu_blocks, config.max_num_seqs) == (128, 1024, 64)
+    assert (config.max_num_batched_tokens, config.max_model_len) == (2048, 4096)
+    assert config_from_trace(header, max_num_seqs=8, block_size=None).max_num_seqs == 8
+
+
+def test_prefix_groups_hit_the_simulated_cache(trace_a, trace_c):
+    run_c = replay_trace(read_trace(trace_c), config_from_trace(read_trace(trace_c).header), MODEL)
+    run_a = replay_trace(read_trace(trace_a), config_from_trace(read_trace(trace_a).header), MODEL)
+    assert run_c.summary["prefix_hit_rate"] > 0.5  # 768-token shared prefixes, 128-token blocks
+    assert run_a.summary["prefix_hit_rate"] == 0.0  # no prefix groups
+    assert run_c.summary["completed"] == len(run_c.results) == 150
+    # a request of a group seen before hits the 6 full blocks of its 768-token prefix
+    assert max(r.cached_tokens for r in run_c.results) == 768
+
+
+def test_zero_output_rows_are_skipped_with_a_note():
+    records = [
+        TraceRecord(request_id=0, input_tokens=10, output_tokens=5, send_time_us=1, arrival_time_us=1),
+        TraceRecord(
+            request_id=1, input_tokens=10, output_tokens=0, send_time_us=2, arrival_time_us=2, status="error"
+        ),
+    ]
+    notes: list[str] = []
+    reqs = requests_from_trace(Trace(TraceHeader(), records), notes)
+    assert [r.request_id for r in reqs] == [0]
+    assert "0 output tokens" in notes[0]
+
+
+def test_accumulated_sessions_reuse_history():
+    header = TraceHeader(session_context_growth="accumulate")
+    records = [
+        TraceRecord(
+            request_id=0, session_id="s", round_index=0, input_tokens=300, output_tokens=50, send_time_us=0
+        ),
+        TraceRecord(
+            request_id=1,
+            session_id="s",
+            round_index=1,
+            input_tokens=400,
+            output_tokens=10,
+            send_time_us=10**7,
+        ),
+    ]
+    reqs = requests_from_trace(Trace(header, records))
+    assert reqs[1].segments == (("req:0", 300), ("out:0", 50), ("req:1", 50))
+    run = replay_trace(Trace(header, records), SimConfig(block_size=16), MODEL)
+    assert run.results[1].cached_tokens == 16 * (
+        349 // 16
+    )  # history blocks written by round 0 (prompt+output−1)
+
+
+def test_results_json_and_replayed_trace_round_trip(tmp_path, trace_a):
+    trace = read_trace(trace_a)
+    run = replay_trace(trace, config_from_trace(trace.header), MODEL)
+    path = tmp_path / "r.json"
+    write_results_json(run, path)
+    rows = json.loads(path.read_text())
+    assert list(rows[0])[:6] == [
+        "request_id",
+        "ttft_us",
+        "e2e_us",
+        "input_tokens",
+        "output_tokens",
+        "itl_mean_us",
+    ]
+    assert read_results_json(path) == run.results
+    sim_trace = results_to_trace(run, trace)
+    write_trace(sim_trace, tmp_path / "sim.csv")
+    back = read_trace(tmp_path / "sim.csv")
+    assert back.header.mode == "replayed"
+    for rec, res in zip(back.records, run.results, strict=True):
+        assert rec.ttft_us == res.ttft_us and rec.e2e_us == res.e2e_us
+        assert rec.client_id == "client-0"
+
+
+def test_bad_results_json(tmp_path):
+    from blis_cal.errors import TraceFormatError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"request_id": 1}]')
+    with pytest.raises(TraceFormatError, match="entry 0"):
+        read_results_json(bad)
+    bad.write_text("{")
+    with pytest.raises(TraceFormatError, match="not valid JSON"):
+        read_results_json(bad)
+
+
+def _blis(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "blis_cal", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_replay(tmp_path, trace_a):
+    out = _blis(
+        "replay",
+        str(trace_a),
+        "--alpha",
+        "20000,0,0",
+        "--beta",
+        "10000,30,500",
+        "--results",
+        str(tmp_path / "r.json"),
+        "--trace-output",
+        str(tmp_path / "sim"),
+    )
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    for key in (
+        "requests",
+        "completed",
+        "rejected",
+        "duration_s",
+        "throughput_rps",
+        "output_tokens_per_s",
+        "ttft_p99_ms",
+        "itl_p50_ms",
+        "e2e_mean_ms",
+        "preemptions",
+        "kv_utilization_mean",
+        "prefix_hit_rate",
+    ):
+        assert key in summary
+    assert summary["completed"] == 150
+    assert len(json.loads((tmp_path / "r.json").read_text())) == 150
+    assert (tmp_path / "sim.csv").exists() and (tmp_path / "sim.yaml").exists()
+
+
+def test_cli_missing_coefficients_says_what_exists(trace_a):
+    out = _blis(
+        "replay", str(trace_a), "--model", "meta-llama/llama-3.1-8b-instruct", "--gpu", "H100", "--tp", "8"
+    )
+    assert out.returncode == 2
+    assert "available for this model" in out.stderr and "TP=2" in out.stderr
+
+
+def test_cli_run_and_bad_flags():
+    out = _blis("run", "--rate", "5", "--num-requests", "50", "--alpha", "1000,1,100", "--beta", "6000,18,3")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["completed"] == 50
+    out = _blis("run", "--rate", "0", "--alpha", "1,1,1", "--beta", "1,1,1")
+    assert out.returncode == 2 and "--rate" in out.stderr
+    out = _blis("run", "--rate", "5", "--alpha", "1,x,1", "--beta", "1,1,1")
+    assert out.returncode == 2 and "--alpha" in out.stderr
