@@ -6,7 +6,7 @@ with client-side jitter on every chunk so the direct estimate is not exact and t
 Prints the time of each stage: direct estimate, simulation-in-the-loop refinement (default evaluation
 budget), bootstrap intervals, and the recovered coefficients against the truth.
 
-    .venv/bin/python benchmarks/fit_speed.py [--requests 1000] [--bootstrap 200] [--max-evaluations 8]
+    .venv/bin/python benchmarks/fit_speed.py [--requests 1000] [--bootstrap 200] [--max-evaluations 12]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--bootstrap", type=int, default=200)
-    parser.add_argument("--max-evaluations", type=int, default=8)
+    parser.add_argument("--max-evaluations", type=int, default=12)
     parser.add_argument("--jitter-us", type=float, default=2000.0, help="mean client-side delay per chunk")
     args = parser.parse_args()
     config = SimConfig(

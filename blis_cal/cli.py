@@ -285,12 +285,13 @@ def _cluster_policy(policy_config, instances, admission, routing, scorers, sched
     return policy
 
 
-def _simulate(requests, config, sim_model, follow_up, policy, decisions):
-    """One instance (`simulate`) unless cluster options were given, then the cluster (`run_cluster`)."""
+def _simulate(requests, config, sim_model, follow_up, policy, decisions, record_tokens=False):
+    """One instance (`simulate`) unless cluster options were given, then the cluster (`run_cluster`).
+    `record_tokens` (single instance) keeps per-token times for the replayed trace's ITL file."""
     if policy is None:
         from blis_cal.simulate import simulate
 
-        return simulate(requests, config, sim_model, follow_up)
+        return simulate(requests, config, sim_model, follow_up, record_tokens=record_tokens)
     from blis_cal.simulate.cluster import run_cluster
 
     return run_cluster(requests, config, sim_model, policy, follow_up=follow_up, trace_decisions=decisions)
@@ -487,7 +488,15 @@ def replay_cmd(
         priority_policy,
         trace_decisions,
     )
-    run = _simulate(requests_from_trace(trace, notes), config, sim_model, None, policy, trace_decisions)
+    run = _simulate(
+        requests_from_trace(trace, notes),
+        config,
+        sim_model,
+        None,
+        policy,
+        trace_decisions,
+        record_tokens=trace_output is not None,
+    )
     print_notes(notes)
     _sim_outputs(run, results, trace_output, trace)
 
@@ -654,7 +663,15 @@ def run_cmd(
         priority_policy,
         trace_decisions,
     )
-    run = _simulate(requests, config, sim_model, follow_up, policy, trace_decisions)
+    run = _simulate(
+        requests,
+        config,
+        sim_model,
+        follow_up,
+        policy,
+        trace_decisions,
+        record_tokens=trace_output is not None,
+    )
     label = str(workload_spec) if workload_spec else (f"preset:{preset}" if preset else "")
     source = workload_trace(workload, getattr(follow_up, "released", ()), label)
     _sim_outputs(run, results, trace_output, source)
@@ -742,7 +759,7 @@ def calibrate_cmd(
         10, "--prediction-draws", help="Fit: replays for p50/p99 prediction intervals (0: none)."
     ),
     max_evaluations: int = typer.Option(
-        8, "--max-evaluations", help="Fit: replays allowed for the simulation-in-the-loop refinement."
+        12, "--max-evaluations", help="Fit: replays allowed for the simulation-in-the-loop refinement."
     ),
     seed: int = typer.Option(0, "--seed", help="Fit: bootstrap seed."),
 ) -> None:
@@ -819,6 +836,7 @@ def calibrate_cmd(
                 )
             _, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
             reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup)
+    print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
     if html_path is not None:
@@ -921,6 +939,7 @@ def _validation_output(
     from blis_cal.calibrate.report_html import write_html
 
     data = validation_report(reports, coefficients)
+    print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
     if html_path is not None:

@@ -66,7 +66,7 @@ def test_bad_demo_flag_is_one_line_error(tmp_path):
 def test_observing_the_twin_recovers_its_coefficients(tmp_path):
     """Done-when of issue 7: observe the twin at speed > 1, fit, and recover α/β within 5 %; replaying the
     observed trace with the true coefficients reproduces TTFT and E2E within 2 % MAPE."""
-    result = run_demo(DemoConfig(workdir=tmp_path, speed=3.0, duration_s=30.0, rate=0.8))
+    result = run_demo(DemoConfig(workdir=tmp_path))  # exactly `blis demo`: speed 2, 60 s of traffic
     assert result.by_status == {"ok": result.requests}
     errors = result.coefficient_errors()
     assert max(errors.values()) <= 0.05, errors

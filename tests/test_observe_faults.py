@@ -129,6 +129,8 @@ def test_healthy_run_records_server_truth_tokens_and_facts(tmp_path):
         "prefix_hits",
         "engine_steps",
     }
+    for r in rows:  # busy fractions: of the machine's CPUs, and of one CPU by the observer itself
+        assert 0 <= float(r["host_cpu_busy"]) <= 1 and 0 <= float(r["observer_cpu"]) <= 2
     times = [int(r["time_us"]) for r in rows]
     assert times == sorted(times)
 

@@ -181,3 +181,20 @@ def test_cli_run_and_bad_flags():
     assert out.returncode == 2 and "--rate" in out.stderr
     out = _blis("run", "--rate", "5", "--alpha", "1,x,1", "--beta", "1,1,1")
     assert out.returncode == 2 and "--alpha" in out.stderr
+
+
+def test_replayed_trace_carries_per_token_times(tmp_path, trace_c):
+    trace = read_trace(trace_c)
+    run = replay_trace(trace, config_from_trace(trace.header), MODEL, record_tokens=True)
+    write_trace(results_to_trace(run, trace), tmp_path / "sim.csv")
+    back = read_trace(tmp_path / "sim.csv")
+    assert back.itl is not None
+    for res in run.results:
+        chunks = back.itl[res.request_id]
+        assert len(chunks) == res.output_tokens
+        assert chunks[0].timestamp_us == res.first_token_us and chunks[-1].timestamp_us == res.finish_us
+    # the ITL file gives the same mean gap as the (E2E − TTFT)/(M − 1) definition
+    from blis_cal.trace import itl_means_us
+
+    means = itl_means_us(back)
+    assert all(means[r.request_id] == pytest.approx(r.itl_mean_us) for r in run.results if r.output_tokens > 1)

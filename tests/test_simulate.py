@@ -261,3 +261,26 @@ def test_incomplete_requests_when_stopped_early():
     r0, r1 = sim.results().results
     assert r0.status == "incomplete" and 0 < r0.output_tokens < 50 and r0.e2e_us == -1
     assert r1.status == "incomplete" and r1.output_tokens == 0 and r1.first_token_us == -1
+
+
+def test_free_queue_order_matches_vllm():
+    # vLLM frees a request's blocks last-to-first: unhashed (partial) blocks go to the front of the free
+    # queue, hashed ones to the back (LRU, deepest block evicted first); new blocks come from the front.
+    from blis_cal.simulate.kv_cache import KVCacheManager
+    from blis_cal.simulate.request import ReqState
+
+    kv = KVCacheManager(num_gpu_blocks=6, block_size=16, enable_caching=True, max_model_len=1000)
+    a = ReqState(req(0, 0, 52, 1))
+    assert kv.allocate_slots(a, 52)
+    assert kv.blocks_of(0) == [1, 2, 3, 4]  # 3 full blocks (hashed) + 1 partial
+    kv.free(a)
+    d = ReqState(req(2, 0, 40, 1, (("req:0", 40),)))  # shares a's first two blocks of content
+    hit = kv.get_computed_blocks(d)
+    assert hit == [1, 2]
+    assert kv.allocate_slots(d, 8, hit, full_sequence_must_fit=True)  # touches 1, 2; pops the partial 4
+    assert kv.blocks_of(2) == [1, 2, 4]
+    c = ReqState(req(1, 0, 32, 1))
+    assert kv.allocate_slots(c, 32)
+    assert kv.blocks_of(1) == [5, 3]  # never-used block 5, then the LRU: a's deepest hashed block
+    kv.check()
+    assert kv.num_free == 0 and kv.num_used == 5

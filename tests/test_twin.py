@@ -373,3 +373,17 @@ def test_histogram_is_cumulative():
 def test_bad_twin_config_is_a_config_error(field, value):
     with pytest.raises(ConfigError, match=field):
         TwinConfig(**{field: value})
+
+
+def test_a_client_that_disconnects_mid_stream_is_forgotten(twin):
+    url, engine = twin
+    body = {"prompt": [1, 2, 3], "max_tokens": 50, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # leave after the first token
+    deadline = time.perf_counter() + 5
+    while engine._states and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    assert not engine._states  # released once the next write found the connection gone
+    assert post(url, "/v1/completions", {"prompt": [1], "max_tokens": 2}).status_code == 200

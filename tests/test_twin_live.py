@@ -175,3 +175,19 @@ def test_server_thread_stops_listening_on_exit():
         assert httpx.get(url + "/health").status_code == 200
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_cluster_twin_routes_requests_over_instances():
+    from blis_cal.simulate.cluster import PolicyConfig
+
+    config = engine_config()
+    policy = PolicyConfig().with_overrides(instances=2, routing="least-loaded")
+    model = BlackboxModel(ALPHA, BETA)
+    twin = twin_config_for(config, model_name="twin", speed=SPEED, keep_served_log=True)
+    server = TwinServerThread(lambda: simulated_twin(config, model, twin, policy))
+    with server as url:
+        seen = asyncio.run(send_all(url, prompts()[:8]))
+        instances = server.engine.sim.instances
+        assert len(instances) == 2
+        assert sum(inst.stats.steps for inst in instances) > 0 and all(inst.stats.steps for inst in instances)
+    assert len(seen) == 8 and all(usage["completion_tokens"] > 0 for *_, usage in seen.values())

@@ -6,7 +6,7 @@
    step), after subtracting the prefill step predicted by β. α2 (delay of every token after its step) is
    not separable from α0 by TTFT/E2E, so it stays 0 and α0 carries the fixed overhead.
 2. Simulation in the loop: replay every trace with candidate coefficients and minimise the mean of TTFT,
-   ITL and E2E MAPE over all traces (Nelder-Mead on log-multipliers of the direct estimate).
+   ITL and E2E MAPE over all traces (Nelder-Mead on the overall β scale, the prefill terms' scale and α0).
 3. Bootstrap (whole traces when there are several, then time blocks of requests): a confidence interval
    for every coefficient (the direct estimator resampled, carried through the refinement) and prediction
    intervals for p50/p99 TTFT and E2E (replays with resampled coefficients, then resampled requests).
@@ -73,6 +73,7 @@ model_forms.register("blackbox-ctx")(
 Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], Sequence[ResultLike]]
 METRIC_WEIGHTS = {"ttft": 1.0, "itl": 1.0, "e2e": 1.0}
 ALPHA0_STEP_US = 10_000.0  # the refinement's unit for moving α0
+PREFILL_COLUMNS = ("P", "Pctx", "Np")  # step terms paid by prefills (scaled together by the refinement)
 
 
 @dataclass
@@ -372,7 +373,7 @@ def fit(
     *,
     model_form: str = "blackbox",
     refine: bool = True,
-    max_evaluations: int = 8,
+    max_evaluations: int = 12,
     bootstrap: int = 200,
     prediction_draws: int = 0,
     seed: int = 0,
@@ -393,16 +394,20 @@ def fit(
     alpha0, beta0 = _direct(rows, form)
     say(f"direct estimate: alpha={_fmt(alpha0)} beta={_fmt(beta0)}")
     base = np.asarray((*alpha0, *beta0), dtype=float)
-    # The refinement moves two things the direct estimate measures least well: the overall step-time scale s
-    # (every β × s; near saturation a 3 % change swings E2E by ~10 %, and queueing feedback is only visible
-    # in the simulation) and the fixed overhead outside the engine α0 (θ1 in units of 10 ms).
+    # The refinement moves three things the direct estimate measures least well: the overall step-time scale
+    # (every β × e^θ0; near saturation a 3 % change swings E2E by ~10 %, and queueing feedback is only visible
+    # in the simulation), the fixed overhead outside the engine α0 (θ1 in units of 10 ms) and the prefill
+    # terms against the decode ones (× e^θ2; TTFT is mostly prefill, ITL mostly decode).
     evaluations = 0
     best: dict[str, Any] = {}
+
+    prefill_terms = [3 + k for k, col in enumerate(form.beta_columns) if col in PREFILL_COLUMNS]
 
     def coeffs(theta: np.ndarray) -> np.ndarray:
         c = base.copy()
         c[0] = max(base[0] + ALPHA0_STEP_US * theta[1], 0.0)
         c[3:] = base[3:] * np.exp(theta[0])
+        c[prefill_terms] *= np.exp(theta[2])
         return c
 
     def objective(theta: np.ndarray) -> float:
@@ -415,20 +420,22 @@ def fit(
             best.update(loss=value, coeffs=c, reports=reports)
         return value
 
-    direct_loss = objective(np.zeros(2))
+    direct_loss = objective(np.zeros(3))
     say(f"direct estimate loss {direct_loss:.4f}")
     method = "direct (per-request decode windows + observed prefill steps, robust bounded least squares)"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.
-        simplex = np.array([[0.0, 0.0], [0.03, 0.0], [0.0, 0.5]])
+        simplex = np.array([[0.0, 0.0, 0.0], [0.03, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 0.05]])
         minimize(
             objective,
             simplex[0],
             method="Nelder-Mead",
             options={"maxfev": max_evaluations - 1, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-4},
         )
-        method += " + simulation-in-the-loop Nelder-Mead (β scale, α0) on mean TTFT/ITL/E2E MAPE"
+        method += (
+            " + simulation-in-the-loop Nelder-Mead (β scale, prefill scale, α0) on mean TTFT/ITL/E2E MAPE"
+        )
     say(f"refined loss {best['loss']:.4f} after {evaluations} replays")
     final, loss, reports = best["coeffs"], best["loss"], best["reports"]
     result = FitResult(
@@ -447,7 +454,7 @@ def fit(
     )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
-        # Carry each replicate through the refinement (β scale, α0 shift), then take 2.5–97.5 %.
+        # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)
         scaled[:, 3:] *= final[3:] / np.where(base[3:] > 0, base[3:], 1.0)

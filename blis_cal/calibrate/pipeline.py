@@ -87,7 +87,7 @@ def run_fit(
     out: str | Path | None = None,
     bootstrap: int = 200,
     prediction_draws: int = 10,
-    max_evaluations: int = 8,
+    max_evaluations: int = 12,
     seed: int = 0,
     rtt_us: int | None = None,
     progress: Callable[[str], None] | None = None,
@@ -174,7 +174,7 @@ def leave_one_out(
     traces: Sequence[NamedTrace],
     *,
     model_form: str = "blackbox",
-    max_evaluations: int = 8,
+    max_evaluations: int = 12,
     rtt_us: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[ComparisonReport], list[FitResult]]:

@@ -1,8 +1,9 @@
 """HTTP side of the observer: request bodies for the OpenAI APIs, SSE parsing, one timed request.
 
-Every SSE event is timestamped on a monotonic clock when it is parsed. Token counts per event come from
-vLLM's cumulative `usage` (`stream_options.continuous_usage_stats`), so one event carrying several tokens
-(stream_interval, speculative decoding, a busy API server) is recorded as such, never as one token.
+Every SSE event is timestamped on a monotonic clock when the network read that completed it returns (events
+arriving in one read share the time). Token counts per event come from vLLM's cumulative `usage`
+(`stream_options.continuous_usage_stats`), so one event carrying several tokens (stream_interval,
+speculative decoding, a busy API server) is recorded as such, never as one token.
 """
 
 from __future__ import annotations
@@ -460,8 +461,9 @@ async def send(
 async def _read_stream(reads: AsyncIterator[bytes], state: _StreamState, clock: Clock) -> None:
     decoder = SSEDecoder()
     async for data in reads:
+        now_us = clock.now_us()  # when these bytes reached us: every event in them arrived by then
         for payload in decoder.feed(data):
-            state.event(payload, clock.now_us())
+            state.event(payload, now_us)
         if state.done:
             break
     if not state.done:

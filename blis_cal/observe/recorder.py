@@ -12,6 +12,7 @@ import asyncio
 import csv
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -118,7 +119,10 @@ SIDECAR_METRICS: dict[str, tuple[str, ...]] = {
     "prompt_tokens": ("vllm:prompt_tokens_total",),
     "generation_tokens": ("vllm:generation_tokens_total",),
 }
-SIDECAR_COLUMNS = ("time_us", *SIDECAR_METRICS)
+# Host load beside the server's: on a shared machine another process's CPU use slows the engine, and the
+# observer's own CPU is taken from the server it measures (busy fractions since the previous row).
+HOST_COLUMNS = ("host_cpu_busy", "observer_cpu")
+SIDECAR_COLUMNS = ("time_us", *SIDECAR_METRICS, *HOST_COLUMNS)
 
 
 def sidecar_row(samples: list[Sample]) -> dict[str, float | None]:
@@ -246,6 +250,8 @@ class MetricsSampler:
         self._clock, self._interval = clock, interval_s
         self.rows = 0
         self.failures = 0
+        self._host = _host_cpu()
+        self._own = (time.monotonic(), time.process_time())
 
     async def run(self) -> None:
         handle: IO[str] = self.path.open("w", newline="", encoding="utf-8")
@@ -260,12 +266,34 @@ class MetricsSampler:
                 if samples is None:
                     self.failures += 1
                 else:
-                    row = sidecar_row(samples)
+                    row = {**sidecar_row(samples), **self._host_row()}
                     writer.writerow([t, *("" if v is None else _fmt(v) for v in row.values())])
                     handle.flush()
                     self.rows += 1
                 next_at += int(self._interval * 1e6)
                 await asyncio.sleep(max(0.0, (next_at - self._clock.now_us()) / 1e6))
+
+    def _host_row(self) -> dict[str, float | None]:
+        host = _host_cpu()
+        busy = None
+        if host is not None and self._host is not None and host[1] > self._host[1]:
+            busy = round((host[0] - self._host[0]) / (host[1] - self._host[1]), 4)
+        self._host = host
+        wall, cpu = time.monotonic(), time.process_time()
+        own = round((cpu - self._own[1]) / (wall - self._own[0]), 4) if wall > self._own[0] else None
+        self._own = (wall, cpu)
+        return {"host_cpu_busy": busy, "observer_cpu": own}
+
+
+def _host_cpu() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:9]]  # guest time is already in user
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
 
 
 def _fmt(value: float) -> str:

@@ -101,7 +101,12 @@ def config_from_trace(header: TraceHeader, base: SimConfig | None = None, **over
 
 
 def replay_trace(
-    trace: Trace, config: SimConfig, model: LatencyModel, notes: list[str] | None = None
+    trace: Trace,
+    config: SimConfig,
+    model: LatencyModel,
+    notes: list[str] | None = None,
+    *,
+    record_tokens: bool = False,
 ) -> SimRun:
     """Simulate a trace's requests on `config` (see `config_from_trace`) with `model`."""
-    return simulate(requests_from_trace(trace, notes), config, model)
+    return simulate(requests_from_trace(trace, notes), config, model, record_tokens=record_tokens)

@@ -9,7 +9,7 @@ from typing import Any
 
 from blis_cal.errors import TraceFormatError
 from blis_cal.simulate.metrics import RESULT_STATUSES, RequestResult, SimRun
-from blis_cal.trace import Trace, TraceHeader, TraceRecord
+from blis_cal.trace import Chunk, Trace, TraceHeader, TraceRecord
 
 _FIELDS = [f.name for f in dataclasses.fields(RequestResult)]
 
@@ -90,7 +90,8 @@ def read_results_json(path: str | Path) -> list[RequestResult]:
 
 def results_to_trace(run: SimRun, source: Trace | None = None, header: TraceHeader | None = None) -> Trace:
     """A TraceV2 of the simulated requests (`mode: replayed`): the source rows' identity fields are kept and
-    the timing fields replaced by the simulated ones (send = arrival, chunks = token deliveries)."""
+    the timing fields replaced by the simulated ones (send = arrival, chunks = token deliveries, with a
+    per-token ITL file when the run recorded token times)."""
     if header is None:
         header = dataclasses.replace(source.header) if source is not None else TraceHeader()
     header = dataclasses.replace(header, mode="replayed", created_at="")
@@ -118,4 +119,7 @@ def results_to_trace(run: SimRun, source: Trace | None = None, header: TraceHead
         for name in ("server_queue_us", "server_ttft_us", "server_generation_us", "server_mean_itl_us"):
             setattr(rec, name, None)
         records.append(rec)
-    return Trace(header=header, records=records, itl=None, notes=[])
+    itl = None
+    if run.token_times is not None:  # one streamed event per token, at its simulated delivery
+        itl = {rid: [Chunk(t) for t in times] for rid, times in run.token_times.items()}
+    return Trace(header=header, records=records, itl=itl, notes=[])

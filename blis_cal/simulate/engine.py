@@ -175,7 +175,12 @@ class Simulation:
         for key, length in req.segments:
             if length > 0 and key.startswith("out:") and key[4:].isdigit():
                 self._refer_to_output(int(key[4:]))
-        self._events.push(req.arrival_us, ev.ARRIVAL, state)
+        if self.router is None:
+            # One instance and nothing to decide on arrival: the queue join can be scheduled right away
+            # (so arrivals do not interrupt jumps over decode steps; same results).
+            self._to_instance(req.arrival_us, state, 0)
+        else:
+            self._events.push(req.arrival_us, ev.ARRIVAL, state)
 
     def _refer_to_output(self, request_id: int) -> None:
         """Some prompt contains this request's output: its filled blocks must be findable while it runs."""
@@ -251,10 +256,7 @@ class Simulation:
         elif kind == ev.QUEUED:
             self._queued(now, payload)
         elif kind == ev.ARRIVAL:
-            if self.router is None:
-                self._to_instance(now, payload, 0)
-            else:
-                self._events.push(now + self.router.admission_latency_us, ev.ADMIT, payload)
+            self._events.push(now + self.router.admission_latency_us, ev.ADMIT, payload)
         elif kind == ev.ADMIT:
             if self.router.admit(payload.req, now):
                 self._events.push(now + self.router.routing_latency_us, ev.ROUTE, payload)
@@ -363,17 +365,32 @@ def simulate(
     follow_up: Callable[[RequestResult], list[SimRequest]] | None = None,
     *,
     router: Router | None = None,
+    record_tokens: bool = False,
 ) -> SimRun:
-    """Run `requests` to completion. `follow_up(result)` (closed loop) returns requests released by a finish."""
+    """Run `requests` to completion. `follow_up(result)` (closed loop) returns requests released by a finish;
+    `record_tokens` keeps every token's delivery time in `SimRun.token_times` (costs time per token)."""
     sim: Simulation
+    token_times: dict[int, list[int]] = {}
 
     def on_finish(result: RequestResult) -> None:
         sim.add_requests(follow_up(result))
 
-    sim = Simulation(config, model, router=router, on_finish=on_finish if follow_up is not None else None)
+    def on_token(request_id: int, index: int, delivery_us: int) -> None:
+        token_times.setdefault(request_id, []).append(delivery_us)
+
+    sim = Simulation(
+        config,
+        model,
+        router=router,
+        on_finish=on_finish if follow_up is not None else None,
+        on_token=on_token if record_tokens else None,
+    )
     # Same-time arrivals are taken in request-id order, whatever order the caller listed them in.
     requests = sorted(requests, key=lambda r: (r.arrival_us, r.request_id))
     sim.add_requests(requests)
     if follow_up is None:  # every request is known: content no other request shares skips the hash chain
         sim.mark_private_content()
-    return sim.run()
+    run = sim.run()
+    if record_tokens:
+        run.token_times = token_times
+    return run

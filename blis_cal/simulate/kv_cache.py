@@ -8,27 +8,29 @@ vLLM behaviour reproduced (v1/core/kv_cache_manager.py, block_pool.py, single_ty
   preempted request's blocks are freed last-to-first, hashed ones appended to the tail (LRU), unhashed
   ones pushed to the head (reused first);
 - a hit on a free block removes it from the queue; the admission check counts such blocks as needed.
+
+Hashes are tuples of ints hashed by Python (the same in every process). When every request is known in
+advance (`Simulation.mark_private_content`), blocks whose content no other request has skip the hash
+chain: they carry a (request_id, index) marker, which keeps vLLM's queue order and lets a preempted
+request find them again, and nothing else could ever hit them.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Collection, Sequence
 
 from blis_cal.simulate.request import ReqState, output_key
 
 _ROOT_HASH = 0x5BD1E995  # parent of block 0; any constant works
-_key_hashes: dict[str, int] = {}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # bounded: a long-lived twin server sees endless request keys
 def _key_hash(key: str) -> int:
     """Stable 64-bit hash of a content key (Python's str hash is salted per process; this is not)."""
-    value = _key_hashes.get(key)
-    if value is None:
-        value = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-        _key_hashes[key] = value
-    return value
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def _chain_hashes(
@@ -115,9 +117,16 @@ class KVCacheManager:
         # vLLM's single free queue, in two parts: its front is `free_stack` (unhashed blocks, pushed on the
         # front when freed; top = front), then `free_lru` (never-used blocks, then hashed blocks appended in
         # LRU order). Only hashed blocks are ever taken out of the middle (prefix hits), and they live in
-        # free_lru, so this is the same order with O(1) bulk pushes on the front.
+        # free_lru, so this is the same order with O(1) bulk pushes on the front. free_lru is a deque of
+        # entries generation·N + block with lazy deletion: an entry is live if its block is still queued
+        # (`queued`) and it is the block's newest entry (`generation`).
+        self._n = num_gpu_blocks
         self.free_stack: list[int] = []
-        self.free_lru: OrderedDict[int, None] = OrderedDict((b, None) for b in range(1, num_gpu_blocks))
+        self.free_lru: deque[int] = deque(range(1, num_gpu_blocks))
+        self.generation = [0] * num_gpu_blocks
+        self.queued = [True] * num_gpu_blocks
+        self.queued[0] = False
+        self.num_lru = num_gpu_blocks - 1
         self.ref_cnt = [0] * num_gpu_blocks
         self.block_hash: list[int | None] = [None] * num_gpu_blocks
         self.cached: dict[int, int] = {}  # hash -> the block lookups return (the first one cached)
@@ -131,11 +140,11 @@ class KVCacheManager:
     # ------------------------------------------------------------------------------------------ state
     @property
     def num_free(self) -> int:
-        return len(self.free_stack) + len(self.free_lru)
+        return len(self.free_stack) + self.num_lru
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free_stack) - len(self.free_lru)
+        return self.num_blocks - len(self.free_stack) - self.num_lru
 
     def usage(self) -> float:
         return self.num_used / self.num_blocks
@@ -201,7 +210,7 @@ class KVCacheManager:
         n_have = len(blocks) + len(new_computed_blocks)
         evictable = sum(1 for b in new_computed_blocks if ref[b] == 0)
         local_computed = state.num_computed + len(new_computed_blocks) * bs
-        free = len(self.free_stack) + len(self.free_lru)
+        free = len(self.free_stack) + self.num_lru
         if full_sequence_must_fit:
             # vLLM scheduler_reserve_full_isl (default on): admit only if the whole sequence fits now.
             full = cdiv(min(state.num_tokens, self.max_model_len), bs)
@@ -211,58 +220,62 @@ class KVCacheManager:
         num_new_blocks = max(cdiv(need_slot, bs) - n_have, 0)
         if num_new_blocks + evictable > free:
             return False
-        free_lru = self.free_lru
+        queued = self.queued
         for b in new_computed_blocks:
-            if ref[b] == 0:
-                del free_lru[b]  # a hit on a cached free block takes it out of the queue
+            if ref[b] == 0:  # a hit on a cached free block takes it out of the queue
+                queued[b] = False
+                self.num_lru -= 1
             ref[b] += 1
             blocks.append(b)
         if num_new_blocks:
-            block_hash = self.block_hash
-            cached = self.cached
-            duplicates = self.duplicates
-            stack = self.free_stack
-            for _ in range(num_new_blocks):
-                b = stack.pop() if stack else free_lru.popitem(last=False)[0]
-                h = block_hash[b]
-                if h is not None:
-                    if h.__class__ is tuple:  # private content: nothing indexes it
-                        block_hash[b] = None
-                    elif h in duplicates or cached[h] != b:
-                        self._evict(b, h)
-                    else:  # the common case, inlined: the only block holding this content
-                        del cached[h]
-                        block_hash[b] = None
-                ref[b] = 1
-                blocks.append(b)
+            blocks += self._take_free(num_new_blocks)
         self.req_blocks[rid] = blocks
         if self.enable_caching:
             self.cache_blocks(state, min(local_computed + num_new_tokens, state.num_tokens))
         return True
 
-    def append_blocks(self, states: Iterable[ReqState]) -> None:
+    def append_blocks(self, states: Collection[ReqState]) -> None:
         """One more block for each decoding request crossing a block boundary (fast path of allocate_slots;
         the caller has checked there are enough free blocks)."""
+        req_blocks = self.req_blocks
+        for state, b in zip(states, self._take_free(len(states)), strict=True):
+            req_blocks[state.request_id].append(b)
+
+    def _take_free(self, count: int) -> list[int]:
+        """Pop `count` blocks from the front of the free queue, evicting their cached content."""
         stack = self.free_stack
-        free_lru = self.free_lru
+        lru = self.free_lru
+        n = self._n
+        queued = self.queued
+        generation = self.generation
         block_hash = self.block_hash
         cached = self.cached
         duplicates = self.duplicates
         ref = self.ref_cnt
-        req_blocks = self.req_blocks
-        for state in states:
-            b = stack.pop() if stack else free_lru.popitem(last=False)[0]
+        out: list[int] = []
+        for _ in range(count):
+            if stack:
+                b = stack.pop()
+            else:
+                while True:  # skip entries of blocks taken out by hits or queued again since
+                    entry = lru.popleft()
+                    b = entry % n
+                    if queued[b] and generation[b] == entry // n:
+                        break
+                queued[b] = False
+                self.num_lru -= 1
             h = block_hash[b]
             if h is not None:
                 if h.__class__ is tuple:  # private content: nothing indexes it
                     block_hash[b] = None
                 elif h in duplicates or cached[h] != b:
                     self._evict(b, h)
-                else:
+                else:  # the common case, inlined: the only block holding this content
                     del cached[h]
                     block_hash[b] = None
             ref[b] = 1
-            req_blocks[state.request_id].append(b)
+            out.append(b)
+        return out
 
     def cache_blocks(self, state: ReqState, num_tokens: int) -> None:
         """Register the hashes of the request's blocks that are now full (vLLM cache_full_blocks)."""
@@ -316,15 +329,22 @@ class KVCacheManager:
             return
         ref = self.ref_cnt
         block_hash = self.block_hash
-        free_lru = self.free_lru
+        lru = self.free_lru
+        n = self._n
+        queued = self.queued
+        generation = self.generation
         evict_first: list[int] = []
         for b in reversed(blocks):
             ref[b] -= 1
             if ref[b] == 0:
                 if block_hash[b] is None:
                     evict_first.append(b)  # vLLM: LIFO reuse of blocks that can never hit
-                else:
-                    free_lru[b] = None  # vLLM: FIFO (LRU) for cached blocks
+                else:  # vLLM: FIFO (LRU) for cached blocks
+                    g = generation[b] + 1
+                    generation[b] = g
+                    queued[b] = True
+                    lru.append(g * n + b)
+                    self.num_lru += 1
         if evict_first:  # vLLM prepends them in this order: the first one ends up at the front
             evict_first.reverse()
             self.free_stack += evict_first
@@ -346,9 +366,11 @@ class KVCacheManager:
     def check(self) -> None:
         """Invariants (tests): every block is free xor referenced; hashes and the cache index agree."""
         referenced = {b for blocks in self.req_blocks.values() for b in blocks}
-        free = set(self.free_stack) | set(self.free_lru)
-        if len(free) != len(self.free_stack) + len(self.free_lru):
-            raise AssertionError("a block is queued twice")
+        n = self._n
+        live = [e % n for e in self.free_lru if self.queued[e % n] and self.generation[e % n] == e // n]
+        free = set(self.free_stack) | set(live)
+        if len(free) != len(self.free_stack) + len(live) or len(live) != self.num_lru:
+            raise AssertionError("a block is queued twice, or the free count is off")
         if any(self.block_hash[b] is not None for b in self.free_stack):
             raise AssertionError("a hashed block is in the unhashed part of the free queue")
         if referenced & free or len(referenced | free) != self.num_blocks:

@@ -85,6 +85,8 @@ class EngineStats:
 class SimRun:
     results: list[RequestResult]  # sorted by request_id
     summary: dict[str, Any] = field(default_factory=dict)
+    # request_id -> delivery time (µs) of each token, when asked for (simulate(..., record_tokens=True))
+    token_times: dict[int, list[int]] | None = None
 
 
 def summarize(

@@ -496,7 +496,11 @@ class TwinApp:
                     break
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
-        except (ConnectionResetError, asyncio.CancelledError):
+        except ConnectionResetError:
+            # The client went away: stop streaming (the simulation still finishes the request, as the
+            # live engine has no abort).
+            self.engine.release(state)
+        except asyncio.CancelledError:
             self.engine.release(state)
             raise
         return resp
