@@ -108,8 +108,7 @@ def _preset_names() -> str:
 def convert_preset(
     name: str = typer.Argument(
         ...,
-        help="Preset or scenario: chatbot, summarization, contentgen, multidoc, "
-        "bursty, unfair, prefix-heavy, mixed-slo.",
+        help=f"Preset or scenario: {_preset_names()}.",
     ),
     rate: float = typer.Option(..., "--rate", help="Aggregate rate, requests/s."),
     num_requests: int = typer.Option(
@@ -539,8 +538,7 @@ def run_cmd(
     preset: str | None = typer.Option(
         None,
         "--preset",
-        help="Preset (chatbot, summarization, contentgen, multidoc: constant arrivals at --rate) or scenario "
-        "(bursty, unfair, prefix-heavy, mixed-slo); needs --rate.",
+        help=f"Preset or scenario ({_preset_names()}); needs --rate. Presets arrive at a constant --rate.",
     ),
     rate: float | None = typer.Option(
         None, "--rate", help="Requests/s. Alone: Poisson arrivals with the chatbot preset's lengths."
@@ -1007,7 +1005,9 @@ def observe_cmd(
         ..., "--out", help="Trace data CSV; writes the sibling .yaml, .itl.csv, .metrics.csv."
     ),
     workload_spec: Path | None = typer.Option(None, "--workload-spec", help="Workload spec YAML (BLIS v2)."),
-    preset: str | None = typer.Option(None, "--preset", help="Preset or scenario (needs --rate)."),
+    preset: str | None = typer.Option(
+        None, "--preset", help=f"Preset or scenario ({_preset_names()}); needs --rate."
+    ),
     rate: float | None = typer.Option(
         None, "--rate", help="Requests/s. Alone: Poisson arrivals, chatbot lengths."
     ),

@@ -14,17 +14,38 @@ The library never prints: progress goes to the rich console the CLI passes in (o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from blis_cal.errors import ConfigError
+from blis_cal.errors import BlisError, ConfigError
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, read_trace, write_trace
 
 DEMO_MODEL = "demo-twin"
+# Trace record fields holding times (µs), rescaled from wall to simulated time.
+TIME_FIELDS = (
+    "deadline_us",
+    "slo_target_us",
+    "arrival_time_us",
+    "send_time_us",
+    "first_chunk_time_us",
+    "last_chunk_time_us",
+    "think_time_us",
+    "server_queue_us",
+    "server_ttft_us",
+    "server_generation_us",
+    "server_mean_itl_us",
+)
+
+
+class DemoError(BlisError):
+    """The demo could not complete (e.g. no request of the observation finished)."""
+
+
 # Roughly the shared vLLM CPU server (tiny Llama, 2 cores): ~1.2 ms per prefill token inside the step,
 # ~18 ms per step plus ~4.5 ms per decoding request, and fixed plus per-token work outside the step (API
 # server, tokenizer). α2 is 0: a per-token output delay is indistinguishable from α0 in TTFT/E2E.
@@ -159,23 +180,7 @@ def rescale_trace(trace: Trace, factor: float) -> Trace:
     def scale(value):
         return None if value is None else round(value * factor)
 
-    time_fields = [
-        f
-        for f in (
-            "deadline_us",
-            "slo_target_us",
-            "arrival_time_us",
-            "send_time_us",
-            "first_chunk_time_us",
-            "last_chunk_time_us",
-            "think_time_us",
-            "server_queue_us",
-            "server_ttft_us",
-            "server_generation_us",
-            "server_mean_itl_us",
-        )
-    ]
-    records = [replace(r, **{f: scale(getattr(r, f)) for f in time_fields}) for r in trace.records]
+    records = [replace(r, **{f: scale(getattr(r, f)) for f in TIME_FIELDS}) for r in trace.records]
     itl = None
     if trace.itl is not None:
         itl = {
@@ -199,17 +204,11 @@ class _Phases:
         if self.console is not None:
             self.console.print(text, highlight=False)
 
+    @contextlib.contextmanager
     def timed(self, name: str):
-        phases = self
-
-        class _Timer:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                phases.seconds[name] = round(time.perf_counter() - self.t0, 2)
-
-        return _Timer()
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 2)
 
 
 def run_demo(config: DemoConfig, console=None) -> DemoResult:
@@ -264,7 +263,7 @@ def run_demo(config: DemoConfig, console=None) -> DemoResult:
     wall = read_trace(wall_csv)
     overheads = client_overhead_us(wall, served, config.speed, config.warmup_requests)
     if not overheads:
-        raise ConfigError(
+        raise DemoError(
             f"demo: no request of {wall_csv} finished ok; nothing to calibrate ({observed.notes})"
         )
     overhead_ms = {f"p{p}": percentile(overheads, p) / 1000 for p in (10, 50, 90)}

@@ -197,4 +197,30 @@ def test_replayed_trace_carries_per_token_times(tmp_path, trace_c):
     from blis_cal.trace import itl_means_us
 
     means = itl_means_us(back)
-    assert all(means[r.request_id] == pytest.approx(r.itl_mean_us) for r in run.results if r.output_tokens > 1)
+    assert all(
+        means[r.request_id] == pytest.approx(r.itl_mean_us) for r in run.results if r.output_tokens > 1
+    )
+
+
+def _prometheus_delta(raw: dict, name: str) -> float:
+    def value(text: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+    return value(raw["metrics_after"]) - value(raw["metrics_before"])
+
+
+def test_simulated_prefix_cache_hits_exactly_what_vllm_hit(trace_c):
+    """vLLM's own counters over the real run of trace C (prefix groups of 768 tokens, 128-token blocks):
+    the replayed prefix cache hits the same number of prompt tokens out of the same queries."""
+    from conftest import shared_dir
+
+    raw_path = shared_dir() / "traces" / "vllm-cpu-tiny" / "C_prefix_1.0.raw.jsonl"
+    if not raw_path.exists():
+        pytest.skip(f"{raw_path} not present")
+    raw = json.loads(raw_path.read_text().splitlines()[0])
+    trace = read_trace(trace_c)
+    run = replay_trace(trace, config_from_trace(trace.header), MODEL)
+    assert sum(r.input_tokens for r in run.results) == _prometheus_delta(
+        raw, "vllm:prefix_cache_queries_total"
+    )
+    assert sum(r.cached_tokens for r in run.results) == _prometheus_delta(raw, "vllm:prefix_cache_hits_total")

@@ -17,6 +17,10 @@ from blis_cal.simulate.roofline import RooflineModel
 from blis_cal.simulate.router import InstanceSnapshot, Router
 from blis_cal.simulate.scheduler import WaitingQueue, scheduler_policies
 
+# isort: split
+# Last (it imports the modules above): registers the cluster schedulers (priority-fcfs, sjf) for SimConfig.
+from blis_cal.simulate.cluster import scheduling as _cluster_scheduling  # noqa: F401
+
 __all__ = [
     "BlackboxModel",
     "Coefficients",

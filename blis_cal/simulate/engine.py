@@ -44,7 +44,9 @@ class SimConfig:
     instances: int = 1
     scheduler: str = "fcfs"
     priority: str = "constant"  # priority policy of priority-aware schedulers (cluster/scheduling.py)
-    jump_decode: bool = True  # jump over runs of identical pure-decode steps (same results, faster)
+    # Fast path (instance.py): lazy decode accounting + jumps over pure-decode steps. Same results;
+    # False steps every request one by one (the reference the tests compare against).
+    jump_decode: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -150,6 +152,7 @@ class Simulation:
             inst.token_cb = self._lazy_token if on_token is not None else None
             inst.step_cb = on_step
             inst.out_refs = self._out_refs
+            inst.absorb_finishes = on_finish is None
         self._events = ev.EventQueue()
         self._states: dict[int, ReqState] = {}
         self._results: dict[int, RequestResult] = {}
@@ -294,6 +297,9 @@ class Simulation:
         if kind == STEP:
             self._events.push(now + value, ev.STEP_END, index)
         elif kind == JUMPED:
+            for state, end in inst.jump_finished:
+                self._finished(state, end + self._output_delay)
+            inst.jump_finished.clear()
             self._events.push(value, ev.STEP_START, index)
         elif kind == EMPTY:
             # Only a step that preempted its sole request schedules nothing; the next one re-admits it.
@@ -314,15 +320,18 @@ class Simulation:
             if on_token is not None:
                 on_token(state.request_id, state.num_output - 1, delivery)
         for state in finished:
-            state.finish_us = delivery
-            result = result_from_state(state, "ok")
-            self._results[state.request_id] = result
-            if self.on_finish is not None:
-                self.on_finish(result)
+            self._finished(state, delivery)
         if inst.has_work():
             self._events.push(now, ev.STEP_START, index)
         else:
             inst.busy = False
+
+    def _finished(self, state: ReqState, delivery_us: int) -> None:
+        state.finish_us = delivery_us
+        result = result_from_state(state, "ok")
+        self._results[state.request_id] = result
+        if self.on_finish is not None:
+            self.on_finish(result)
 
     def _lazy_token(self, state: ReqState, token_index: int, end_us: int) -> None:
         self.on_token(state.request_id, token_index, end_us + self._output_delay)
@@ -367,8 +376,8 @@ def simulate(
     router: Router | None = None,
     record_tokens: bool = False,
 ) -> SimRun:
-    """Run `requests` to completion. `follow_up(result)` (closed loop) returns requests released by a finish;
-    `record_tokens` keeps every token's delivery time in `SimRun.token_times` (costs time per token)."""
+    """Run `requests` to completion. `follow_up(result)` (closed loop) returns requests released by a finish
+    or a rejection; `record_tokens` keeps every token's delivery time in `SimRun.token_times` (costs time per token)."""
     sim: Simulation
     token_times: dict[int, list[int]] = {}
 
@@ -383,6 +392,7 @@ def simulate(
         model,
         router=router,
         on_finish=on_finish if follow_up is not None else None,
+        on_reject=on_finish if follow_up is not None else None,  # a rejected user still sends its next one
         on_token=on_token if record_tokens else None,
     )
     # Same-time arrivals are taken in request-id order, whatever order the caller listed them in.

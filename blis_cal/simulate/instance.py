@@ -92,6 +92,10 @@ class Instance:
         self._alloc_buckets: list[dict[int, ReqState]] = [{} for _ in range(limits.block_size)]
         self._finish_rounds: dict[int, list[ReqState]] = {}
         self._step_decoders = 0  # lazy decoders that took part in the step in flight
+        # Whether jumps may complete requests (no finish callback to honour); the engine then reads
+        # (state, step end µs) of those from `jump_finished`.
+        self.absorb_finishes = False
+        self.jump_finished: list[tuple[ReqState, int]] = []
         # Requests whose output another request's prompt contains: their filled blocks must be registered as
         # they fill (another request may look them up), so they are never lazy. Shared with the engine.
         self.out_refs: set[int] = set()
@@ -293,14 +297,14 @@ class Instance:
 
     def _retire(self, finished: list[ReqState]) -> None:
         """Free finished requests' blocks in running order and drop them from the running queue."""
+        explicit = self.explicit
         for state in finished:
             state.status = "finished"
             self.kv.free(state)
             self.kv.forget(state)
-        done = {id(s) for s in finished}
-        self.running = [s for s in self.running if id(s) not in done]
-        if self._fast:
-            self.explicit = [s for s in self.explicit if id(s) not in done]
+            self.running.remove(state)  # identity comparison, in C: cheaper than rebuilding the list
+            if state.lazy_base < 0 and state in explicit:
+                explicit.remove(state)
         self.in_flight -= len(finished)
 
     def _preempt(self, state: ReqState) -> None:
@@ -385,8 +389,9 @@ class Instance:
             if rounds and t >= horizon_us:
                 break
             g = self.round
-            if g in finish_rounds:
-                break
+            finishing = finish_rounds.get(g)
+            if finishing is not None and not self.absorb_finishes:
+                break  # someone must hear of the finish when it happens (follow-ups, live callbacks)
             due = buckets[g % bs]
             if len(due) > kv.num_free:
                 break
@@ -394,6 +399,8 @@ class Instance:
             duration = max(0, model.decode_only_step_us(num_dec, batch_ctx))
             if t + duration > limit_us:
                 break  # its tokens would be reported before the live clock reaches them
+            if finishing is not None and t + duration >= horizon_us:
+                break  # the next event (e.g. a routing snapshot) must still see these requests running
             if due:
                 kv.append_blocks(due.values())
             stats.steps += 1
@@ -409,6 +416,16 @@ class Instance:
             if token_cb is not None:
                 self._decoder_tokens(t)
             rounds += 1
+            if finishing is not None:
+                del finish_rounds[g]
+                for state in finishing:
+                    self._leave(state)
+                finishing.sort(key=lambda s: s.running_seq)  # vLLM frees in running order
+                self._retire(finishing)
+                self.jump_finished += [(state, t) for state in finishing]
+                num_dec = len(self.decoders)
+                if not num_dec or len(self.waiting):
+                    break  # nothing left to decode, or a freed seat / blocks may admit a waiting request
         return t if rounds else None
 
     def _decoder_tokens(self, end_us: int) -> None:

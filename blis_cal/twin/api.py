@@ -13,6 +13,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from blis_cal.errors import BlisError
 
 # vLLM 0.32 `CompletionRequest.max_tokens` defaults to 16; chat leaves it unset (-> max_model_len - prompt).
@@ -90,12 +92,15 @@ def prompt_segments(token_ids: list[int], block_size: int) -> tuple[tuple[str, i
     Identical key at the same position means identical tokens, so equal token prefixes share full KV
     blocks exactly as vLLM's per-block token hashing does (`v1/core/kv_cache_utils.hash_block_tokens`).
     """
-    segments = []
-    for start in range(0, len(token_ids), block_size):
-        chunk = token_ids[start : start + block_size]
-        digest = hashlib.blake2b(",".join(map(str, chunk)).encode(), digest_size=10).hexdigest()
-        segments.append((f"tok:{digest}", len(chunk)))
-    return tuple(segments)
+    data = np.asarray(token_ids, dtype="<i8").tobytes()
+    step = block_size * 8
+    return tuple(
+        (
+            f"tok:{hashlib.blake2b(data[i : i + step], digest_size=10).hexdigest()}",
+            len(data[i : i + step]) // 8,
+        )
+        for i in range(0, len(data), step)
+    )
 
 
 @dataclass
@@ -147,12 +152,11 @@ def _completion_prompt(prompt: Any, vocab_size: int) -> list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str):
         return word_tokens(prompt, vocab_size)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = [t for t in prompt if not 0 <= t < vocab_size]
-        if bad:
-            raise validation_error(
-                f"Token id {bad[0]} is out of vocabulary (size {vocab_size})", "prompt", bad[0]
-            )
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # bool is no token id
+        low, high = min(prompt), max(prompt)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise validation_error(f"Token id {bad} is out of vocabulary (size {vocab_size})", "prompt", bad)
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError(

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from aiohttp import web
 
-from blis_cal.errors import ConfigError
+from blis_cal.errors import BlisError, ConfigError
 from blis_cal.twin import api
 from blis_cal.twin.metrics import TwinMetrics
 
@@ -93,7 +93,7 @@ class TwinClock:
         return max(0.0, (sim_us - self.now_us()) / 1e6 / self.speed)
 
 
-_TOKEN, _FINISH, _REJECT = 0, 1, 2
+_TOKEN, _FINISH, _REJECT, _ERROR = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,7 @@ class RequestState:
     delivered: int = 0  # tokens delivered so far
     delivery_us: list[int] = field(default_factory=list)
     computed: int = 0  # tokens the simulation has produced (delivery may be in the future)
-    last_scheduled_us: int = 0
     result: Any = None  # RequestResult, at finish or rejection
-    rejected: bool = False
     client_request_id: str = ""
 
 
@@ -154,6 +152,7 @@ class TwinEngine:
         self._next_id = 0
         self._wake: asyncio.Event | None = None
         self.served: list[ServedRequest] = []  # filled when config.keep_served_log
+        self.failure: BlisError | None = None  # the simulation raised: every request now fails with it
         self.metrics = TwinMetrics(
             config.model_name,
             {
@@ -190,33 +189,51 @@ class TwinEngine:
         if state is None:
             return
         state.result = result
-        state.rejected = True
         self._push(self.sim.now_us, _REJECT, result.request_id)
 
     # ------------------------------------------------------------------------------ requests
 
     def submit(self, parsed: api.ParsedRequest) -> RequestState:
         """Enter a request into the simulation now; its tokens arrive on `state.queue`."""
+        if self.failure is not None:
+            raise self.failure_error()
         sim_id = self._next_id
         self._next_id += 1
         target, reason = self._output_length(sim_id, parsed)
         arrival = max(self.clock.now_us(), self.sim.now_us)
         state = RequestState(sim_id, parsed, target, reason, arrival)
-        self._states[sim_id] = state
-        self.sim.add_request(
-            self._make_request(
-                request_id=sim_id,
-                arrival_us=arrival,
-                input_len=parsed.prompt_len,
-                output_len=target,
-                segments=api.prompt_segments(parsed.prompt_token_ids, self.config.block_size),
-                priority=parsed.priority,
-                session_id=parsed.session_id,
-            )
+        request = self._make_request(
+            request_id=sim_id,
+            arrival_us=arrival,
+            input_len=parsed.prompt_len,
+            output_len=target,
+            segments=api.prompt_segments(parsed.prompt_token_ids, self.config.block_size),
+            priority=parsed.priority,
+            session_id=parsed.session_id,
         )
+        try:
+            self.sim.add_request(request)
+        except BlisError as exc:
+            raise api.ApiError(
+                f"the simulator refused the request: {exc}", status=500, err_type="InternalServerError"
+            ) from None
+        self._states[sim_id] = state
         if self._wake is not None:
             self._wake.set()
         return state
+
+    def failure_error(self) -> api.ApiError:
+        return api.ApiError(
+            f"the simulation failed: {self.failure}", status=500, err_type="InternalServerError"
+        )
+
+    def _fail(self, exc: BlisError) -> None:
+        """The simulation raised: fail every request in flight (and, from now on, every new one)."""
+        self.failure = exc
+        self._heap.clear()
+        for state in self._states.values():
+            state.queue.put_nowait(_ERROR)
+        self._states.clear()
 
     def release(self, state: RequestState) -> None:
         """Forget a request whose client is gone (the simulation still runs it to completion)."""
@@ -287,7 +304,11 @@ class TwinEngine:
         poll_us = int(self.config.poll_ms * 1000 * self.config.speed)
         while True:
             now = self.clock.now_us()
-            self.sim.run_until(now)
+            if self.failure is None:
+                try:
+                    self.sim.run_until(now)
+                except BlisError as exc:
+                    self._fail(exc)
             self._deliver(now)
             if self._heap:
                 wait_s = self.clock.wall_delay_s(min(self._heap[0][0], now + poll_us))
@@ -315,8 +336,17 @@ def _sse(data: Any) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
+def _json(data: Any, status: int = 200) -> web.Response:
+    """Compact JSON, as Starlette's JSONResponse (vLLM's) writes it."""
+    return web.json_response(data, status=status, dumps=_compact_dumps)
+
+
+def _compact_dumps(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
 def _error_response(err: api.ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status)
+    return _json(err.body(), status=err.status)
 
 
 class TwinApp:
@@ -348,7 +378,7 @@ class TwinApp:
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": TWIN_VERSION})
+        return _json({"version": TWIN_VERSION})
 
     async def models(self, request: web.Request) -> web.Response:
         name = self.config.model_name
@@ -362,7 +392,7 @@ class TwinApp:
             "max_model_len": self.config.max_model_len,
             "permission": [],
         }
-        return web.json_response({"object": "list", "data": [card]})
+        return _json({"object": "list", "data": [card]})
 
     async def metrics(self, request: web.Request) -> web.Response:
         running, waiting, kv = self.engine.gauges()
@@ -388,9 +418,9 @@ class TwinApp:
                 max_model_len=self.config.max_model_len,
                 vocab_size=self.config.vocab_size,
             )
+            state = self.engine.submit(parsed)
         except api.ApiError as err:
             return _error_response(err)
-        state = self.engine.submit(parsed)
         base_id = request.headers.get("X-Request-Id") or parsed.request_id or f"twin-{state.sim_id:08d}"
         state.client_request_id = base_id
         response_id = ("chatcmpl-" if chat else "cmpl-") + base_id
@@ -398,6 +428,15 @@ class TwinApp:
         if parsed.stream:
             return await self._stream(request, state, response_id, created)
         return await self._complete(state, response_id, created)
+
+    def _kind_error(self, kind: int) -> api.ApiError:
+        if kind == _ERROR:
+            return self.engine.failure_error()
+        return api.ApiError(
+            "The server rejected the request (admission control).",
+            status=503,
+            err_type="ServiceUnavailableError",
+        )
 
     def _usage_and_metrics(self, state: RequestState) -> tuple[dict, dict | None]:
         r = state.result
@@ -419,8 +458,8 @@ class TwinApp:
         try:
             while True:
                 kind = await state.queue.get()
-                if kind == _REJECT:
-                    return _error_response(_rejected())
+                if kind in (_REJECT, _ERROR):
+                    return _error_response(self._kind_error(kind))
                 if kind == _FINISH:
                     break
         except asyncio.CancelledError:
@@ -437,7 +476,7 @@ class TwinApp:
             metrics=metrics,
             vocab_size=self.config.vocab_size,
         )
-        return web.json_response(body)
+        return _json(body)
 
     async def _stream(
         self, request: web.Request, state: RequestState, response_id: str, created: int
@@ -456,8 +495,9 @@ class TwinApp:
                 # collector merges outputs a slow consumer has not yet taken.
                 while kind == _TOKEN and not state.queue.empty():
                     kind = state.queue.get_nowait()
-                if kind == _REJECT:
-                    await resp.write(_sse(_rejected().body()))
+                if kind in (_REJECT, _ERROR):
+                    # After the stream started, vLLM sends the error as an event (HTTP status stays 200).
+                    await resp.write(_sse(self._kind_error(kind).body()))
                     break
                 ready = state.delivered
                 if ready > sent:
@@ -504,12 +544,6 @@ class TwinApp:
             self.engine.release(state)
             raise
         return resp
-
-
-def _rejected() -> api.ApiError:
-    return api.ApiError(
-        "The server rejected the request (admission control).", status=503, err_type="ServiceUnavailableError"
-    )
 
 
 def build_app(engine: TwinEngine) -> web.Application:
