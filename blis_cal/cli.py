@@ -229,6 +229,34 @@ def convert_trace(
 # Cluster options of `replay` and `run`, and `blis policies` (cluster engineer's section;
 # library: blis_cal.simulate.cluster). Allowed values are checked against the registries.
 
+# Options shared by replay, run and serve (one definition each; replay's engine flags default to the header).
+_OPT_LATENCY_MODEL = typer.Option(
+    "blackbox",
+    "--latency-model",
+    help="Step-time model: blackbox (α/β) or another one `blis policies` lists.",
+)
+_OPT_ALPHA = typer.Option(None, "--alpha", help="α0,α1,α2 (µs): queue delay α0+α1·input, output delay α2.")
+_OPT_BETA = typer.Option(
+    None, "--beta", help="β0,β1,β2[,...] (µs): step = β0 + β1·prefill + β2·decode tokens."
+)
+_OPT_GPU = typer.Option(None, "--gpu", help="GPU for the coefficient lookup (default: defaults.yaml's).")
+_OPT_TP = typer.Option(None, "--tp", help="Tensor parallelism for the lookup.")
+_OPT_VLLM_VERSION = typer.Option(None, "--vllm-version", help="Pick the entry of this vLLM version.")
+_OPT_COEFFS = typer.Option(
+    None, "--coeffs", help="Coefficients YAML (defaults.yaml layout) instead of the shipped one."
+)
+_OPT_MODEL_CONFIG = typer.Option(None, "--model-config", help="roofline: HF config.json or its folder.")
+_OPT_HARDWARE_CONFIG = typer.Option(None, "--hardware-config", help="roofline: hardware_config.json.")
+_OPT_BLOCK_SIZE = typer.Option(16, "--block-size", help="KV block size in tokens.")
+_OPT_NUM_GPU_BLOCKS = typer.Option(65536, "--num-gpu-blocks", help="KV blocks.")
+_OPT_MAX_NUM_SEQS = typer.Option(256, "--max-num-seqs", help="Max running requests.")
+_OPT_MAX_BATCHED = typer.Option(2048, "--max-num-batched-tokens", help="Token budget per step.")
+_OPT_MAX_MODEL_LEN = typer.Option(8192, "--max-model-len", help="Context window (prompt + output).")
+_OPT_LONG_PREFILL = typer.Option(
+    0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
+)
+_OPT_PREFIX_CACHING = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching.")
+
 _OPT_POLICY_CONFIG = typer.Option(
     None,
     "--policy-config",
@@ -298,7 +326,7 @@ def _simulate(requests, config, sim_model, follow_up, policy, decisions, record_
 
 @app.command("policies")
 def policies_cmd() -> None:
-    """List the cluster policies: admission, routing, scorers, schedulers, priority policies (JSON).
+    """List the registered policies and models: admission, routing, scorers, schedulers, latency models (JSON).
 
     Examples:
 
@@ -306,6 +334,7 @@ def policies_cmd() -> None:
     """
     from blis_cal.simulate.cluster import admission_policies, routing_policies, routing_scorers
     from blis_cal.simulate.cluster.scheduling import priority_policies
+    from blis_cal.simulate.latency import latency_models
     from blis_cal.simulate.scheduler import scheduler_policies
 
     print_json(
@@ -315,13 +344,9 @@ def policies_cmd() -> None:
             "routing_scorers": routing_scorers.names(),
             "scheduler_policies": scheduler_policies.names(),
             "priority_policies": priority_policies.names(),
+            "latency_models": latency_models.names(),
         }
     )
-
-
-# Options shared by `replay` and `run` (simulator engineer's section).
-
-_LATENCY_HELP = "Step-time model (registry `latency_models`): blackbox (α/β) or roofline."
 
 
 def _floats(flag: str, text: str | None) -> tuple[float, ...] | None:
@@ -376,32 +401,20 @@ def replay_cmd(
     trace_output: str | None = typer.Option(
         None, "--trace-output", help="Write a replayed TraceV2 as PREFIX.csv/.yaml."
     ),
-    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
-    alpha: str | None = typer.Option(
-        None, "--alpha", help="α0,α1,α2 (µs): queue delay α0+α1·input, output delay α2."
-    ),
-    beta: str | None = typer.Option(
-        None, "--beta", help="β0,β1,β2[,...] (µs): step = β0 + β1·prefill + β2·decode tokens."
-    ),
+    latency_model: str = _OPT_LATENCY_MODEL,
+    alpha: str | None = _OPT_ALPHA,
+    beta: str | None = _OPT_BETA,
     model: str | None = typer.Option(
         None, "--model", help="Model id for the coefficient lookup (default: header server.model)."
     ),
     gpu: str | None = typer.Option(
         None, "--gpu", help="GPU for the lookup (default: header server.gpu or defaults.yaml)."
     ),
-    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
-    vllm_version: str | None = typer.Option(
-        None, "--vllm-version", help="Pick the entry of this vLLM version."
-    ),
-    coeffs: str | None = typer.Option(
-        None, "--coeffs", help="Coefficients YAML (defaults.yaml layout) instead of the shipped one."
-    ),
-    model_config: str | None = typer.Option(
-        None, "--model-config", help="roofline: HF config.json or its folder."
-    ),
-    hardware_config: str | None = typer.Option(
-        None, "--hardware-config", help="roofline: hardware_config.json."
-    ),
+    tp: int | None = _OPT_TP,
+    vllm_version: str | None = _OPT_VLLM_VERSION,
+    coeffs: str | None = _OPT_COEFFS,
+    model_config: str | None = _OPT_MODEL_CONFIG,
+    hardware_config: str | None = _OPT_HARDWARE_CONFIG,
     block_size: int | None = typer.Option(
         None, "--block-size", help="KV block size in tokens (default: header)."
     ),
@@ -570,35 +583,23 @@ def run_cmd(
     trace_output: str | None = typer.Option(
         None, "--trace-output", help="Write the simulated trace as PREFIX.csv/.yaml."
     ),
-    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
-    alpha: str | None = typer.Option(None, "--alpha", help="α0,α1,α2 (µs)."),
-    beta: str | None = typer.Option(None, "--beta", help="β0,β1,β2[,...] (µs)."),
+    latency_model: str = _OPT_LATENCY_MODEL,
+    alpha: str | None = _OPT_ALPHA,
+    beta: str | None = _OPT_BETA,
     model: str | None = typer.Option(None, "--model", help="Model id for the coefficient lookup."),
-    gpu: str | None = typer.Option(None, "--gpu", help="GPU for the lookup."),
-    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
-    vllm_version: str | None = typer.Option(
-        None, "--vllm-version", help="Pick the entry of this vLLM version."
-    ),
-    coeffs: str | None = typer.Option(
-        None, "--coeffs", help="Coefficients YAML instead of the shipped defaults.yaml."
-    ),
-    model_config: str | None = typer.Option(
-        None, "--model-config", help="roofline: HF config.json or its folder."
-    ),
-    hardware_config: str | None = typer.Option(
-        None, "--hardware-config", help="roofline: hardware_config.json."
-    ),
-    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
-    num_gpu_blocks: int = typer.Option(65536, "--num-gpu-blocks", help="KV blocks."),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Max running requests."),
-    max_num_batched_tokens: int = typer.Option(
-        2048, "--max-num-batched-tokens", help="Token budget per step."
-    ),
-    max_model_len: int = typer.Option(8192, "--max-model-len", help="Max prompt + output length."),
-    long_prefill_token_threshold: int = typer.Option(
-        0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
-    ),
-    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching."),
+    gpu: str | None = _OPT_GPU,
+    tp: int | None = _OPT_TP,
+    vllm_version: str | None = _OPT_VLLM_VERSION,
+    coeffs: str | None = _OPT_COEFFS,
+    model_config: str | None = _OPT_MODEL_CONFIG,
+    hardware_config: str | None = _OPT_HARDWARE_CONFIG,
+    block_size: int = _OPT_BLOCK_SIZE,
+    num_gpu_blocks: int = _OPT_NUM_GPU_BLOCKS,
+    max_num_seqs: int = _OPT_MAX_NUM_SEQS,
+    max_num_batched_tokens: int = _OPT_MAX_BATCHED,
+    max_model_len: int = _OPT_MAX_MODEL_LEN,
+    long_prefill_token_threshold: int = _OPT_LONG_PREFILL,
+    prefix_caching: bool = _OPT_PREFIX_CACHING,
     seed: int | None = typer.Option(
         None, "--seed", help="Workload seed (default: the spec's, else 0); the simulator's (default 42)."
     ),
@@ -1193,34 +1194,22 @@ def serve_cmd(
         None, "--model", help="Served model name; also the coefficient lookup key (default blis-twin)."
     ),
     speed: float = typer.Option(1.0, "--speed", help="Simulated seconds per wall second (>1: faster)."),
-    latency_model: str = typer.Option("blackbox", "--latency-model", help=_LATENCY_HELP),
-    alpha: str | None = typer.Option(None, "--alpha", help="α0,α1,α2 (µs)."),
-    beta: str | None = typer.Option(None, "--beta", help="β0,β1,β2[,...] (µs)."),
-    gpu: str | None = typer.Option(None, "--gpu", help="GPU for the coefficient lookup."),
-    tp: int | None = typer.Option(None, "--tp", help="Tensor parallelism for the lookup."),
-    vllm_version: str | None = typer.Option(
-        None, "--vllm-version", help="Pick the entry of this vLLM version."
-    ),
-    coeffs: str | None = typer.Option(
-        None, "--coeffs", help="Coefficients YAML instead of the shipped defaults.yaml."
-    ),
-    model_config: str | None = typer.Option(
-        None, "--model-config", help="roofline: HF config.json or its folder."
-    ),
-    hardware_config: str | None = typer.Option(
-        None, "--hardware-config", help="roofline: hardware_config.json."
-    ),
-    block_size: int = typer.Option(16, "--block-size", help="KV block size in tokens."),
-    num_gpu_blocks: int = typer.Option(65536, "--num-gpu-blocks", help="KV blocks."),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Max running requests."),
-    max_num_batched_tokens: int = typer.Option(
-        2048, "--max-num-batched-tokens", help="Token budget per step."
-    ),
-    max_model_len: int = typer.Option(8192, "--max-model-len", help="Context window (prompt + output)."),
-    long_prefill_token_threshold: int = typer.Option(
-        0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
-    ),
-    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching."),
+    latency_model: str = _OPT_LATENCY_MODEL,
+    alpha: str | None = _OPT_ALPHA,
+    beta: str | None = _OPT_BETA,
+    gpu: str | None = _OPT_GPU,
+    tp: int | None = _OPT_TP,
+    vllm_version: str | None = _OPT_VLLM_VERSION,
+    coeffs: str | None = _OPT_COEFFS,
+    model_config: str | None = _OPT_MODEL_CONFIG,
+    hardware_config: str | None = _OPT_HARDWARE_CONFIG,
+    block_size: int = _OPT_BLOCK_SIZE,
+    num_gpu_blocks: int = _OPT_NUM_GPU_BLOCKS,
+    max_num_seqs: int = _OPT_MAX_NUM_SEQS,
+    max_num_batched_tokens: int = _OPT_MAX_BATCHED,
+    max_model_len: int = _OPT_MAX_MODEL_LEN,
+    long_prefill_token_threshold: int = _OPT_LONG_PREFILL,
+    prefix_caching: bool = _OPT_PREFIX_CACHING,
     eos_mean_tokens: int = typer.Option(
         128, "--eos-mean-tokens", help="Mean answer length when a request does not set ignore_eos."
     ),
@@ -1305,7 +1294,7 @@ def demo_cmd(
     ),
     speed: float = typer.Option(2.0, "--speed", help="Twin speed: simulated seconds per wall second."),
     duration: float = typer.Option(60.0, "--duration", help="Wall seconds of traffic."),
-    rate: float = typer.Option(0.5, "--rate", help="Requests per simulated second."),
+    rate: float = typer.Option(0.35, "--rate", help="Requests per simulated second."),
     seed: int = typer.Option(42, "--seed", help="Workload and fit seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON instead of tables."),
 ) -> None:

@@ -71,7 +71,7 @@ class DemoConfig:
     workdir: Path
     speed: float = 2.0  # simulated seconds per wall second
     duration_s: float = 60.0  # wall seconds during which requests arrive
-    rate: float = 0.5  # simulated requests/s
+    rate: float = 0.35  # simulated requests/s; light, so many find the engine idle (the α fit uses those)
     seed: int = 42
     alpha: tuple[float, float, float] = DEMO_ALPHA
     beta: tuple[float, ...] = DEMO_BETA

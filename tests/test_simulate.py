@@ -90,6 +90,31 @@ def test_preemption_of_last_running_request_and_recovery():
     assert r1.first_token_us < r0.finish_us < r1.finish_us
 
 
+@pytest.mark.parametrize("jump", [True, False])
+def test_preempted_request_resumes_from_its_surviving_head_block(jump):
+    # Checked against a real vLLM 0.32 iteration log (a request preempted at 171 tokens resumed computing 43).
+    # 4 usable 16-token blocks; both decode to 32 computed tokens (2 blocks each). At token 33 r0 needs a
+    # third block: r1 (last running) is preempted, its blocks freed tail first, and r0 takes r1's tail block.
+    # r1 (33 tokens incl. output) needs its full sequence (3 blocks) to fit before it is readmitted: only after
+    # r0 finishes. It then hits its own head block (16 tokens) and recomputes the other 17.
+    steps = []
+    sim = Simulation(
+        SimConfig(block_size=16, num_gpu_blocks=5, jump_decode=jump),
+        BlackboxModel((0, 0, 0), (100, 1, 1)),
+        on_step=lambda inst, start, batch, used, free: steps.append(batch),
+    )
+    sim.add_requests([req(0, 0, 16, 30), req(1, 0, 16, 30)])
+    run = sim.run()
+    assert [r.num_preemptions for r in run.results] == [0, 1]
+    prefills = [
+        (b.num_prefill_reqs, b.num_prefill_tokens, b.num_decode_reqs) for b in steps if b.num_prefill_reqs
+    ]
+    assert prefills == [(2, 32, 0), (1, 17, 0)]
+    # Step 17 (the one computing token 33) preempts r1 and admits nobody, although r1 waits at the head.
+    assert [b.num_decode_reqs for b in steps[16:18]] == [2, 1]
+    assert len(steps) == 17 + 13 + 1 + 12  # both to 32 tokens; r0 alone to 30 outputs; r1's resume and rest
+
+
 def test_requests_that_can_never_fit_are_rejected_not_hung():
     config = SimConfig(block_size=16, num_gpu_blocks=5, max_model_len=100)
     model = BlackboxModel((0, 0, 0), (100, 1, 1))

@@ -282,6 +282,17 @@ def test_output_length_honours_ignore_eos_min_tokens_and_the_context_window(twin
             "max_tokens=1000 cannot be greater than max_model_len=512. Please request fewer output tokens. "
             "(parameter=max_tokens, value=1000)",
         ),
+        (
+            "/v1/completions",
+            {"prompt": list(range(513)), "max_tokens": 4},
+            400,
+            "input_tokens",
+            "This model's maximum context length is 512 tokens. However, your prompt contains at least 513 input "
+            "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the "
+            "input prompt. (parameter=input_tokens, value=513)",
+        ),
+        ("/v1/completions", {"prompt": list(range(512))}, 400, "max_tokens",
+         "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"),
         ("/v1/completions", {"model": "other", "prompt": [1]}, 404, "model", "The model `other` does not exist."),
         ("/v1/completions", {"prompt": [1], "stream_options": {"include_usage": True}}, 400, "stream_options", None),
         ("/v1/completions", {"prompt": [1], "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens", None),

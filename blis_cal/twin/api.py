@@ -249,20 +249,18 @@ def parse_request(
             max_tokens,
         )
     if len(prompt_ids) > max_model_len:
+        # vLLM says "at least" when the count is limit + 1 (its tokenizer truncates there).
+        qualifier = "at least " if len(prompt_ids) == max_model_len + 1 else ""
         raise validation_error(
             f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
-            f"{len(prompt_ids)} input tokens, which exceeds this limit even without any output tokens. "
-            "Please reduce the length of the input prompt.",
+            f"{qualifier}{len(prompt_ids)} input tokens, which exceeds this limit even without any output "
+            "tokens. Please reduce the length of the input prompt.",
             "input_tokens",
             len(prompt_ids),
         )
     if len(prompt_ids) == max_model_len:
-        raise validation_error(
-            f"This model's maximum context length is {max_model_len} tokens. However, your prompt contains "
-            f"{len(prompt_ids)} input tokens, which leaves no room for output tokens.",
-            "input_tokens",
-            len(prompt_ids),
-        )
+        # get_max_tokens leaves 0 output tokens, which SamplingParams refuses.
+        raise validation_error("max_tokens must be at least 1, got 0.", "max_tokens", 0)
     # api_utils.get_max_tokens: prompt + max_tokens over the window silently clamps (0.20+).
     room = max_model_len - len(prompt_ids)
     max_tokens = room if max_tokens is None else min(max_tokens, room)
