@@ -194,7 +194,7 @@ def test_merge_adds_entry_keeping_every_other_byte(tmp_path):
     shutil.copy(REPO / "defaults.yaml", path)
     before = path.read_text(encoding="utf-8")
     entry = make_entry(
-        model="tiny", gpu="cpu", tp=1, vllm_version="0.32.0", alpha=(1, 2, 0), beta=(3, 4, 5), loss=0.1
+        model="tiny-new", gpu="cpu", tp=1, vllm_version="0.32.0", alpha=(1, 2, 0), beta=(3, 4, 5), loss=0.1
     )
     assert merge_defaults_entry(path, entry) == "added"
     after = path.read_text(encoding="utf-8")
@@ -205,7 +205,7 @@ def test_merge_adds_entry_keeping_every_other_byte(tmp_path):
     assert after[:i] == before[:i]
     assert after.endswith(before[i:])
     data = yaml.safe_load(after)
-    assert data["models"][-1]["id"] == "tiny" and data["models"][-1]["beta_coeffs"] == [3.0, 4.0, 5.0]
+    assert data["models"][-1]["id"] == "tiny-new" and data["models"][-1]["beta_coeffs"] == [3.0, 4.0, 5.0]
     assert len(data["models"]) == len(yaml.safe_load(before)["models"]) + 1
     assert data["trained_physics_coefficients"] == yaml.safe_load(before)["trained_physics_coefficients"]
 

@@ -146,11 +146,13 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 3
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 3
+    # The default form is blackbox-ctx (six betas); the plain 3+3 fit is reported beside it.
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 6
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 6
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
-    assert data["calibration"]["model_form"] == "blackbox"
+    assert data["calibration"]["model_form"] == "blackbox-ctx"
+    assert len(data["baseline_3plus3"]["beta"]) == 3
     assert "data:image/png;base64," in page.read_text()
     # The entry is usable by the simulator's lookup and by `blis validate`.
     proc = CliRunner().invoke(
