@@ -288,7 +288,16 @@ class Simulation:
         inst.enqueue(state, now)
         if not inst.busy:
             inst.busy = True
-            self._events.push(now, ev.STEP_START, inst.index)
+            self._start_now(now, inst.index)
+
+    def _start_now(self, now: int, index: int) -> None:
+        """A step start at the current time: run it at once when no other event is due by then (it would
+        be popped next anyway), else queue it behind them."""
+        next_time = self._events.peek_time()
+        if next_time is None or next_time > now:
+            self._step_start(now, index)
+        else:
+            self._events.push(now, ev.STEP_START, index)
 
     def _step_start(self, now: int, index: int) -> None:
         inst = self.instances[index]
@@ -322,7 +331,7 @@ class Simulation:
         for state in finished:
             self._finished(state, delivery)
         if inst.has_work():
-            self._events.push(now, ev.STEP_START, index)
+            self._start_now(now, index)
         else:
             inst.busy = False
 

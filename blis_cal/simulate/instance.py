@@ -377,55 +377,78 @@ class Instance:
         returns when the next step starts, or None if not even the first round qualifies."""
         kv = self.kv
         bs = self.limits.block_size
-        model = self.model
+        decode_step_us = self.model.decode_only_step_us
         buckets = self._alloc_buckets
         finish_rounds = self._finish_rounds
         num_dec = len(self.decoders)
         token_cb = self.token_cb
+        step_cb = self.step_cb
+        absorb = self.absorb_finishes
+        free_stack = kv.free_stack
+        capacity = kv.num_blocks
         t = now_us
         rounds = 0
         stats = self.stats
+        pending = used_sum = 0  # rounds and Σ used blocks not yet added to the stats
+        g = self.round
+        ctx = self._ctx_sum
         while True:
             if rounds and t >= horizon_us:
                 break
-            g = self.round
             finishing = finish_rounds.get(g)
-            if finishing is not None and not self.absorb_finishes:
+            if finishing is not None and not absorb:
                 break  # someone must hear of the finish when it happens (follow-ups, live callbacks)
             due = buckets[g % bs]
-            if len(due) > kv.num_free:
+            free = len(free_stack) + kv.num_lru
+            if len(due) > free:
                 break
-            batch_ctx = self._ctx_sum
-            duration = max(0, model.decode_only_step_us(num_dec, batch_ctx))
+            duration = decode_step_us(num_dec, ctx)
+            if duration < 0:
+                duration = 0
             if t + duration > limit_us:
                 break  # its tokens would be reported before the live clock reaches them
             if finishing is not None and t + duration >= horizon_us:
                 break  # the next event (e.g. a routing snapshot) must still see these requests running
             if due:
                 kv.append_blocks(due.values())
-            stats.steps += 1
-            stats.kv_used_block_steps += kv.num_used
-            stats.kv_block_capacity_steps += kv.num_blocks
-            if self.step_cb is not None:
-                batch = StepBatch(0, num_dec, 0, num_dec, 0, batch_ctx)
+                free -= len(due)
+            used_sum += capacity - free
+            pending += 1
+            if step_cb is not None:  # the callback sees the same state as when stepping
+                stats.steps += pending
+                stats.kv_used_block_steps += used_sum
+                stats.kv_block_capacity_steps += pending * capacity
+                pending = used_sum = 0
+                self.round = g
+                self._ctx_sum = ctx
+                batch = StepBatch(0, num_dec, 0, num_dec, 0, ctx)
                 self.last_batch = batch
-                self.step_cb(self.index, t, batch, kv.num_used, kv.num_free)
+                step_cb(self.index, t, batch, capacity - free, free)
             t += duration
-            self.round = g + 1
-            self._ctx_sum += num_dec
-            if token_cb is not None:
-                self._decoder_tokens(t)
+            g += 1
+            ctx += num_dec
             rounds += 1
+            if token_cb is not None:
+                self.round = g
+                self._decoder_tokens(t)
             if finishing is not None:
-                del finish_rounds[g]
+                self.round = g
+                self._ctx_sum = ctx
+                del finish_rounds[g - 1]
                 for state in finishing:
                     self._leave(state)
                 finishing.sort(key=lambda s: s.running_seq)  # vLLM frees in running order
                 self._retire(finishing)
                 self.jump_finished += [(state, t) for state in finishing]
+                ctx = self._ctx_sum
                 num_dec = len(self.decoders)
                 if not num_dec or len(self.waiting):
                     break  # nothing left to decode, or a freed seat / blocks may admit a waiting request
+        self.round = g
+        self._ctx_sum = ctx
+        stats.steps += pending
+        stats.kv_used_block_steps += used_sum
+        stats.kv_block_capacity_steps += pending * capacity
         return t if rounds else None
 
     def _decoder_tokens(self, end_us: int) -> None:

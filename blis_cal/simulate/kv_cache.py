@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections import deque
+from collections import Counter
 from collections.abc import Collection, Sequence
 
 from blis_cal.simulate.request import ReqState, output_key
@@ -117,15 +117,16 @@ class KVCacheManager:
         # vLLM's single free queue, in two parts: its front is `free_stack` (unhashed blocks, pushed on the
         # front when freed; top = front), then `free_lru` (never-used blocks, then hashed blocks appended in
         # LRU order). Only hashed blocks are ever taken out of the middle (prefix hits), and they live in
-        # free_lru, so this is the same order with O(1) bulk pushes on the front. free_lru is a deque of
-        # entries generation·N + block with lazy deletion: an entry is live if its block is still queued
-        # (`queued`) and it is the block's newest entry (`generation`).
+        # free_lru, so this is the same order with O(1) bulk pushes on the front. free_lru is a list read
+        # from `lru_head` (bulk pops are slices) with lazy deletion: a hit taking a block out of the queue
+        # leaves its entry behind and counts it in `stale[block]`; a block's stale entries always precede
+        # its live one (FIFO), so a popped entry is skipped while its block's stale count is positive.
         self._n = num_gpu_blocks
         self.free_stack: list[int] = []
-        self.free_lru: deque[int] = deque(range(1, num_gpu_blocks))
-        self.generation = [0] * num_gpu_blocks
-        self.queued = [True] * num_gpu_blocks
-        self.queued[0] = False
+        self.free_lru: list[int] = list(range(1, num_gpu_blocks))
+        self.lru_head = 0
+        self.stale = [0] * num_gpu_blocks
+        self.num_stale = 0  # Σ stale: while 0, every entry from lru_head on is live
         self.num_lru = num_gpu_blocks - 1
         self.ref_cnt = [0] * num_gpu_blocks
         self.block_hash: list[int | None] = [None] * num_gpu_blocks
@@ -220,10 +221,10 @@ class KVCacheManager:
         num_new_blocks = max(cdiv(need_slot, bs) - n_have, 0)
         if num_new_blocks + evictable > free:
             return False
-        queued = self.queued
         for b in new_computed_blocks:
             if ref[b] == 0:  # a hit on a cached free block takes it out of the queue
-                queued[b] = False
+                self.stale[b] += 1
+                self.num_stale += 1
                 self.num_lru -= 1
             ref[b] += 1
             blocks.append(b)
@@ -244,26 +245,44 @@ class KVCacheManager:
     def _take_free(self, count: int) -> list[int]:
         """Pop `count` blocks from the front of the free queue, evicting their cached content."""
         stack = self.free_stack
-        lru = self.free_lru
-        n = self._n
-        queued = self.queued
-        generation = self.generation
         block_hash = self.block_hash
-        cached = self.cached
-        duplicates = self.duplicates
         ref = self.ref_cnt
         out: list[int] = []
-        for _ in range(count):
-            if stack:
-                b = stack.pop()
-            else:
-                while True:  # skip entries of blocks taken out by hits or queued again since
-                    entry = lru.popleft()
-                    b = entry % n
-                    if queued[b] and generation[b] == entry // n:
-                        break
-                queued[b] = False
-                self.num_lru -= 1
+        if stack:  # the front part first: unhashed blocks, top of the stack = front of the queue
+            take = min(count, len(stack))
+            out = stack[-take:]
+            out.reverse()
+            del stack[-take:]
+            for b in out:
+                ref[b] = 1
+            count -= take
+            if not count:
+                return out
+        lru = self.free_lru
+        head = self.lru_head
+        if not self.num_stale:  # every entry is live: one slice
+            taken = lru[head : head + count]
+            head += count
+        else:
+            stale = self.stale
+            taken = []
+            append = taken.append
+            while len(taken) < count:
+                b = lru[head]
+                head += 1
+                if stale[b]:  # an entry left behind by a prefix hit
+                    stale[b] -= 1
+                    self.num_stale -= 1
+                else:
+                    append(b)
+        if head > 4096 and head * 2 > len(lru):  # drop the consumed front (amortised O(1))
+            del lru[:head]
+            head = 0
+        self.lru_head = head
+        self.num_lru -= count
+        cached = self.cached
+        duplicates = self.duplicates
+        for b in taken:
             h = block_hash[b]
             if h is not None:
                 if h.__class__ is tuple:  # private content: nothing indexes it
@@ -274,8 +293,10 @@ class KVCacheManager:
                     del cached[h]
                     block_hash[b] = None
             ref[b] = 1
-            out.append(b)
-        return out
+        if out:
+            out += taken
+            return out
+        return taken
 
     def cache_blocks(self, state: ReqState, num_tokens: int) -> None:
         """Register the hashes of the request's blocks that are now full (vLLM cache_full_blocks)."""
@@ -289,18 +310,20 @@ class KVCacheManager:
         blocks = self.req_blocks[rid]
         block_hash = self.block_hash
         cached = self.cached
-        for i in range(start, num_full):
+        split = min(max(first_private, start), num_full)
+        for i in range(start, split):
             b = blocks[i]
             if block_hash[b] is None:  # prefix hits already carry their hash
-                if i >= first_private:
-                    block_hash[b] = (rid, i)
-                    continue
                 h = hashes[i]
                 block_hash[b] = h
                 if h in cached:
                     self.duplicates.setdefault(h, []).append(b)
                 else:
                     cached[h] = b
+        for i in range(split, num_full):  # private content: a marker instead of a hash
+            b = blocks[i]
+            if block_hash[b] is None:
+                block_hash[b] = (rid, i)
         self.num_cached_blocks[rid] = num_full
 
     def remember_private(self, state: ReqState) -> None:
@@ -329,22 +352,19 @@ class KVCacheManager:
             return
         ref = self.ref_cnt
         block_hash = self.block_hash
-        lru = self.free_lru
-        n = self._n
-        queued = self.queued
-        generation = self.generation
+        lru_append = self.free_lru.append
         evict_first: list[int] = []
+        num_lru = 0
         for b in reversed(blocks):
-            ref[b] -= 1
-            if ref[b] == 0:
+            r = ref[b] - 1
+            ref[b] = r
+            if not r:
                 if block_hash[b] is None:
                     evict_first.append(b)  # vLLM: LIFO reuse of blocks that can never hit
                 else:  # vLLM: FIFO (LRU) for cached blocks
-                    g = generation[b] + 1
-                    generation[b] = g
-                    queued[b] = True
-                    lru.append(g * n + b)
-                    self.num_lru += 1
+                    lru_append(b)
+                    num_lru += 1
+        self.num_lru += num_lru
         if evict_first:  # vLLM prepends them in this order: the first one ends up at the front
             evict_first.reverse()
             self.free_stack += evict_first
@@ -366,8 +386,12 @@ class KVCacheManager:
     def check(self) -> None:
         """Invariants (tests): every block is free xor referenced; hashes and the cache index agree."""
         referenced = {b for blocks in self.req_blocks.values() for b in blocks}
-        n = self._n
-        live = [e % n for e in self.free_lru if self.queued[e % n] and self.generation[e % n] == e // n]
+        entries = Counter(self.free_lru[self.lru_head :])
+        if sum(self.stale) != self.num_stale or any(entries[b] < s for b, s in enumerate(self.stale)):
+            raise AssertionError("stale free-queue entries miscounted")
+        live = [b for b, c in entries.items() if c - self.stale[b] == 1]
+        if any(c - self.stale[b] > 1 for b, c in entries.items()):
+            raise AssertionError("a block is queued twice")
         free = set(self.free_stack) | set(live)
         if len(free) != len(self.free_stack) + len(live) or len(live) != self.num_lru:
             raise AssertionError("a block is queued twice, or the free count is off")
