@@ -17,32 +17,14 @@ from blis_cal.observe.client import (
     send,
     text_prompt,
 )
-from blis_cal.workload import WorkloadRequest
 from blis_cal.workload.request import WORDS
+from tests.workload_requests import workload_request
 
 URL = "http://fake:8000"
 
 
-def wreq(rid=0, n_in=20, n_out=5, prefix=0, group="", tenant="", slo=""):
-    context = ((f"prefix:{group}", prefix),) if prefix else ()
-    context += ((f"req:{rid}", n_in),)
-    return WorkloadRequest(
-        request_id=rid,
-        client_id="c",
-        tenant_id=tenant,
-        slo_class=slo,
-        arrival_us=0,
-        prefix_group=group,
-        prefix_length=prefix,
-        input_tokens=n_in,
-        output_tokens=n_out,
-        session_id="",
-        round_index=0,
-        streaming=True,
-        think_time_us=0,
-        token_seed=3,
-        context=context,
-    )
+def wreq(rid=0, n_in=20, n_out=5, **kw):
+    return workload_request(rid, n_in=n_in, n_out=n_out, token_seed=3, **kw)
 
 
 def cfg(**kw):

@@ -14,30 +14,13 @@ import pytest
 
 from blis_cal.observe import ClientConfig, ObserveConfig, Observer, observe
 from blis_cal.trace import ok_records, read_trace, trace_summary
-from blis_cal.workload import Workload, WorkloadRequest, generate, parse_spec, workload_from_options
+from blis_cal.workload import Workload, generate, parse_spec, workload_from_options
 from tests.fake_vllm import FakeVLLM
+from tests.workload_requests import workload_request
 
 
-def wreq(rid, arrival_us, n_in, n_out=6, prefix=0, group=""):
-    context = ((f"prefix:{group}", prefix),) if prefix else ()
-    context += ((f"req:{rid}", n_in),)
-    return WorkloadRequest(
-        request_id=rid,
-        client_id="c",
-        tenant_id="",
-        slo_class="",
-        arrival_us=arrival_us,
-        prefix_group=group,
-        prefix_length=prefix,
-        input_tokens=n_in,
-        output_tokens=n_out,
-        session_id="",
-        round_index=0,
-        streaming=True,
-        think_time_us=0,
-        token_seed=5,
-        context=context,
-    )
+def wreq(rid, arrival_us, n_in, n_out=6, **kw):
+    return workload_request(rid, arrival_us=arrival_us, n_in=n_in, n_out=n_out, token_seed=5, **kw)
 
 
 def workload(reqs):
