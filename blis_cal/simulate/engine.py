@@ -229,9 +229,14 @@ class Simulation:
 
     def run(self) -> SimRun:
         """Run to completion and return the results."""
-        events = self._events
-        while len(events):
-            self._dispatch(*events.pop())
+        pop = self._events.pop
+        dispatch = self._dispatch
+        while True:
+            try:
+                event = pop()
+            except IndexError:  # no event left (heapq on an empty heap)
+                break
+            dispatch(*event)
         return self.results()
 
     def results(self) -> SimRun:
@@ -301,7 +306,9 @@ class Simulation:
 
     def _step_start(self, now: int, index: int) -> None:
         inst = self.instances[index]
-        horizon = self._events.peek_time() if len(self._events) else math.inf
+        horizon = self._events.peek_time()
+        if horizon is None:
+            horizon = math.inf
         kind, value = inst.start_step(now, horizon, self._limit_us)
         if kind == STEP:
             self._events.push(now + value, ev.STEP_END, index)

@@ -89,7 +89,9 @@ class Instance:
         self.decoders: dict[int, ReqState] = {}  # lazy decoders (request_id -> state), join order
         self.round = 0  # G: decode rounds done by the lazy set
         self._ctx_sum = 0  # Σ num_computed of lazy decoders
-        self._alloc_buckets: list[dict[int, ReqState]] = [{} for _ in range(limits.block_size)]
+        # Lazy decoders by round mod block size: request_id -> its block list (kv.req_blocks entry, the same
+        # list object while it decodes), to which the round crossing a block boundary appends.
+        self._alloc_buckets: list[dict[int, list[int]]] = [{} for _ in range(limits.block_size)]
         self._finish_rounds: dict[int, list[ReqState]] = {}
         self._step_decoders = 0  # lazy decoders that took part in the step in flight
         # Whether jumps may complete requests (no finish callback to honour); the engine then reads
@@ -489,7 +491,7 @@ class Instance:
                 self.decoders[state.request_id] = state
                 self._ctx_sum += c
                 # Round g computes position c + (g' − g): a new block when that position is a multiple of B.
-                self._alloc_buckets[(g - c) % bs][state.request_id] = state
+                self._alloc_buckets[(g - c) % bs][state.request_id] = self.kv.req_blocks[state.request_id]
                 last = g + state.output_len - state.num_output - 1
                 self._finish_rounds.setdefault(last, []).append(state)
             else:

@@ -235,12 +235,11 @@ class KVCacheManager:
             self.cache_blocks(state, min(local_computed + num_new_tokens, state.num_tokens))
         return True
 
-    def append_blocks(self, states: Collection[ReqState]) -> None:
-        """One more block for each decoding request crossing a block boundary (fast path of allocate_slots;
-        the caller has checked there are enough free blocks)."""
-        req_blocks = self.req_blocks
-        for state, b in zip(states, self._take_free(len(states)), strict=True):
-            req_blocks[state.request_id].append(b)
+    def append_blocks(self, block_lists: Collection[list[int]]) -> None:
+        """One more block for each decoding request crossing a block boundary, given as its `req_blocks`
+        list (fast path of allocate_slots; the caller has checked there are enough free blocks)."""
+        for blocks, b in zip(block_lists, self._take_free(len(block_lists)), strict=True):
+            blocks.append(b)
 
     def _take_free(self, count: int) -> list[int]:
         """Pop `count` blocks from the front of the free queue, evicting their cached content."""
@@ -284,10 +283,10 @@ class KVCacheManager:
         duplicates = self.duplicates
         for b in taken:
             h = block_hash[b]
-            if h is not None:
-                if h.__class__ is tuple:  # private content: nothing indexes it
-                    block_hash[b] = None
-                elif h in duplicates or cached[h] != b:
+            if h.__class__ is tuple:  # private content: nothing indexes it
+                block_hash[b] = None
+            elif h is not None:
+                if h in duplicates or cached[h] != b:
                     self._evict(b, h)
                 else:  # the common case, inlined: the only block holding this content
                     del cached[h]
@@ -320,10 +319,10 @@ class KVCacheManager:
                     self.duplicates.setdefault(h, []).append(b)
                 else:
                     cached[h] = b
-        for i in range(split, num_full):  # private content: a marker instead of a hash
-            b = blocks[i]
-            if block_hash[b] is None:
-                block_hash[b] = (rid, i)
+        # Private content: a marker instead of a hash. The only blocks there already marked are the
+        # request's own, hit again after a preemption, and carry this same marker.
+        for i in range(split, num_full):
+            block_hash[blocks[i]] = (rid, i)
         self.num_cached_blocks[rid] = num_full
 
     def remember_private(self, state: ReqState) -> None:
