@@ -148,11 +148,6 @@ class ComparisonReport:
     def mape(self, metric: str) -> float:
         return float(self.metrics[metric]["request_level"]["mape"]) if metric in self.metrics else math.nan
 
-    def pearson(self, metric: str) -> float:
-        return (
-            float(self.metrics[metric]["request_level"]["pearson_r"]) if metric in self.metrics else math.nan
-        )
-
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trace_info": self.trace_info, "metrics": self.metrics}
         out["config_match"] = {}
