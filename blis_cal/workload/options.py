@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 from blis_cal.errors import ConfigError
 from blis_cal.workload.generator import Workload, generate
@@ -32,7 +33,11 @@ def options_spec(
     output_tokens: int | None = None,
     seed: int | None = None,
 ) -> WorkloadSpec:
-    """The spec the flags describe (see `workload_from_options`)."""
+    """The spec the CLI flags describe. Exactly one source: a spec file, a preset/scenario (needs rate),
+    `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, no think time,
+    chatbot lengths). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
+    `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError otherwise.
+    """
     given = [
         flag
         for flag, value in (
@@ -103,32 +108,6 @@ def options_spec(
     return spec
 
 
-def workload_from_options(
-    *,
-    spec_path: str | Path | None = None,
-    preset: str | None = None,
-    rate: float | None = None,
-    concurrency: int | None = None,
-    num_requests: int | None = None,
-    duration_s: float | None = None,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    seed: int | None = None,
-) -> Workload:
-    """The workload the CLI flags describe. Exactly one source: a spec file, a preset/scenario (needs
-    rate), `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, no think
-    time, chatbot lengths). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
-    `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError otherwise.
-    """
-    spec = options_spec(
-        spec_path=spec_path,
-        preset=preset,
-        rate=rate,
-        concurrency=concurrency,
-        num_requests=num_requests,
-        duration_s=duration_s,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        seed=seed,
-    )
-    return generate(spec)
+def workload_from_options(**options: Any) -> Workload:
+    """The workload the CLI flags describe (keywords and rules of `options_spec`), generated."""
+    return generate(options_spec(**options))
