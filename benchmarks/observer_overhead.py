@@ -30,7 +30,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from blis_cal.observe import ClientConfig, ObserveConfig, Observer  # noqa: E402
+from blis_cal.observe import ClientConfig, ObserveConfig, Observer, new_event_loop  # noqa: E402
 from blis_cal.trace import read_trace  # noqa: E402
 from blis_cal.workload import Workload, WorkloadRequest  # noqa: E402
 
@@ -151,7 +151,8 @@ async def fetch_times(url: str) -> dict[str, list[int]]:
 
 
 def measure(url: str, client: str, n: int, tokens: int) -> dict[str, float]:
-    recorded, chunks, cpu_s = asyncio.run(run_observer(url, n, tokens, client))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # as `blis observe` runs it
+        recorded, chunks, cpu_s = runner.run(run_observer(url, n, tokens, client))
     cpu_us = cpu_s * 1e6
     truth = asyncio.run(fetch_times(url))
     lags, firsts, lasts, wrote_first, wrote_last, firsts_lag = [], [], [], [], [], []

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import time
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -12,8 +14,10 @@ from blis_cal.observe.client import (
     ClientConfig,
     Clock,
     SSEDecoder,
+    _ReadArrivals,
     build_body,
     build_headers,
+    new_event_loop,
     send,
     text_prompt,
 )
@@ -328,3 +332,78 @@ def test_cli_server_info_and_header_flags_are_typed_and_strict():
         _observe_server_info(["max_num_seqs=many"])
     with pytest.raises(ConfigError, match="KEY one of"):
         _observe_server_info(["num_gpus=2"])
+
+
+# ---------------------------------------------------------------------------------------------- arrival times
+
+
+def test_wake_clock_reports_when_the_loop_woke_not_when_a_callback_ran():
+    async def main():
+        clock = Clock()
+        await asyncio.sleep(0.01)  # the loop sleeps in select() and wakes for this task
+        woke = clock.woke_us()
+        time.sleep(0.05)  # a busy callback in the same loop iteration
+        return woke, clock.woke_us(), clock.now_us()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        woke, again, now = runner.run(main())
+    assert again == woke and now - woke >= 50_000
+
+
+def test_wake_clock_outside_a_stamping_loop_is_now():
+    async def main():
+        clock = Clock()
+        before = clock.now_us()
+        return before, clock.woke_us(), clock.now_us()
+
+    before, woke, after = asyncio.run(main())
+    assert before <= woke <= after
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0
+
+    def now_us(self):
+        return self.t
+
+    woke_us = now_us
+
+
+def fake_response():
+    """What _ReadArrivals uses of an aiohttp response: the body stream's byte count and the connection."""
+    content = SimpleNamespace(total_bytes=0)
+
+    class Protocol:
+        def data_received(self, data):
+            content.total_bytes += len(data)  # aiohttp's parser feeding the body stream
+
+    return SimpleNamespace(content=content, connection=SimpleNamespace(protocol=Protocol()))
+
+
+def test_each_event_gets_the_time_its_network_read_arrived_not_when_the_task_read_it():
+    clock, resp = FakeClock(), fake_response()
+    arrivals = _ReadArrivals(resp, clock)
+    protocol = resp.connection.protocol
+    a, b = chunk(" a", 1), chunk(" b", 2)
+    for t, data in ((100, a[:10]), (250, a[10:]), (400, b)):  # three reads before the task runs
+        clock.t = t
+        protocol.data_received(data)
+    clock.t = 900  # the task reads everything buffered at once, much later
+    pieces = arrivals.split(a + b)
+    assert [t for t, _ in pieces] == [100, 250, 400] and b"".join(p for _, p in pieces) == a + b
+    decoder = SSEDecoder()
+    assert [(t, len(decoder.feed(p))) for t, p in pieces] == [(100, 0), (250, 1), (400, 1)]
+    clock.t = 1000
+    protocol.data_received(USAGE)
+    assert arrivals.split(USAGE) == [(1000, USAGE)]
+    arrivals.close()  # the connection's own data_received again
+    assert "data_received" not in vars(protocol)
+
+
+def test_bytes_without_a_noted_read_take_the_time_the_task_saw_them():
+    clock, resp = FakeClock(), fake_response()
+    resp.connection = None  # e.g. a connection already released: nothing to hook
+    arrivals = _ReadArrivals(resp, clock)
+    clock.t = 700
+    assert arrivals.split(b"data: x\n\n") == [(700, b"data: x\n\n")]

@@ -1,7 +1,8 @@
 """HTTP side of the observer: request bodies for the OpenAI APIs, SSE parsing, one timed request.
 
-Every SSE event is timestamped on a monotonic clock when the network read that completed it returns (events
-arriving in one read share the time). Token counts per event come from vLLM's cumulative `usage`
+Every SSE event is timestamped on a monotonic clock when the network read that completed it arrived (events
+arriving in one read share the time): on aiohttp, the connection's `data_received` notes each read's time, so
+a busy event loop delays the parsing of an event but not its timestamp. Token counts per event come from vLLM's cumulative `usage`
 (`stream_options.continuous_usage_stats`), so one event carrying several tokens (stream_interval,
 speculative decoding, a busy API server) is recorded as such, never as one token.
 """
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import selectors
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from typing import Any, Protocol
 
 import aiohttp
 import httpx
+import orjson
 
 from blis_cal.errors import ConfigError
 from blis_cal.trace import Chunk
@@ -45,11 +49,41 @@ class RequestLike(Protocol):
     ) -> list[int]: ...
 
 
+class _WakeStampingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
+    """The event loop's selector, noting when each select() returned: the moment the loop learnt which
+    sockets had data. Every read callback of that loop iteration runs later, after the task steps queued
+    before it (asyncio runs ready callbacks in order), so this is the honest arrival time of their bytes."""
+
+    woke_ns = 0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(timeout)
+        self.woke_ns = time.perf_counter_ns()
+        return ready
+
+
+_WAKE_SELECTORS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeStampingSelector] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose socket wake-ups a Clock created in it can read (`Clock.woke_us`)."""
+    selector = _WakeStampingSelector()
+    loop = asyncio.SelectorEventLoop(selector)
+    _WAKE_SELECTORS[loop] = selector
+    return loop
+
+
 class Clock:
     """Monotonic microseconds since the run started (perf_counter: CLOCK_MONOTONIC on Linux)."""
 
     def __init__(self) -> None:
         self._t0_ns = time.perf_counter_ns()
+        try:
+            self._selector = _WAKE_SELECTORS.get(asyncio.get_running_loop())
+        except RuntimeError:  # no running loop
+            self._selector = None
 
     @property
     def t0_ns(self) -> int:
@@ -58,6 +92,12 @@ class Clock:
 
     def now_us(self) -> int:
         return (time.perf_counter_ns() - self._t0_ns) // 1000
+
+    def woke_us(self) -> int:
+        """When the running loop last found sockets readable (a loop from `new_event_loop`), else now."""
+        if self._selector is None or self._selector.woke_ns < self._t0_ns:
+            return self.now_us()
+        return (self._selector.woke_ns - self._t0_ns) // 1000
 
 
 @dataclass
@@ -268,7 +308,7 @@ class _StreamState:
             self.done = True
             return
         try:
-            msg = json.loads(payload)
+            msg = orjson.loads(payload)  # the hot path: a few µs less per event than json keeps stamps honest
         except ValueError:
             raise _StreamError(f"malformed SSE event: {_clip(payload.decode('utf-8', 'replace'))}") from None
         if not isinstance(msg, dict):
@@ -385,20 +425,93 @@ def parse_response_body(body: bytes, out: Outcome, now_us: int, collect: bool = 
 # ---------------------------------------------------------------------------------------------- sending
 
 
+Reads = AsyncIterator[tuple[int, bytes]]  # (arrival time µs, body bytes) per network read
+
+
+async def _stamped_on_resume(chunks: AsyncIterator[bytes], clock: Clock) -> Reads:
+    async for data in chunks:
+        yield clock.now_us(), data  # when our task saw them: later than arrival if the loop was busy
+
+
 @asynccontextmanager
 async def _post_httpx(
-    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+    client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], clock: Clock
+) -> AsyncIterator[tuple[int, Reads]]:
     async with client.stream("POST", url, json=body, headers=headers) as resp:
-        yield resp.status_code, resp.aiter_raw()
+        yield resp.status_code, _stamped_on_resume(resp.aiter_raw(), clock)
+
+
+class _ReadArrivals:
+    """Arrival time of every network read of one aiohttp response body.
+
+    asyncio calls the connection protocol's `data_received` in the loop iteration that found the socket
+    readable; our task runs later, after every other ready callback. Wrapping `data_received` for the life
+    of the response notes (body bytes received so far, that wake-up's time) per read, and `split` cuts what
+    the task reads back into those reads, so each event keeps the time its last byte was seen.
+    """
+
+    def __init__(self, resp: aiohttp.ClientResponse, clock: Clock) -> None:
+        self._clock = clock
+        self._content = resp.content
+        self._marks: list[tuple[int, int]] = [(resp.content.total_bytes, clock.now_us())]
+        self._next = 0  # first mark not yet consumed
+        self._consumed = 0
+        conn = resp.connection
+        self._protocol = conn.protocol if conn is not None else None
+        if self._protocol is not None and hasattr(self._protocol, "__dict__"):
+            received = self._protocol.data_received
+
+            def data_received(data: bytes) -> None:
+                now = clock.woke_us()
+                received(data)
+                self._marks.append((self._content.total_bytes, now))
+
+            self._protocol.data_received = data_received  # type: ignore[method-assign]
+        else:
+            self._protocol = None
+
+    def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.__dict__.pop("data_received", None)  # the class's method again
+
+    def split(self, data: bytes) -> list[tuple[int, bytes]]:
+        """`data` (the next bytes the task read) cut at read boundaries, each piece with its arrival."""
+        start, end = self._consumed, self._consumed + len(data)
+        marks, pieces = self._marks, []
+        while self._next < len(marks) and start < end:
+            offset, t = marks[self._next]
+            if offset > start:
+                cut = min(offset, end)
+                pieces.append((t, data[start - self._consumed : cut - self._consumed]))
+                start = cut
+            if offset <= start:
+                self._next += 1
+        if start < end:  # no mark reached (hook unavailable): the time the task saw them
+            pieces.append((self._clock.now_us(), data[start - self._consumed :]))
+        self._consumed = end
+        return pieces
+
+
+async def _stamped_on_arrival(resp: aiohttp.ClientResponse, clock: Clock) -> Reads:
+    arrivals = _ReadArrivals(resp, clock)
+    try:
+        async for data in resp.content.iter_any():  # every buffered byte per wake-up
+            for piece in arrivals.split(data):
+                yield piece
+    finally:
+        arrivals.close()
 
 
 @asynccontextmanager
 async def _post_aiohttp(
-    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str]
-) -> AsyncIterator[tuple[int, AsyncIterator[bytes]]]:
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str], clock: Clock
+) -> AsyncIterator[tuple[int, Reads]]:
     async with session.post(url, json=body, headers=headers) as resp:
-        yield resp.status, resp.content.iter_any()  # every buffered byte per read: fewer wake-ups
+        reads = _stamped_on_arrival(resp, clock)
+        try:
+            yield resp.status, reads
+        finally:
+            await reads.aclose()
 
 
 async def send(
@@ -417,23 +530,22 @@ async def send(
     try:
         async with asyncio.timeout(cfg.timeout_s):
             out.send_us = clock.now_us()
-            async with post(client, url, body, headers) as (status, reads):
+            async with post(client, url, body, headers, clock) as (status, reads):
                 out.http_status = status
                 if status != 200:
-                    text = b"".join([data async for data in reads]).decode("utf-8", "replace")
+                    text = b"".join([data async for _, data in reads]).decode("utf-8", "replace")
                     out.last_us = clock.now_us()
                     out.status = "error"
                     out.error_message = f"HTTP {status}: {_body_error(text)}"
                     return out
                 if cfg.streaming:
-                    await _read_stream(reads, state, clock)
+                    await _read_stream(reads, state)
                 else:
-                    parts = []
-                    async for data in reads:
-                        if not out.first_us:
-                            out.first_us = clock.now_us()
+                    parts, last_us = [], 0
+                    async for last_us, data in reads:
+                        out.first_us = out.first_us or last_us
                         parts.append(data)
-                    parse_response_body(b"".join(parts), out, clock.now_us(), cfg.collect_answers)
+                    parse_response_body(b"".join(parts), out, last_us or clock.now_us(), cfg.collect_answers)
                     out.first_us = out.first_us or out.last_us
     except TimeoutError:
         out.status = "timeout"
@@ -458,10 +570,9 @@ async def send(
     return out
 
 
-async def _read_stream(reads: AsyncIterator[bytes], state: _StreamState, clock: Clock) -> None:
+async def _read_stream(reads: Reads, state: _StreamState) -> None:
     decoder = SSEDecoder()
-    async for data in reads:
-        now_us = clock.now_us()  # when these bytes reached us: every event in them arrived by then
+    async for now_us, data in reads:  # every event completed by these bytes arrived by now_us
         for payload in decoder.feed(data):
             state.event(payload, now_us)
         if state.done:

@@ -34,6 +34,7 @@ from blis_cal.observe.client import (
     make_client,
     make_session,
     measure_tokens_per_word,
+    new_event_loop,
     new_request_id,
     send,
 )
@@ -412,4 +413,5 @@ def observe(
 ) -> ObserveResult:
     """Run an observation to completion (or Ctrl+C) and return what was recorded."""
     observer = Observer(workload, config, csv_path, on_progress)
-    return asyncio.run(observer.run(handle_signals=handle_signals))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # chunk times from the loop's wake-ups
+        return runner.run(observer.run(handle_signals=handle_signals))
