@@ -326,7 +326,7 @@ def _simulate(requests, config, sim_model, follow_up, policy, decisions, record_
 
 @app.command("policies")
 def policies_cmd() -> None:
-    """List the registered policies and models: admission, routing, scorers, schedulers, latency models, fit forms.
+    """List every registered extension: policies, schedulers, latency models, fit forms, workload samplers and presets.
 
     Examples:
 
@@ -337,6 +337,8 @@ def policies_cmd() -> None:
     from blis_cal.simulate.cluster.scheduling import priority_policies
     from blis_cal.simulate.latency import latency_models
     from blis_cal.simulate.scheduler import scheduler_policies
+    from blis_cal.workload.presets import workload_presets
+    from blis_cal.workload.samplers import arrival_samplers, length_samplers
 
     print_json(
         {
@@ -347,6 +349,9 @@ def policies_cmd() -> None:
             "priority_policies": priority_policies.names(),
             "latency_models": latency_models.names(),
             "model_forms": {name: model_forms.get(name).description for name in model_forms.names()},
+            "arrival_processes": arrival_samplers.names(),
+            "length_distributions": length_samplers.names(),
+            "workload_presets": workload_presets.names(),
         }
     )
 

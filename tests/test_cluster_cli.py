@@ -104,6 +104,8 @@ def test_policies_lists_every_registry():
     assert "prefix-affinity" in listed["routing_scorers"]
     assert {"fcfs", "priority-fcfs", "sjf"} <= set(listed["scheduler_policies"])
     assert listed["priority_policies"] == ["constant", "slo-based", "vllm"]
+    assert "gamma" in listed["arrival_processes"] and "lognormal" in listed["length_distributions"]
+    assert "prefix-heavy" in listed["workload_presets"] and "blackbox-ctx" in listed["model_forms"]
 
 
 def test_the_readme_policy_example_parses():
