@@ -14,15 +14,16 @@ A step is scheduled at its start (`start_step`) and its outputs applied at its e
   its blocks.
 
 Fast path (`jump_decode`): decoding requests are kept lazily. Their progress is implied by a round counter
-`G` (one round per step), their KV blocks are appended when a round crosses a block boundary (bucketed by
-round mod block size) and their finish round is known in advance, so a step costs O(prefills + block
-crossings + finishes) instead of O(running requests). When the budget or the free blocks cannot cover every
-running request, the step falls back to the explicit loop above (everything materialised first). Runs of
-pure-decode steps with nothing due (no arrival, no finish, no admission possible, blocks available) are
-jumped over in a tight loop. Results are identical to stepping one by one (tests compare both): within a
-step only the order of block pops among running requests differs, which relabels blocks but changes no
-hash, count or queue position; hash registration of decode-filled blocks is deferred until the request
-leaves the lazy set (their content is the request's own output, so nothing else can hit them before).
+`G` (one round per step), a round pops one KV block per decoder crossing a block boundary (counted by round
+mod block size; the blocks wait in the KV manager's decode pool until their requests leave the lazy set)
+and their finish round is known in advance, so a step costs O(prefills + finishes) instead of O(running
+requests). When the budget or the free blocks cannot cover every running request, the step falls back to
+the explicit loop above (everything materialised first). Runs of pure-decode steps with nothing due (no
+arrival, no finish, no admission possible, blocks available) are jumped over in a tight loop. Results are
+identical to stepping one by one (tests compare both): only which popped block a decoder ends up holding
+differs, which relabels blocks but changes no hash, count or queue position; hash registration of
+decode-filled blocks is deferred until the request leaves the lazy set (their content is the request's own
+output, so nothing else can hit them before).
 """
 
 from __future__ import annotations
@@ -89,9 +90,8 @@ class Instance:
         self.decoders: dict[int, ReqState] = {}  # lazy decoders (request_id -> state), join order
         self.round = 0  # G: decode rounds done by the lazy set
         self._ctx_sum = 0  # Σ num_computed of lazy decoders
-        # Lazy decoders by round mod block size: request_id -> its block list (kv.req_blocks entry, the same
-        # list object while it decodes), to which the round crossing a block boundary appends.
-        self._alloc_buckets: list[dict[int, list[int]]] = [{} for _ in range(limits.block_size)]
+        # Lazy decoders crossing a block boundary in rounds ≡ i (mod block size): how many need a new block.
+        self._crossings = [0] * limits.block_size
         self._finish_rounds: dict[int, list[ReqState]] = {}
         self._step_decoders = 0  # lazy decoders that took part in the step in flight
         # Whether jumps may complete requests (no finish callback to honour); the engine then reads
@@ -339,9 +339,9 @@ class Instance:
             if jumped is not None:
                 return JUMPED, jumped
         threshold = lim.long_prefill_token_threshold if len(running) + len(waiting) > 1 else 0
-        due = self._alloc_buckets[self.round % lim.block_size] if num_dec else {}
+        due = self._crossings[self.round % lim.block_size] if num_dec else 0
         need_tokens = num_dec
-        need_blocks = len(due)
+        need_blocks = due
         bs = lim.block_size
         max_len = lim.max_model_len
         plan: list[tuple[ReqState, int]] = []
@@ -360,7 +360,7 @@ class Instance:
         if need_tokens > budget or need_blocks > kv.num_free:
             return None  # some running request would be cut short or need a preemption: explicit loop
         if due:
-            kv.append_blocks(due.values())
+            kv.take_decode_blocks(due)
         for state, num_new in plan:
             kv.allocate_slots(state, num_new)
         self._admit(now_us, budget - need_tokens, threshold, plan)
@@ -380,18 +380,20 @@ class Instance:
         kv = self.kv
         bs = self.limits.block_size
         decode_step_us = self.model.decode_only_step_us
-        buckets = self._alloc_buckets
+        crossings = self._crossings
         finish_rounds = self._finish_rounds
         num_dec = len(self.decoders)
         token_cb = self.token_cb
         step_cb = self.step_cb
         absorb = self.absorb_finishes
-        free_stack = kv.free_stack
         capacity = kv.num_blocks
+        free = kv.num_free
         t = now_us
         rounds = 0
         stats = self.stats
         pending = used_sum = 0  # rounds and Σ used blocks not yet added to the stats
+        # Blocks the rounds so far popped, taken in one go before anything else touches the free queue.
+        owed = 0
         g = self.round
         ctx = self._ctx_sum
         while True:
@@ -400,9 +402,8 @@ class Instance:
             finishing = finish_rounds.get(g)
             if finishing is not None and not absorb:
                 break  # someone must hear of the finish when it happens (follow-ups, live callbacks)
-            due = buckets[g % bs]
-            free = len(free_stack) + kv.num_lru
-            if len(due) > free:
+            due = crossings[g % bs]
+            if due > free:
                 break
             duration = decode_step_us(num_dec, ctx)
             if duration < 0:
@@ -411,12 +412,14 @@ class Instance:
                 break  # its tokens would be reported before the live clock reaches them
             if finishing is not None and t + duration >= horizon_us:
                 break  # the next event (e.g. a routing snapshot) must still see these requests running
-            if due:
-                kv.append_blocks(due.values())
-                free -= len(due)
+            owed += due
+            free -= due
             used_sum += capacity - free
             pending += 1
             if step_cb is not None:  # the callback sees the same state as when stepping
+                if owed:
+                    kv.take_decode_blocks(owed)
+                    owed = 0
                 stats.steps += pending
                 stats.kv_used_block_steps += used_sum
                 stats.kv_block_capacity_steps += pending * capacity
@@ -434,6 +437,9 @@ class Instance:
                 self.round = g
                 self._decoder_tokens(t)
             if finishing is not None:
+                if owed:  # before the finishing requests claim theirs and free blocks
+                    kv.take_decode_blocks(owed)
+                    owed = 0
                 self.round = g
                 self._ctx_sum = ctx
                 del finish_rounds[g - 1]
@@ -444,8 +450,11 @@ class Instance:
                 self.jump_finished += [(state, t) for state in finishing]
                 ctx = self._ctx_sum
                 num_dec = len(self.decoders)
+                free = kv.num_free
                 if not num_dec or len(self.waiting):
                     break  # nothing left to decode, or a freed seat / blocks may admit a waiting request
+        if owed:
+            kv.take_decode_blocks(owed)
         self.round = g
         self._ctx_sum = ctx
         stats.steps += pending
@@ -491,7 +500,7 @@ class Instance:
                 self.decoders[state.request_id] = state
                 self._ctx_sum += c
                 # Round g computes position c + (g' − g): a new block when that position is a multiple of B.
-                self._alloc_buckets[(g - c) % bs][state.request_id] = self.kv.req_blocks[state.request_id]
+                self._crossings[(g - c) % bs] += 1
                 last = g + state.output_len - state.num_output - 1
                 self._finish_rounds.setdefault(last, []).append(state)
             else:
@@ -505,10 +514,9 @@ class Instance:
         state.num_output += delta
         self._ctx_sum -= state.num_computed
         del self.decoders[state.request_id]
-        del self._alloc_buckets[(state.lazy_base - state.num_computed + delta) % self.limits.block_size][
-            state.request_id
-        ]
+        self._crossings[(state.lazy_base - state.num_computed + delta) % self.limits.block_size] -= 1
         state.lazy_base = -1
+        self.kv.claim_decode_blocks(state)
         if self.kv.enable_caching:
             self.kv.cache_blocks(state, state.num_computed)
 

@@ -11,8 +11,10 @@ vLLM behaviour reproduced (v1/core/kv_cache_manager.py, block_pool.py, single_ty
 
 Hashes are tuples of ints hashed by Python (the same in every process). When every request is known in
 advance (`Simulation.mark_private_content`), blocks whose content no other request has skip the hash
-chain: they carry a (request_id, index) marker, which keeps vLLM's queue order and lets a preempted
-request find them again, and nothing else could ever hit them.
+chain: nothing else could ever hit them. They count as cached for vLLM's queue order (a request's first
+`num_cached_blocks` blocks are the cached ones), and only when a request is preempted do its private
+blocks get a (request_id, index) marker, by which it finds them again while they survive in the queue.
+Only blocks with a hash can be shared, so reference counts are kept for those alone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 from blis_cal.simulate.request import ReqState, output_key
 
@@ -128,8 +130,9 @@ class KVCacheManager:
         self.stale = [0] * num_gpu_blocks
         self.num_stale = 0  # Σ stale: while 0, every entry from lru_head on is live
         self.num_lru = num_gpu_blocks - 1
-        self.ref_cnt = [0] * num_gpu_blocks
-        self.block_hash: list[int | None] = [None] * num_gpu_blocks
+        self.ref_cnt = [0] * num_gpu_blocks  # requests holding the block (kept for hashed blocks only)
+        self.block_hash: list[int | tuple[int, int] | None] = [None] * num_gpu_blocks  # hash or marker
+        self.num_marked = 0  # blocks carrying a private marker
         self.cached: dict[int, int] = {}  # hash -> the block lookups return (the first one cached)
         self.duplicates: dict[int, list[int]] = {}  # hash -> later blocks with the same content
         self.req_blocks: dict[int, list[int]] = {}
@@ -137,6 +140,7 @@ class KVCacheManager:
         # preempted request finds them again through this index (made at preemption), checked by the marker.
         self.private: dict[int, dict[int, int]] = {}
         self.num_cached_blocks: dict[int, int] = {}
+        self.decode_pool: list[int] = []  # blocks popped for lazy decoders, not yet in their req_blocks
 
     # ------------------------------------------------------------------------------------------ state
     @property
@@ -209,7 +213,14 @@ class KVCacheManager:
             blocks = []
         ref = self.ref_cnt
         n_have = len(blocks) + len(new_computed_blocks)
-        evictable = sum(1 for b in new_computed_blocks if ref[b] == 0)
+        evictable = 0
+        if new_computed_blocks:
+            # A prefix hit (on a request holding no blocks yet) is free unless another request holds it; hits
+            # on the request's own private blocks always are (its preemption freed them).
+            shared_hits = new_computed_blocks[: state.private_from // bs]
+            evictable = (
+                len(new_computed_blocks) - len(shared_hits) + sum(1 for b in shared_hits if ref[b] == 0)
+            )
         local_computed = state.num_computed + len(new_computed_blocks) * bs
         free = len(self.free_stack) + self.num_lru
         if full_sequence_must_fit:
@@ -221,13 +232,14 @@ class KVCacheManager:
         num_new_blocks = max(cdiv(need_slot, bs) - n_have, 0)
         if num_new_blocks + evictable > free:
             return False
-        for b in new_computed_blocks:
-            if ref[b] == 0:  # a hit on a cached free block takes it out of the queue
-                self.stale[b] += 1
-                self.num_stale += 1
-                self.num_lru -= 1
-            ref[b] += 1
-            blocks.append(b)
+        if new_computed_blocks:  # a hit on a free block takes it out of the queue
+            for b in shared_hits:
+                if ref[b] == 0:
+                    self._unqueue(b)
+                ref[b] += 1
+            for b in new_computed_blocks[len(shared_hits) :]:
+                self._unqueue(b)
+            blocks += new_computed_blocks
         if num_new_blocks:
             blocks += self._take_free(num_new_blocks)
         self.req_blocks[rid] = blocks
@@ -235,25 +247,37 @@ class KVCacheManager:
             self.cache_blocks(state, min(local_computed + num_new_tokens, state.num_tokens))
         return True
 
-    def append_blocks(self, block_lists: Collection[list[int]]) -> None:
-        """One more block for each decoding request crossing a block boundary, given as its `req_blocks`
-        list (fast path of allocate_slots; the caller has checked there are enough free blocks)."""
-        for blocks, b in zip(block_lists, self._take_free(len(block_lists)), strict=True):
-            blocks.append(b)
+    def _unqueue(self, block: int) -> None:
+        """Take a free block out of the middle of the queue: its entry stays behind, counted as stale."""
+        self.stale[block] += 1
+        self.num_stale += 1
+        self.num_lru -= 1
+
+    def take_decode_blocks(self, count: int) -> None:
+        """Pop `count` blocks for lazily tracked decoding requests crossing a block boundary (fast path of
+        allocate_slots; the caller has checked there are enough free blocks). They wait in `decode_pool`
+        until their requests claim them."""
+        self.decode_pool += self._take_free(count)
+
+    def claim_decode_blocks(self, state: ReqState) -> None:
+        """A request leaving the lazy decode set takes the blocks its decode rounds popped. Pool blocks are
+        alike (unhashed, never looked up), so which ones it takes only relabels blocks."""
+        blocks = self.req_blocks[state.request_id]
+        owed = cdiv(state.num_computed, self.block_size) - len(blocks)
+        if owed:
+            pool = self.decode_pool
+            blocks += pool[-owed:]
+            del pool[-owed:]
 
     def _take_free(self, count: int) -> list[int]:
         """Pop `count` blocks from the front of the free queue, evicting their cached content."""
         stack = self.free_stack
-        block_hash = self.block_hash
-        ref = self.ref_cnt
         out: list[int] = []
         if stack:  # the front part first: unhashed blocks, top of the stack = front of the queue
             take = min(count, len(stack))
             out = stack[-take:]
             out.reverse()
             del stack[-take:]
-            for b in out:
-                ref[b] = 1
             count -= take
             if not count:
                 return out
@@ -279,19 +303,22 @@ class KVCacheManager:
             head = 0
         self.lru_head = head
         self.num_lru -= count
-        cached = self.cached
-        duplicates = self.duplicates
-        for b in taken:
-            h = block_hash[b]
-            if h.__class__ is tuple:  # private content: nothing indexes it
-                block_hash[b] = None
-            elif h is not None:
-                if h in duplicates or cached[h] != b:
+        if self.cached or self.num_marked:  # else no block has content to evict
+            block_hash = self.block_hash
+            cached = self.cached
+            duplicates = self.duplicates
+            for b in taken:
+                h = block_hash[b]
+                if h is None:
+                    continue
+                if h.__class__ is tuple:  # a preempted request's private block: no longer its own
+                    block_hash[b] = None
+                    self.num_marked -= 1
+                elif h in duplicates or cached[h] != b:
                     self._evict(b, h)
                 else:  # the common case, inlined: the only block holding this content
                     del cached[h]
                     block_hash[b] = None
-            ref[b] = 1
         if out:
             out += taken
             return out
@@ -304,39 +331,42 @@ class KVCacheManager:
         start = self.num_cached_blocks.get(rid, 0)
         if num_full <= start:
             return
-        first_private = state.private_from // self.block_size
-        hashes = self.ensure_hashes(state, min(num_full, first_private) * self.block_size)
+        self.num_cached_blocks[rid] = num_full
+        stop = min(num_full, state.private_from // self.block_size)  # private blocks need no hash
+        if start >= stop:
+            return
+        hashes = self.ensure_hashes(state, stop * self.block_size)
         blocks = self.req_blocks[rid]
         block_hash = self.block_hash
+        ref = self.ref_cnt
         cached = self.cached
-        split = min(max(first_private, start), num_full)
-        for i in range(start, split):
+        for i in range(start, stop):
             b = blocks[i]
-            if block_hash[b] is None:  # prefix hits already carry their hash
+            if block_hash[b] is None:  # prefix hits already carry their hash (and count this request)
                 h = hashes[i]
                 block_hash[b] = h
+                ref[b] = 1
                 if h in cached:
                     self.duplicates.setdefault(h, []).append(b)
                 else:
                     cached[h] = b
-        # Private content: a marker instead of a hash. The only blocks there already marked are the
-        # request's own, hit again after a preemption, and carry this same marker.
-        for i in range(split, num_full):
-            block_hash[blocks[i]] = (rid, i)
-        self.num_cached_blocks[rid] = num_full
 
     def remember_private(self, state: ReqState) -> None:
         """Before a preemption frees them: index the request's private blocks, the only ones it alone can
         hit when it is readmitted (a finished request's are never looked for again)."""
         rid = state.request_id
         first_private = state.private_from // self.block_size
-        blocks = self.req_blocks.get(rid, ())
-        if len(blocks) > first_private:
+        num_cached = self.num_cached_blocks.get(rid, 0)
+        if num_cached > first_private:
+            blocks = self.req_blocks[rid]
             own = self.private.setdefault(rid, {})
             block_hash = self.block_hash
-            for i in range(first_private, len(blocks)):
-                if block_hash[blocks[i]] == (rid, i):
-                    own[i] = blocks[i]
+            for i in range(first_private, num_cached):
+                b = blocks[i]
+                if block_hash[b] is None:  # else marked already: hit again after an earlier preemption
+                    block_hash[b] = (rid, i)
+                    self.num_marked += 1
+                own[i] = b
 
     def forget(self, state: ReqState) -> None:
         """A finished request's private blocks can never be hit again: drop their index."""
@@ -346,27 +376,26 @@ class KVCacheManager:
         """Release a finished or preempted request's blocks, last block first (vLLM free order)."""
         rid = state.request_id
         blocks = self.req_blocks.pop(rid, None)
-        self.num_cached_blocks.pop(rid, None)
+        num_cached = self.num_cached_blocks.pop(rid, 0)
         if not blocks:
             return
+        # vLLM: LIFO reuse of uncached blocks (only their request holds them): prepended last-to-first, so
+        # the last block ends up at the front.
+        self.free_stack += blocks[num_cached:]
+        # vLLM: FIFO (LRU) for cached blocks, appended last-to-first; private ones are this request's alone,
+        # shared ones join when no other request holds them.
+        split = min(num_cached, state.private_from // self.block_size)
+        lru = self.free_lru
+        size = len(lru)
+        lru += reversed(blocks[split:num_cached])
         ref = self.ref_cnt
-        block_hash = self.block_hash
-        lru_append = self.free_lru.append
-        evict_first: list[int] = []
-        num_lru = 0
-        for b in reversed(blocks):
+        for i in range(split - 1, -1, -1):
+            b = blocks[i]
             r = ref[b] - 1
             ref[b] = r
             if not r:
-                if block_hash[b] is None:
-                    evict_first.append(b)  # vLLM: LIFO reuse of blocks that can never hit
-                else:  # vLLM: FIFO (LRU) for cached blocks
-                    lru_append(b)
-                    num_lru += 1
-        self.num_lru += num_lru
-        if evict_first:  # vLLM prepends them in this order: the first one ends up at the front
-            evict_first.reverse()
-            self.free_stack += evict_first
+                lru.append(b)
+        self.num_lru += len(lru) - size
 
     def _evict(self, block: int, h: int) -> None:
         self.block_hash[block] = None
@@ -384,7 +413,7 @@ class KVCacheManager:
 
     def check(self) -> None:
         """Invariants (tests): every block is free xor referenced; hashes and the cache index agree."""
-        referenced = {b for blocks in self.req_blocks.values() for b in blocks}
+        referenced = {b for blocks in self.req_blocks.values() for b in blocks} | set(self.decode_pool)
         entries = Counter(self.free_lru[self.lru_head :])
         if sum(self.stale) != self.num_stale or any(entries[b] < s for b, s in enumerate(self.stale)):
             raise AssertionError("stale free-queue entries miscounted")
@@ -396,6 +425,11 @@ class KVCacheManager:
             raise AssertionError("a block is queued twice, or the free count is off")
         if any(self.block_hash[b] is not None for b in self.free_stack):
             raise AssertionError("a hashed block is in the unhashed part of the free queue")
+        for rid, blocks in self.req_blocks.items():
+            if any(self.block_hash[b] is not None for b in blocks[self.num_cached_blocks.get(rid, 0) :]):
+                raise AssertionError(f"request {rid} holds a hashed block past its cached ones")
+        if sum(h.__class__ is tuple for h in self.block_hash) != self.num_marked:
+            raise AssertionError("private markers miscounted")
         if referenced & free or len(referenced | free) != self.num_blocks:
             raise AssertionError("KV block conservation violated")
         for h, block in self.cached.items():
