@@ -462,9 +462,9 @@ class _ReadArrivals:
             received = self._protocol.data_received
 
             def data_received(data: bytes) -> None:
-                now = clock.woke_us()
                 received(data)
-                self._marks.append((self._content.total_bytes, now))
+                if data:  # aiohttp calls it with b"" to resume parsing: no read, no mark
+                    self._marks.append((self._content.total_bytes, clock.woke_us()))
 
             self._protocol.data_received = data_received  # type: ignore[method-assign]
         else:
