@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
-from blis_cal.calibrate.features import estimate_cached_tokens, window_rows
+from blis_cal.calibrate.features import estimate_cached_tokens, idle_prefill_rows, window_rows
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -63,6 +63,19 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
     assert_within(fitted, beta)
+
+
+def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():
+    # 2,500–3,500-token prompts with a 2,048-token budget: vLLM's chunked prefill runs each over two steps,
+    # each paying β0 and attending to the cached prefix and the chunks before it. With the true coefficients
+    # the features reproduce every idle-engine TTFT (counting one step would push β0 into α).
+    beta = (6000.0, 20.0, 150.0, 0.5, 0.25)
+    reqs = poisson_requests(100, 1.0, seed=7, input_mean=3000, max_input=3500)
+    idle = idle_prefill_rows(simulated_trace(reqs, CONFIG, BlackboxModel(ALPHA, beta)))
+    assert len(idle.ttft_us) > 20 and set(idle.features["const"]) == {1.0, 2.0}
+    outside = ALPHA[0] + ALPHA[1] * idle.prompt_tokens
+    step = idle.matrix(("const", "P", "D", "Pctx", "Dctx")) @ beta
+    np.testing.assert_allclose(step + outside, idle.ttft_us, atol=2)
 
 
 def test_cached_token_estimate_matches_simulator_without_recorded_counts():

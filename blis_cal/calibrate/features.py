@@ -192,13 +192,18 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         server = rec.server_ttft_us
         outside.append(rec.ttft_us - server - (rec.server_queue_us or 0) if server is not None else np.nan)
     n = len(ttft)
+    server = trace.header.server
+    budget = server.max_num_batched_tokens if server and server.max_num_batched_tokens else 2048
+    # vLLM's chunked prefill: one step per budget-sized chunk, each paying β0 and attending to the cached
+    # prefix and the chunks before it
+    steps = np.asarray([max(-(-new // budget), 1) for new in p_new], dtype=float)
     features = {
-        "const": np.ones(n),
+        "const": steps,
         "P": np.asarray(p_new, dtype=float),
         "D": np.zeros(n),
-        "Pctx": np.asarray(p_ctx, dtype=float),
+        "Pctx": steps * np.asarray(p_ctx, dtype=float) + budget * steps * (steps - 1) / 2,
         "Dctx": np.zeros(n),
-        "Np": np.ones(n),
+        "Np": steps,
     }
     return PrefillRows(
         ttft_us=np.asarray(ttft, dtype=float),
