@@ -160,6 +160,27 @@ def test_pooled_metrics_equal_one_report_when_alone():
 # ---------------------------------------------------------------------------------------------- bad input
 
 
+@pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])
+def test_a_server_at_another_speed_than_the_coefficients_is_noted(slowdown, noted):
+    from blis_cal.calibrate.sim_bridge import replay_with
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, SimConfig
+
+    # Light load: many requests decode alone, so their token gaps are the server's single-request step.
+    beta = (6000.0, 20.0, 150.0)
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    trace = simulated_trace(
+        poisson_requests(60, 2.0, seed=3),
+        config,
+        BlackboxModel((1000.0, 0.0, 0.0), [b * slowdown for b in beta]),
+    )
+    report = compare(trace, replay_with(trace, "blackbox", (1000.0, 0.0, 0.0), beta), trace_name="t")
+    speed = [n for n in report.notes if "decoded alone" in n]
+    assert bool(speed) == noted
+    if noted:
+        assert ("slower" if slowdown > 1 else "faster") in speed[0] and "recalibrate" in speed[0]
+
+
 def test_empty_trace_is_a_clear_error():
     with pytest.raises(CalibrationError, match="no requests"):
         compare(Trace(header=TraceHeader(), records=[]), [result(0, 1, 2)])

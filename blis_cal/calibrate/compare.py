@@ -170,6 +170,8 @@ def _sim_itl(result: ResultLike) -> float | None:
 
 
 STALL_NOTE_US = 3_000_000
+SPEED_NOTE_MIN_REQUESTS = 5  # requests that decoded alone needed to judge the server's speed
+SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per token, say the server ran at another speed
 
 
 def longest_decode_gap(trace: Trace) -> tuple[int, int]:
@@ -190,6 +192,42 @@ def longest_decode_gap(trace: Trace) -> tuple[int, int]:
     gaps = np.where(active > 0, gaps, 0)
     k = int(np.argmax(gaps))
     return int(gaps[k]), int(times[k])
+
+
+def solo_decoders(trace: Trace) -> set[int]:
+    """Requests that decoded alone: no other request streamed a token between their first and last token,
+    so their inter-token gaps are single-request decode steps (the server's speed, free of batching)."""
+    spans = [(ch[0].timestamp_us, ch[-1].timestamp_us, rid) for rid, ch in trace.itl.items() if len(ch) > 1]
+    if not spans:
+        return set()
+    times = np.sort(np.fromiter((c.timestamp_us for ch in trace.itl.values() for c in ch), dtype=np.int64))
+    out = set()
+    for first, last, rid in spans:
+        inside = np.searchsorted(times, last, side="right") - np.searchsorted(times, first, side="left")
+        if inside == len(trace.itl[rid]):  # every token in the window is its own
+            out.add(rid)
+    return out
+
+
+def speed_note(where: str, pairs: Pairs, solo: set[int]) -> str | None:
+    """A note when requests that decoded alone ran at another speed than simulated: the server was not the
+    one the coefficients describe (another machine, other load on it, another time)."""
+    ratios = [
+        r / s
+        for rid, r, s in zip(pairs.itl_ids, pairs.real["itl"], pairs.sim["itl"], strict=True)
+        if rid in solo and s > 0
+    ]
+    if len(ratios) < SPEED_NOTE_MIN_REQUESTS:
+        return None
+    ratio = float(np.median(ratios))
+    if abs(ratio - 1) <= SPEED_NOTE_TOLERANCE:
+        return None
+    return (
+        f"{where}: the {len(ratios)} requests that decoded alone took {abs(ratio - 1):.0%} "
+        f"{'longer' if ratio > 1 else 'less'} per token than simulated: this server ran "
+        f"{'slower' if ratio > 1 else 'faster'} than the one the coefficients were fitted on (another "
+        "machine, other work on it, or another time); recalibrate on traces from this environment"
+    )
 
 
 def resolve_rtt_us(trace: Trace, rtt_us: int | None) -> int:
@@ -329,6 +367,9 @@ def compare(
             "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
             "requests in flight"
         )
+    speed = speed_note(where, pairs, solo_decoders(trace)) if trace.itl else None
+    if speed:
+        notes.append(speed)
     return ComparisonReport(trace_info=trace_info, metrics=metrics, pairs=pairs, notes=notes)
 
 
