@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import socket
 import sys
 import tempfile
@@ -37,8 +38,11 @@ from blis_cal.workload import Workload, WorkloadRequest  # noqa: E402
 # ---------------------------------------------------------------------------------------------- server
 
 
-def serve(port: int, itl_ms: float, ready) -> None:
+def serve(port: int, itl_ms: float, ready, cpus: set[int] | None) -> None:
     from aiohttp import web
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     writes: dict[str, list[int]] = {}
     state = {"step": None}
@@ -188,14 +192,25 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=200, help="Tokens (events) per stream.")
     ap.add_argument("--itl-ms", type=float, default=10.0, help="Server step: one token per stream per step.")
     ap.add_argument("--clients", default="aiohttp,httpx", help="Observer HTTP clients to measure.")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="Do not pin the server and the observer to separate CPUs."
+    )
     args = ap.parse_args()
     port = free_port()
     ready = multiprocessing.Event()
-    server = multiprocessing.Process(target=serve, args=(port, args.itl_ms, ready), daemon=True)
+    # On a machine with 2+ CPUs the server gets one and the observer another, as when the server runs on its
+    # own host: the figures are then the observer's, not the two fighting over one CPU.
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = not args.no_pin and len(cpus) >= 2
+    server = multiprocessing.Process(
+        target=serve, args=(port, args.itl_ms, ready, {cpus[0]} if pin else None), daemon=True
+    )
     server.start()
     if not ready.wait(20):
         raise SystemExit("benchmark server did not start")
     url = f"http://127.0.0.1:{port}"
+    if pin:
+        os.sched_setaffinity(0, set(cpus[1:]))
     print(
         f"server step {args.itl_ms:g} ms, {args.tokens} tokens per stream; lag = recorded - server write time"
     )
