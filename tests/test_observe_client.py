@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import socket
+import sys
 import time
 from types import SimpleNamespace
 
@@ -15,6 +17,7 @@ from blis_cal.observe.client import (
     Clock,
     SSEDecoder,
     _ReadArrivals,
+    _rx_stamped_socket,
     build_body,
     build_headers,
     new_event_loop,
@@ -378,7 +381,7 @@ def fake_response():
         def data_received(self, data):
             content.total_bytes += len(data)  # aiohttp's parser feeding the body stream
 
-    return SimpleNamespace(content=content, connection=SimpleNamespace(protocol=Protocol()))
+    return SimpleNamespace(content=content, connection=SimpleNamespace(protocol=Protocol(), transport=None))
 
 
 def test_each_event_gets_the_time_its_network_read_arrived_not_when_the_task_read_it():
@@ -407,3 +410,23 @@ def test_bytes_without_a_noted_read_take_the_time_the_task_saw_them():
     arrivals = _ReadArrivals(resp, clock)
     clock.t = 700
     assert arrivals.split(b"data: x\n\n") == [(700, b"data: x\n\n")]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
+def test_socket_reads_carry_the_kernels_receive_time_not_the_read_time():
+    clock = Clock()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = _rx_stamped_socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ()))
+        with client:
+            client.connect(server.getsockname())
+            peer, _ = server.accept()
+            with peer:
+                sent_us = clock.now_us()
+                peer.sendall(b"data: x\n\n")
+                time.sleep(0.05)  # a busy reader gets to it late
+                assert client.recv(100) == b"data: x\n\n"
+                read_us = clock.now_us()
+    arrived_us = clock.from_realtime_ns(client.rx_realtime_ns)
+    assert sent_us - 2_000 <= arrived_us < sent_us + 20_000 and read_us - arrived_us > 30_000

@@ -1,9 +1,10 @@
 """HTTP side of the observer: request bodies for the OpenAI APIs, SSE parsing, one timed request.
 
-Every SSE event is timestamped on a monotonic clock when the network read that completed it arrived (events
-arriving in one read share the time): on aiohttp, the connection's `data_received` notes each read's time, so
-a busy event loop delays the parsing of an event but not its timestamp. Token counts per event come from vLLM's cumulative `usage`
-(`stream_options.continuous_usage_stats`), so one event carrying several tokens (stream_interval,
+Every SSE event is timestamped on a monotonic clock with the arrival of the network read that completed it
+(events arriving in one read share the time). On aiohttp that is the kernel's receive time of the read
+(SO_TIMESTAMPNS on Linux), else the moment the event loop found the socket readable: a busy event loop
+delays the parsing of an event, not its timestamp. Token counts per event come from vLLM's cumulative
+`usage` (`stream_options.continuous_usage_stats`), so one event carrying several tokens (stream_interval,
 speculative decoding, a busy API server) is recorded as such, never as one token.
 """
 
@@ -11,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import selectors
+import socket
+import struct
+import sys
 import time
 import uuid
 import weakref
@@ -75,11 +80,58 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+def _realtime_offset_ns() -> int:
+    """CLOCK_REALTIME − perf_counter, from the tightest of a few paired readings."""
+    best = (math.inf, 0)
+    for _ in range(5):
+        before = time.perf_counter_ns()
+        realtime = time.time_ns()
+        after = time.perf_counter_ns()
+        best = min(best, (after - before, realtime - (before + after) // 2))
+    return int(best[1])
+
+
+# Linux's SO_TIMESTAMPNS (asm-generic and x86 value): every read carries the kernel's receive time of its data
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("qq")
+_RX_SOCKETS: weakref.WeakValueDictionary[int, _RxStampedSocket] = weakref.WeakValueDictionary()
+
+
+class _RxStampedSocket(socket.socket):
+    """A TCP socket whose reads note when the kernel received their data: the bytes' arrival on this machine,
+    however busy the event loop that reads them (asyncio's transport reads with `recv`)."""
+
+    rx_realtime_ns = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancdata, _, _ = self.recvmsg(bufsize, socket.CMSG_SPACE(_TIMESPEC.size), flags)
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(payload)
+                self.rx_realtime_ns = sec * 1_000_000_000 + nsec  # of the last packet in this read
+        return data
+
+
+def _rx_stamped_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """aiohttp's socket factory: a socket with kernel receive timestamps (plain sockets off Linux)."""
+    family, type_, proto = addr_info[:3]
+    if sys.platform != "linux":
+        return socket.socket(family, type_, proto)
+    sock = _RxStampedSocket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+    except OSError:  # a kernel without it: reads stay unstamped and arrivals come from the event loop
+        return sock
+    _RX_SOCKETS[sock.fileno()] = sock
+    return sock
+
+
 class Clock:
     """Monotonic microseconds since the run started (perf_counter: CLOCK_MONOTONIC on Linux)."""
 
     def __init__(self) -> None:
         self._t0_ns = time.perf_counter_ns()
+        self._realtime_offset_ns = _realtime_offset_ns()
         try:
             self._selector = _WAKE_SELECTORS.get(asyncio.get_running_loop())
         except RuntimeError:  # no running loop
@@ -92,6 +144,10 @@ class Clock:
 
     def now_us(self) -> int:
         return (time.perf_counter_ns() - self._t0_ns) // 1000
+
+    def from_realtime_ns(self, realtime_ns: int) -> int:
+        """A CLOCK_REALTIME time (the kernel's receive timestamps) on this clock."""
+        return (realtime_ns - self._realtime_offset_ns - self._t0_ns) // 1000
 
     def woke_us(self) -> int:
         """When the running loop last found sockets readable (a loop from `new_event_loop`), else now."""
@@ -444,19 +500,36 @@ async def _post_httpx(
 class _ReadArrivals:
     """Arrival time of every network read of one aiohttp response body.
 
-    asyncio calls the connection protocol's `data_received` in the loop iteration that found the socket
-    readable; our task runs later, after every other ready callback. Wrapping `data_received` for the life
-    of the response notes (body bytes received so far, that wake-up's time) per read, and `split` cuts what
-    the task reads back into those reads, so each event keeps the time its last byte was seen.
+    Wrapping the connection protocol's `data_received` for the life of the response notes (body bytes
+    received so far, arrival time) per read, and `split` cuts what the task reads back into those reads, so
+    each event keeps the time its last byte arrived. The arrival is the kernel's receive time of the read
+    (`_RxStampedSocket`), else the moment the event loop found the socket readable (our task runs later,
+    after every other ready callback).
     """
 
     def __init__(self, resp: aiohttp.ClientResponse, clock: Clock) -> None:
         self._clock = clock
         self._content = resp.content
-        self._marks: list[tuple[int, int]] = [(resp.content.total_bytes, clock.now_us())]
         self._next = 0  # first mark not yet consumed
         self._consumed = 0
         conn = resp.connection
+        transport = conn.transport if conn is not None else None
+        raw = transport.get_extra_info("socket") if transport is not None else None
+        sock = _RX_SOCKETS.get(raw.fileno()) if raw is not None else None
+        if sock is not None and sock.fileno() != raw.fileno():
+            sock = None  # a closed socket's number, reused
+
+        def arrival_us() -> int:
+            woke = clock.woke_us()
+            return (
+                min(clock.from_realtime_ns(sock.rx_realtime_ns), woke)
+                if sock and sock.rx_realtime_ns
+                else woke
+            )
+
+        self._marks: list[tuple[int, int]] = [
+            (resp.content.total_bytes, arrival_us())
+        ]  # read with the headers
         self._protocol = conn.protocol if conn is not None else None
         if self._protocol is not None and hasattr(self._protocol, "__dict__"):
             received = self._protocol.data_received
@@ -464,7 +537,7 @@ class _ReadArrivals:
             def data_received(data: bytes) -> None:
                 received(data)
                 if data:  # aiohttp calls it with b"" to resume parsing: no read, no mark
-                    self._marks.append((self._content.total_bytes, clock.woke_us()))
+                    self._marks.append((self._content.total_bytes, arrival_us()))
 
             self._protocol.data_received = data_received  # type: ignore[method-assign]
         else:
@@ -604,7 +677,9 @@ def make_client(max_connections: int) -> httpx.AsyncClient:
 def make_session(max_connections: int) -> aiohttp.ClientSession:
     """The aiohttp session for the workload's requests: its C HTTP parser costs about a third of httpx's
     CPU per streamed event (benchmarks/observer_overhead.py), which keeps chunk timestamps honest at load."""
-    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, force_close=False)
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, limit_per_host=0, force_close=False, socket_factory=_rx_stamped_socket
+    )
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
