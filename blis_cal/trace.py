@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import math
 import os
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -762,6 +764,34 @@ def trace_frame(trace: Trace):  # -> pandas.DataFrame (imported lazily: pandas i
     return frame
 
 
+SINGLE_DECODE_MIN_GAPS = 20  # fewer single-request steps than this say too little about the server's speed
+STEP_BURST_GAP_US = 3_000  # the events of one engine step reach the client within this of each other
+
+
+def single_decode_step_us(trace: Trace) -> float | None:
+    """Median engine step with one request alone decoding one token: the time between two consecutive
+    bursts of streamed events that each hold a single one-token event of that request. It is the server's
+    speed free of batching; compare captures with it (the same server on another host or under other
+    load shows another value). None without an ITL file or with fewer than SINGLE_DECODE_MIN_GAPS steps."""
+    events = sorted(
+        (c.timestamp_us, rid, c.tokens if i else 0)
+        for rid, chunks in trace.itl.items()
+        for i, c in enumerate(chunks)
+    )  # tokens 0 marks a first event: its step was a prefill
+    bursts: list[list[tuple[int, int, int]]] = []
+    for event in events:
+        if bursts and event[0] - bursts[-1][-1][0] <= STEP_BURST_GAP_US:
+            bursts[-1].append(event)
+        else:
+            bursts.append([event])
+    gaps = [
+        b[0][0] - a[0][0]
+        for a, b in itertools.pairwise(bursts)
+        if len(a) == len(b) == 1 and a[0][1] == b[0][1] and a[0][2] == b[0][2] == 1
+    ]
+    return float(statistics.median(gaps)) if len(gaps) >= SINGLE_DECODE_MIN_GAPS else None
+
+
 def trace_summary(trace: Trace) -> dict[str, Any]:
     """What `blis trace info` prints: counts by status, duration, achieved rate, token stats, latencies."""
     records = trace.records
@@ -791,4 +821,7 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
     out.update(latency_summary([itl[r.request_id] for r in ok if r.request_id in itl], "itl"))
     out.update(latency_summary([r.e2e_us for r in ok], "e2e"))
     out["itl_source"] = "itl file" if trace.itl else "num_chunks"
+    step = single_decode_step_us(trace) if trace.itl else None
+    if step is not None:
+        out["single_decode_step_ms"] = round(step / 1000, 3)
     return out

@@ -20,6 +20,7 @@ from blis_cal.trace import (
     TraceWriter,
     itl_means_us,
     read_trace,
+    single_decode_step_us,
     trace_frame,
     trace_summary,
     write_trace,
@@ -209,6 +210,23 @@ def test_summary_counts_and_rates():
     s = trace_summary(_rich_trace())
     assert s["requests"] == 3 and s["by_status"] == {"error": 1, "ok": 2}
     assert s["ttft_mean_ms"] == 0.5 and s["e2e_mean_ms"] == 0.8
+
+
+def test_single_request_decode_step_ignores_batched_and_coalesced_events():
+    # Request 0 decodes alone for 30 steps of 15 ms, then alongside request 1 (its steps interleave with
+    # 1's events and so never count), and one event carrying 2 tokens is left out too.
+    alone = [Chunk(100_000 + 15_000 * k, 1) for k in range(31)]
+    together = [Chunk(600_000 + 20_000 * k, 1) for k in range(10)]
+    records = [_record(0, output_tokens=42), _record(1, output_tokens=10)]
+    itl = {
+        0: alone + together + [Chunk(820_000, 2)],
+        1: [Chunk(590_000 + 20_000 * k + 5_000, 1) for k in range(10)],
+    }
+    trace = Trace(TraceHeader(), records, itl)
+    assert single_decode_step_us(trace) == 15_000
+    assert trace_summary(trace)["single_decode_step_ms"] == 15.0
+    few = Trace(TraceHeader(), records[:1], {0: alone[:10]})
+    assert single_decode_step_us(few) is None and "single_decode_step_ms" not in trace_summary(few)
 
 
 # ------------------------------------------------------------------------------------------ bad input
