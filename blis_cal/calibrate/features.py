@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blis_cal.trace import Chunk, Trace, TraceRecord, itl_means_us, ok_records
+from blis_cal.trace import STEP_BURST_GAP_US, Chunk, Trace, TraceRecord, itl_means_us, ok_records
 
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
@@ -225,7 +225,7 @@ class StepRows:
         return np.column_stack([self.features[c] for c in columns])
 
 
-def prefill_step_rows(trace: Trace, burst_gap_us: int = 3_000) -> StepRows:
+def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> StepRows:
     """Steps reconstructed from bursts of streamed events (the events of one step arrive within a few ms).
 
     A burst holding a request's first token and other requests' decode tokens ends a step that ran back to
