@@ -527,9 +527,8 @@ class _ReadArrivals:
                 else woke
             )
 
-        self._marks: list[tuple[int, int]] = [
-            (resp.content.total_bytes, arrival_us())
-        ]  # read with the headers
+        # (body bytes received so far, arrival): the first mark covers what came with the headers
+        self._marks: list[tuple[int, int]] = [(resp.content.total_bytes, arrival_us())]
         self._protocol = conn.protocol if conn is not None else None
         if self._protocol is not None and hasattr(self._protocol, "__dict__"):
             received = self._protocol.data_received
