@@ -838,8 +838,8 @@ def calibrate_cmd(
                 raise ConfigError(
                     "give --sim-results, --alpha and --beta, or --model/--gpu/--tp for a lookup (or --fit)"
                 )
-            _, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
-            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup)
+            sim_model, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
+            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup, latency_model=sim_model)
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
@@ -929,7 +929,7 @@ def validate_cmd(
     # As `calibrate --fit` writes entries: TP from the header, else 1.
     tp = tp or (server.tensor_parallel if server and server.tensor_parallel else 1)
     sim_model, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
-    reports, _ = run_compare(named, replay, rtt_us=rtt_us)
+    reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model)
     coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp}
     _validation_output(
         reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"

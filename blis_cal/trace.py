@@ -768,28 +768,35 @@ SINGLE_DECODE_MIN_GAPS = 20  # fewer single-request steps than this say too litt
 STEP_BURST_GAP_US = 3_000  # the events of one engine step reach the client within this of each other
 
 
-def single_decode_step_us(trace: Trace) -> float | None:
-    """Median engine step with one request alone decoding one token: the time between two consecutive
-    bursts of streamed events that each hold a single one-token event of that request. It is the server's
-    speed free of batching; compare captures with it (the same server on another host or under other
-    load shows another value). None without an ITL file or with fewer than SINGLE_DECODE_MIN_GAPS steps."""
+def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
+    """Engine steps with one request alone decoding one token, as (duration µs, that request's context: tokens
+    in its KV cache), from consecutive bursts of streamed events that each hold a single one-token event of
+    the same request. They show the server's speed free of batching."""
+    prompts = {r.request_id: r.total_input_tokens for r in trace.records}
     events = sorted(
-        (c.timestamp_us, rid, c.tokens if i else 0)
+        (c.timestamp_us, rid, c.tokens if i else 0, i)
         for rid, chunks in trace.itl.items()
         for i, c in enumerate(chunks)
     )  # tokens 0 marks a first event: its step was a prefill
-    bursts: list[list[tuple[int, int, int]]] = []
+    bursts: list[list[tuple[int, int, int, int]]] = []
     for event in events:
         if bursts and event[0] - bursts[-1][-1][0] <= STEP_BURST_GAP_US:
             bursts[-1].append(event)
         else:
             bursts.append([event])
-    gaps = [
-        b[0][0] - a[0][0]
+    return [
+        (b[0][0] - a[0][0], prompts.get(b[0][1], 0) + b[0][3])
         for a, b in itertools.pairwise(bursts)
         if len(a) == len(b) == 1 and a[0][1] == b[0][1] and a[0][2] == b[0][2] == 1
     ]
-    return float(statistics.median(gaps)) if len(gaps) >= SINGLE_DECODE_MIN_GAPS else None
+
+
+def single_decode_step_us(trace: Trace) -> float | None:
+    """Median single-request decode step (`single_decode_steps`): compare captures with it (the same server on
+    another host or under other load shows another value). None without an ITL file or with fewer than
+    SINGLE_DECODE_MIN_GAPS such steps."""
+    steps = single_decode_steps(trace)
+    return float(statistics.median(d for d, _ in steps)) if len(steps) >= SINGLE_DECODE_MIN_GAPS else None
 
 
 def trace_summary(trace: Trace) -> dict[str, Any]:

@@ -166,19 +166,22 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(slowdown, note
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
 
-    # Light load: many requests decode alone, so their token gaps are the server's single-request step.
-    beta = (6000.0, 20.0, 150.0)
+    # Light load: many steps have one request decoding alone, the server's speed free of batching.
+    alpha, beta = (1000.0, 0.0, 0.0), (6000.0, 20.0, 150.0, 0.0, 2.0)
     config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
-    trace = simulated_trace(
-        poisson_requests(60, 2.0, seed=3),
-        config,
-        BlackboxModel((1000.0, 0.0, 0.0), [b * slowdown for b in beta]),
-    )
-    report = compare(trace, replay_with(trace, "blackbox", (1000.0, 0.0, 0.0), beta), trace_name="t")
-    speed = [n for n in report.notes if "decoded alone" in n]
+    server = BlackboxModel(alpha, [b * slowdown for b in beta])
+    trace = simulated_trace(poisson_requests(60, 2.0, seed=3), config, server)
+    model = BlackboxModel(alpha, beta)
+    report = compare(trace, replay_with(trace, "blackbox", alpha, beta), trace_name="t", latency_model=model)
+    speed = [n for n in report.notes if "decode step with one request" in n]
     assert bool(speed) == noted
     if noted:
-        assert ("slower" if slowdown > 1 else "faster") in speed[0] and "recalibrate" in speed[0]
+        assert f"{abs(slowdown - 1):.0%} {'slower' if slowdown > 1 else 'faster'}" in speed[0]
+        assert "recalibrate" in speed[0]
+    # Without the model (e.g. `--sim-results`) there is nothing to compare the steps with.
+    assert not [
+        n for n in compare(trace, replay_with(trace, "blackbox", alpha, beta)).notes if "one request" in n
+    ]
 
 
 def test_empty_trace_is_a_clear_error():

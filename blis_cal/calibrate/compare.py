@@ -19,7 +19,7 @@ from scipy import stats as sstats
 
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
-from blis_cal.trace import Trace, itl_means_us
+from blis_cal.trace import SINGLE_DECODE_MIN_GAPS, Trace, itl_means_us, single_decode_steps
 
 METRICS = ("ttft", "itl", "e2e")
 PERCENTILES = (50, 90, 95, 99)
@@ -170,8 +170,7 @@ def _sim_itl(result: ResultLike) -> float | None:
 
 
 STALL_NOTE_US = 3_000_000
-SPEED_NOTE_MIN_REQUESTS = 5  # requests that decoded alone needed to judge the server's speed
-SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per token, say the server ran at another speed
+SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per single-request step, say the server ran at another speed
 
 
 def longest_decode_gap(trace: Trace) -> tuple[int, int]:
@@ -194,39 +193,29 @@ def longest_decode_gap(trace: Trace) -> tuple[int, int]:
     return int(gaps[k]), int(times[k])
 
 
-def solo_decoders(trace: Trace) -> set[int]:
-    """Requests that decoded alone: no other request streamed a token between their first and last token,
-    so their inter-token gaps are single-request decode steps (the server's speed, free of batching)."""
-    spans = [(ch[0].timestamp_us, ch[-1].timestamp_us, rid) for rid, ch in trace.itl.items() if len(ch) > 1]
-    if not spans:
-        return set()
-    times = np.sort(np.fromiter((c.timestamp_us for ch in trace.itl.values() for c in ch), dtype=np.int64))
-    out = set()
-    for first, last, rid in spans:
-        inside = np.searchsorted(times, last, side="right") - np.searchsorted(times, first, side="left")
-        if inside == len(trace.itl[rid]):  # every token in the window is its own
-            out.add(rid)
-    return out
+class DecodeStepModel(Protocol):
+    """What the speed check needs of a step-time model (blis_cal.simulate.LatencyModel)."""
+
+    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int: ...
 
 
-def speed_note(where: str, pairs: Pairs, solo: set[int]) -> str | None:
-    """A note when requests that decoded alone ran at another speed than simulated: the server was not the
-    one the coefficients describe (another machine, other load on it, another time)."""
-    ratios = [
-        r / s
-        for rid, r, s in zip(pairs.itl_ids, pairs.real["itl"], pairs.sim["itl"], strict=True)
-        if rid in solo and s > 0
-    ]
-    if len(ratios) < SPEED_NOTE_MIN_REQUESTS:
+def speed_note(where: str, trace: Trace, model: DecodeStepModel) -> str | None:
+    """A note when the trace's single-request decode steps differ from the model's by more than
+    SPEED_NOTE_TOLERANCE: the server was not the one the coefficients describe (another machine, other work
+    on it, another time), which no fit on other traces can know."""
+    steps = single_decode_steps(trace)
+    if len(steps) < SINGLE_DECODE_MIN_GAPS:
         return None
-    ratio = float(np.median(ratios))
+    observed = float(np.median([d for d, _ in steps]))
+    predicted = float(np.median([model.decode_only_step_us(1, context) for _, context in steps]))
+    ratio = observed / predicted if predicted > 0 else 1.0
     if abs(ratio - 1) <= SPEED_NOTE_TOLERANCE:
         return None
     return (
-        f"{where}: the {len(ratios)} requests that decoded alone took {abs(ratio - 1):.0%} "
-        f"{'longer' if ratio > 1 else 'less'} per token than simulated: this server ran "
-        f"{'slower' if ratio > 1 else 'faster'} than the one the coefficients were fitted on (another "
-        "machine, other work on it, or another time); recalibrate on traces from this environment"
+        f"{where}: a decode step with one request took {observed / 1000:.1f} ms (median of {len(steps)}), the "
+        f"coefficients say {predicted / 1000:.1f} ms: this server ran {abs(ratio - 1):.0%} "
+        f"{'slower' if ratio > 1 else 'faster'} than the one they were fitted on (another machine, other work "
+        "on it, or another time); recalibrate on traces from this environment"
     )
 
 
@@ -246,11 +235,13 @@ def compare(
     rtt_us: int | None = None,
     warmup: int | None = None,
     trace_name: str = "",
+    latency_model: DecodeStepModel | None = None,
 ) -> ComparisonReport:
     """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
 
-    `warmup` (None = the header's warm_up_requests) excludes request ids below it. Raises CalibrationError
-    when nothing can be compared.
+    `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
+    that produced the results, a note says when the server ran at another speed (`speed_note`). Raises
+    CalibrationError when nothing can be compared.
     """
     warm = trace.header.warm_up_requests if warmup is None else warmup
     if warm < 0:
@@ -367,7 +358,7 @@ def compare(
             "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
             "requests in flight"
         )
-    speed = speed_note(where, pairs, solo_decoders(trace)) if trace.itl else None
+    speed = speed_note(where, trace, latency_model) if latency_model is not None and trace.itl else None
     if speed:
         notes.append(speed)
     return ComparisonReport(trace_info=trace_info, metrics=metrics, pairs=pairs, notes=notes)

@@ -10,6 +10,7 @@ from blis_cal.calibrate.compare import (
     METRICS,
     CalibrationError,
     ComparisonReport,
+    DecodeStepModel,
     compare,
     pooled,
     summary_row,
@@ -140,9 +141,16 @@ def run_compare(
     *,
     rtt_us: int | None = None,
     warmup: int | None = None,
+    latency_model: DecodeStepModel | None = None,
 ) -> tuple[list[ComparisonReport], dict[str, Any]]:
-    """Compare each trace with its simulated results (`simulate(trace)`); the pooled JSON report."""
-    reports = [compare(t.trace, simulate(t), rtt_us=rtt_us, warmup=warmup, trace_name=t.name) for t in traces]
+    """Compare each trace with its simulated results (`simulate(trace)`, from `latency_model` when known);
+    the pooled JSON report."""
+    reports = [
+        compare(
+            t.trace, simulate(t), rtt_us=rtt_us, warmup=warmup, trace_name=t.name, latency_model=latency_model
+        )
+        for t in traces
+    ]
     report = pooled_report(reports)
     report["targets"] = target_check(report["metrics"])
     return reports, report
