@@ -5,8 +5,14 @@ event, like `continuous_usage_stats`) to N concurrent streams: one token per str
 `--itl-ms`, as vLLM's engine emits one token for every running request per step. The server notes the
 CLOCK_MONOTONIC time of each write; the observer's recorded chunk time (same clock) minus that time is the
 observation overhead (it includes loopback delivery and the server's own write path, so it is an upper
-bound). Client: the real observer (`blis_cal.observe.Observer`: dispatcher, client, flushed trace writer)
-on each of its HTTP clients (`--http-client aiohttp`, the default, and `httpx`).
+bound). Like vLLM's, the server is asyncio (TCP_NODELAY) and answers /version, so the observer treats it as
+vLLM (delayed ACKs on the httptools client). Client: the real observer (`blis_cal.observe.Observer`:
+dispatcher, client, flushed trace writer) on each of its HTTP clients (`--http-client httptools`, the
+default, `aiohttp` and `httpx`).
+
+Columns: `cpu µs/chunk` is the whole run's observer CPU (set-up and trace writing included) per chunk;
+`streaming cpu` the observer's CPU use while every stream flows (100 % = one core busy: above ~80 % it falls
+behind and events of one stream start sharing a read), and `µs/chunk` that CPU per chunk.
 
 Targets (issue 8): p99 < 1 ms at 256 streams, >= 20,000 chunks/s sustained.
 
@@ -23,6 +29,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,6 +92,9 @@ def serve(port: int, itl_ms: float, ready, cpus: set[int] | None) -> None:
         await resp.write(b"data: " + json.dumps(final).encode() + b"\n\ndata: [DONE]\n\n")
         return resp
 
+    async def version(request: web.Request) -> web.Response:
+        return web.json_response({"version": "benchmark"})  # as vLLM's: the observer treats it as vLLM
+
     async def get_times(request: web.Request) -> web.Response:
         out = dict(writes)
         writes.clear()
@@ -94,6 +104,7 @@ def serve(port: int, itl_ms: float, ready, cpus: set[int] | None) -> None:
         app = web.Application()
         app.router.add_post("/v1/completions", completions)
         app.router.add_get("/times", get_times)
+        app.router.add_get("/version", version)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -154,8 +165,39 @@ async def fetch_times(url: str) -> dict[str, list[int]]:
         return (await client.get(url + "/times", timeout=30)).json()
 
 
+class CpuSampler:
+    """(perf_counter ns, process CPU s) every 50 ms from a thread: the observer's CPU while streams flow,
+    without its start-up (imports, client set-up) and end (trace writing)."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[int, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter_ns(), time.process_time()))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_per_s(self, start_ns: int, end_ns: int) -> float:
+        """CPU seconds per second between two times (0 if the window holds too few samples)."""
+        inside = [(t, c) for t, c in self.samples if start_ns <= t <= end_ns]
+        if len(inside) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / ((t1 - t0) / 1e9)
+
+
 def measure(url: str, client: str, n: int, tokens: int) -> dict[str, float]:
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:  # as `blis observe` runs it
+    with CpuSampler() as sampler, asyncio.Runner(loop_factory=new_event_loop) as runner:  # as `blis observe`
         recorded, chunks, cpu_s = runner.run(run_observer(url, n, tokens, client))
     cpu_us = cpu_s * 1e6
     truth = asyncio.run(fetch_times(url))
@@ -174,6 +216,9 @@ def measure(url: str, client: str, n: int, tokens: int) -> dict[str, float]:
     lag_ms = np.asarray(lags) / 1e6
     span_s = (max(lasts) - min(firsts)) / 1e9
     served_s = (max(wrote_last) - min(wrote_first)) / 1e9
+    # the middle 80 % of the serving window: every stream flowing
+    trim = (max(wrote_last) - min(wrote_first)) // 10
+    streaming_cpu = sampler.cpu_per_s(min(wrote_first) + trim, max(wrote_last) - trim)
     return {
         "chunks": chunks,
         "p50_ms": float(np.percentile(lag_ms, 50)),
@@ -183,6 +228,8 @@ def measure(url: str, client: str, n: int, tokens: int) -> dict[str, float]:
         "chunks_per_s": chunks / span_s if span_s > 0 else 0.0,
         "served_per_s": chunks / served_s if served_s > 0 else 0.0,
         "cpu_us_per_chunk": cpu_us / chunks,
+        "streaming_cpu": streaming_cpu,
+        "streaming_us_per_chunk": streaming_cpu * 1e6 / (chunks / served_s) if served_s > 0 else 0.0,
     }
 
 
@@ -196,7 +243,7 @@ def main() -> None:
         help="Server steps (one token per stream per step), comma-separated: 10 ms offers 25,600 chunks/s at "
         "256 streams (the throughput target), 40 ms a large batch's pace on a GPU.",
     )
-    ap.add_argument("--clients", default="aiohttp,httpx", help="Observer HTTP clients to measure.")
+    ap.add_argument("--clients", default="httptools,aiohttp,httpx", help="Observer HTTP clients to measure.")
     ap.add_argument(
         "--no-pin", action="store_true", help="Do not pin the server and the observer to separate CPUs."
     )
@@ -207,7 +254,7 @@ def main() -> None:
     pin = not args.no_pin and len(cpus) >= 2
     print(f"{args.tokens} tokens per stream; lag = recorded - server write time")
     print(
-        f"{'step ms':>7} {'client':<8} {'streams':>7} {'offered/s':>10} {'served/s':>9} {'recorded/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'1st p99':>8} {'cpu µs/chunk':>12}"
+        f"{'step ms':>7} {'client':<9} {'streams':>7} {'offered/s':>10} {'served/s':>9} {'recorded/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'1st p99':>8} {'cpu µs/chunk':>12} {'streaming cpu':>13} {'µs/chunk':>8}"
     )
     for itl_ms in (float(x) for x in args.itl_ms.split(",")):
         port = free_port()
@@ -227,8 +274,8 @@ def main() -> None:
                     r = measure(url, client, n, args.tokens)
                     offered = n * 1000 / itl_ms
                     print(
-                        f"{itl_ms:>7g} {client:<8} {n:>7} {offered:>10.0f} {r['served_per_s']:>9.0f} {r['chunks_per_s']:>10.0f} "
-                        f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['max_ms']:>8.3f} {r['first_p99_ms']:>8.3f} {r['cpu_us_per_chunk']:>12.1f}",
+                        f"{itl_ms:>7g} {client:<9} {n:>7} {offered:>10.0f} {r['served_per_s']:>9.0f} {r['chunks_per_s']:>10.0f} "
+                        f"{r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} {r['max_ms']:>8.3f} {r['first_p99_ms']:>8.3f} {r['cpu_us_per_chunk']:>12.1f} {r['streaming_cpu']:>12.0%} {r['streaming_us_per_chunk']:>8.1f}",
                         flush=True,
                     )
         finally:

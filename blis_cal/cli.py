@@ -1067,7 +1067,11 @@ def observe_cmd(
         [], "--server-info", help="Server fact for the header, KEY=VALUE (e.g. max_num_seqs=64)."
     ),
     http_client: str = typer.Option(
-        "aiohttp", "--http-client", help="HTTP client for the requests: aiohttp (lower overhead) or httpx."
+        "httptools",
+        "--http-client",
+        help="HTTP client for the workload's requests: httptools (keep-alive HTTP/1.1 on the httptools "
+        "parser; the least CPU per streamed event, so the most honest timestamps under load), aiohttp or httpx "
+        "(benchmarks/observer_overhead.py compares them).",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Live progress bar on stderr."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),

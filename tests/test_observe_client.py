@@ -14,16 +14,14 @@ import respx
 from blis_cal.errors import ConfigError
 from blis_cal.observe.client import (
     ClientConfig,
-    Clock,
     SSEDecoder,
-    _ReadArrivals,
-    _rx_stamped_socket,
+    _ReadTap,
     build_body,
     build_headers,
-    new_event_loop,
     send,
     text_prompt,
 )
+from blis_cal.observe.clock import Clock, new_event_loop, rx_stamped_socket
 from blis_cal.workload.request import WORDS
 from tests.workload_requests import workload_request
 
@@ -94,6 +92,7 @@ def test_headers_carry_request_id_key_gateway_hints_and_extras():
         ({"timeout_s": 0}, "--timeout"),
         ({"vocab_size": 4}, "--vocab-size"),
         ({"http_client": "requests"}, "--http-client"),
+        ({"headers": {"X-A": "b\r\nX-Evil: 1"}}, "--header X-A"),
     ],
 )
 def test_bad_client_options_name_the_flag(kw, flag):
@@ -370,46 +369,74 @@ class FakeClock:
     def now_us(self):
         return self.t
 
-    woke_us = now_us
+    def read_arrival_us(self, sock):
+        return self.t
+
+
+class FakeBody:
+    """What _ReadTap uses of an aiohttp body stream: decoded bytes so far, end of body."""
+
+    def __init__(self):
+        self.buffer, self.eof = b"", asyncio.Event()
+
+    def read_nowait(self):
+        data, self.buffer = self.buffer, b""
+        return data
+
+    async def wait_eof(self):
+        await self.eof.wait()
 
 
 def fake_response():
-    """What _ReadArrivals uses of an aiohttp response: the body stream's byte count and the connection."""
-    content = SimpleNamespace(total_bytes=0)
+    content = FakeBody()
 
     class Protocol:
         def data_received(self, data):
-            content.total_bytes += len(data)  # aiohttp's parser feeding the body stream
+            content.buffer += data  # aiohttp's parser feeding the body stream
 
     return SimpleNamespace(content=content, connection=SimpleNamespace(protocol=Protocol(), transport=None))
 
 
-def test_each_event_gets_the_time_its_network_read_arrived_not_when_the_task_read_it():
+def test_each_read_is_handed_over_as_it_arrives_with_its_time_not_when_the_task_runs():
     clock, resp = FakeClock(), fake_response()
-    arrivals = _ReadArrivals(resp, clock)
     protocol = resp.connection.protocol
     a, b = chunk(" a", 1), chunk(" b", 2)
-    for t, data in ((100, a[:10]), (250, a[10:]), (400, b)):  # three reads before the task runs
-        clock.t = t
-        protocol.data_received(data)
-    clock.t = 900  # the task reads everything buffered at once, much later
-    pieces = arrivals.split(a + b)
-    assert [t for t, _ in pieces] == [100, 250, 400] and b"".join(p for _, p in pieces) == a + b
-    decoder = SSEDecoder()
-    assert [(t, len(decoder.feed(p))) for t, p in pieces] == [(100, 0), (250, 1), (400, 1)]
-    clock.t = 1000
-    protocol.data_received(USAGE)
-    assert arrivals.split(USAGE) == [(1000, USAGE)]
-    arrivals.close()  # the connection's own data_received again
-    assert "data_received" not in vars(protocol)
+    seen = []
+
+    def on_read(t, data):
+        seen.append((t, data))
+        return False
+
+    async def main():
+        task = asyncio.create_task(_ReadTap(resp, clock).each_read(on_read))
+        await asyncio.sleep(0)  # the tap is in place
+        for t, data in ((100, a[:10]), (250, a[10:]), (400, b)):  # three reads; the task does not run between
+            clock.t = t
+            protocol.data_received(data)
+        assert seen == [(100, a[:10]), (250, a[10:]), (400, b)]  # handed over inside data_received
+        resp.content.eof.set()
+        await task
+        assert "data_received" not in vars(protocol)  # the connection's own method again
+
+    asyncio.run(main())
 
 
-def test_bytes_without_a_noted_read_take_the_time_the_task_saw_them():
+def test_a_reader_that_stops_or_fails_ends_the_wait_and_its_error_reaches_the_task():
     clock, resp = FakeClock(), fake_response()
-    resp.connection = None  # e.g. a connection already released: nothing to hook
-    arrivals = _ReadArrivals(resp, clock)
-    clock.t = 700
-    assert arrivals.split(b"data: x\n\n") == [(700, b"data: x\n\n")]
+
+    async def run(on_read):
+        task = asyncio.create_task(_ReadTap(resp, clock).each_read(on_read))
+        await asyncio.sleep(0)
+        resp.connection.protocol.data_received(b"data: x\n\n")
+        await asyncio.wait_for(task, 1)  # no end of body needed
+
+    asyncio.run(run(lambda t, data: True))
+
+    def broken(t, data):
+        raise ValueError("bad event")
+
+    with pytest.raises(ValueError, match="bad event"):
+        asyncio.run(run(broken))
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
@@ -418,7 +445,7 @@ def test_socket_reads_carry_the_kernels_receive_time_not_the_read_time():
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        client = _rx_stamped_socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ()))
+        client = rx_stamped_socket((socket.AF_INET, socket.SOCK_STREAM, 0, "", ()))
         with client:
             client.connect(server.getsockname())
             peer, _ = server.accept()

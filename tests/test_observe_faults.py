@@ -49,7 +49,7 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("http_client", ["httptools", "aiohttp", "httpx"])
 def test_every_fault_is_recorded_and_the_run_goes_on(tmp_path, http_client):
     # request i has prompt length 10 + i: request 0 is healthy, 1..8 hit one fault each, 9 healthy again
     reqs = [wreq(i, i * 20_000, 10 + i) for i in range(10)]

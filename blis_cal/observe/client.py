@@ -1,28 +1,22 @@
 """HTTP side of the observer: request bodies for the OpenAI APIs, SSE parsing, one timed request.
 
 Every SSE event is timestamped on a monotonic clock with the arrival of the network read that completed it
-(events arriving in one read share the time). On aiohttp that is the kernel's receive time of the read
-(SO_TIMESTAMPNS on Linux), else the moment the event loop found the socket readable: a busy event loop
-delays the parsing of an event, not its timestamp. Token counts per event come from vLLM's cumulative
-`usage` (`stream_options.continuous_usage_stats`), so one event carrying several tokens (stream_interval,
-speculative decoding, a busy API server) is recorded as such, never as one token.
+(events arriving in one read share the time): the kernel's receive time of the read (SO_TIMESTAMPNS on
+Linux) on the httptools and aiohttp clients, else the moment the event loop found the socket readable. A
+busy event loop delays the parsing of an event, not its timestamp. Token counts per event come from vLLM's
+cumulative `usage` (`stream_options.continuous_usage_stats`), so one event carrying several tokens
+(stream_interval, speculative decoding, a busy API server) is recorded as such, never as one token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
-import selectors
-import socket
-import struct
-import sys
-import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import aiohttp
@@ -30,11 +24,13 @@ import httpx
 import orjson
 
 from blis_cal.errors import ConfigError
+from blis_cal.observe.clock import Clock, rx_stamped_socket, stamped_socket
+from blis_cal.observe.http1 import EachRead, Http1Session, HTTPStreamError, OnRead
 from blis_cal.trace import Chunk
 from blis_cal.workload.request import TOKEN_ID_FLOOR, WORDS
 
 APIS = ("completions", "chat")
-HTTP_CLIENTS = ("aiohttp", "httpx")
+HTTP_CLIENTS = ("httptools", "aiohttp", "httpx")
 PROMPT_MODES = ("tokens", "text")
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _ERROR_TEXT_LIMIT = 500
@@ -54,108 +50,6 @@ class RequestLike(Protocol):
     ) -> list[int]: ...
 
 
-class _WakeStampingSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-type]
-    """The event loop's selector, noting when each select() returned: the moment the loop learnt which
-    sockets had data. Every read callback of that loop iteration runs later, after the task steps queued
-    before it (asyncio runs ready callbacks in order), so this is the honest arrival time of their bytes."""
-
-    woke_ns = 0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready = super().select(timeout)
-        self.woke_ns = time.perf_counter_ns()
-        return ready
-
-
-_WAKE_SELECTORS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WakeStampingSelector] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """An event loop whose socket wake-ups a Clock created in it can read (`Clock.woke_us`)."""
-    selector = _WakeStampingSelector()
-    loop = asyncio.SelectorEventLoop(selector)
-    _WAKE_SELECTORS[loop] = selector
-    return loop
-
-
-def _realtime_offset_ns() -> int:
-    """CLOCK_REALTIME − perf_counter, from the tightest of a few paired readings."""
-    best = (math.inf, 0)
-    for _ in range(5):
-        before = time.perf_counter_ns()
-        realtime = time.time_ns()
-        after = time.perf_counter_ns()
-        best = min(best, (after - before, realtime - (before + after) // 2))
-    return int(best[1])
-
-
-# Linux's SO_TIMESTAMPNS (asm-generic and x86 value): every read carries the kernel's receive time of its data
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("qq")
-_RX_SOCKETS: weakref.WeakValueDictionary[int, _RxStampedSocket] = weakref.WeakValueDictionary()
-
-
-class _RxStampedSocket(socket.socket):
-    """A TCP socket whose reads note when the kernel received their data: the bytes' arrival on this machine,
-    however busy the event loop that reads them (asyncio's transport reads with `recv`)."""
-
-    rx_realtime_ns = 0
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data, ancdata, _, _ = self.recvmsg(bufsize, socket.CMSG_SPACE(_TIMESPEC.size), flags)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
-                sec, nsec = _TIMESPEC.unpack_from(payload)
-                self.rx_realtime_ns = sec * 1_000_000_000 + nsec  # of the last packet in this read
-        return data
-
-
-def _rx_stamped_socket(addr_info: tuple[Any, ...]) -> socket.socket:
-    """aiohttp's socket factory: a socket with kernel receive timestamps (plain sockets off Linux)."""
-    family, type_, proto = addr_info[:3]
-    if sys.platform != "linux":
-        return socket.socket(family, type_, proto)
-    sock = _RxStampedSocket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-    except OSError:  # a kernel without it: reads stay unstamped and arrivals come from the event loop
-        return sock
-    _RX_SOCKETS[sock.fileno()] = sock
-    return sock
-
-
-class Clock:
-    """Monotonic microseconds since the run started (perf_counter: CLOCK_MONOTONIC on Linux)."""
-
-    def __init__(self) -> None:
-        self._t0_ns = time.perf_counter_ns()
-        self._realtime_offset_ns = _realtime_offset_ns()
-        try:
-            self._selector = _WAKE_SELECTORS.get(asyncio.get_running_loop())
-        except RuntimeError:  # no running loop
-            self._selector = None
-
-    @property
-    def t0_ns(self) -> int:
-        """The run's start on the perf_counter clock (to join with other processes' CLOCK_MONOTONIC)."""
-        return self._t0_ns
-
-    def now_us(self) -> int:
-        return (time.perf_counter_ns() - self._t0_ns) // 1000
-
-    def from_realtime_ns(self, realtime_ns: int) -> int:
-        """A CLOCK_REALTIME time (the kernel's receive timestamps) on this clock."""
-        return (realtime_ns - self._realtime_offset_ns - self._t0_ns) // 1000
-
-    def woke_us(self) -> int:
-        """When the running loop last found sockets readable (a loop from `new_event_loop`), else now."""
-        if self._selector is None or self._selector.woke_ns < self._t0_ns:
-            return self.now_us()
-        return (self._selector.woke_ns - self._t0_ns) // 1000
-
-
 @dataclass
 class ClientConfig:
     endpoint: str
@@ -166,7 +60,7 @@ class ClientConfig:
     ignore_eos: bool = True
     continuous_usage: bool = True  # vLLM: cumulative usage on every event -> exact tokens per event
     timeout_s: float = 300.0
-    http_client: str = "aiohttp"  # transport for the workload's requests (HTTP_CLIENTS)
+    http_client: str = "httptools"  # transport for the workload's requests (HTTP_CLIENTS)
     collect_answers: bool = False  # keep generated ids / text (sessions whose context accumulates)
     api_key: str = ""
     headers: dict[str, str] = field(default_factory=dict)
@@ -190,6 +84,9 @@ class ClientConfig:
             raise ConfigError(f"--http-client: {self.http_client!r} is not one of {', '.join(HTTP_CLIENTS)}")
         if not self.timeout_s > 0:
             raise ConfigError(f"--timeout: must be > 0 seconds, got {self.timeout_s}")
+        for key, value in self.headers.items():
+            if any(c in key + value for c in "\r\n\0"):
+                raise ConfigError(f"--header {key}: names and values cannot contain line breaks")
         if self.vocab_size <= TOKEN_ID_FLOOR:
             raise ConfigError(
                 f"--vocab-size: must be > {TOKEN_ID_FLOOR} (lower ids are special tokens), got {self.vocab_size}"
@@ -311,7 +208,7 @@ class SSEDecoder:
         self._buf = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._buf + data
+        buf = self._buf + data if self._buf else data
         if b"\r" in buf:
             held = buf.endswith(b"\r")  # maybe the first half of CRLF: decide on the next read
             if held:
@@ -321,12 +218,7 @@ class SSEDecoder:
                 buf += b"\r"
         parts = buf.split(b"\n\n")
         self._buf = parts.pop()
-        out = []
-        for block in parts:
-            payload = _event_data(block)
-            if payload is not None:
-                out.append(payload)
-        return out
+        return [payload for block in parts if (payload := _event_data(block)) is not None]
 
     @property
     def pending(self) -> bytes:
@@ -360,14 +252,14 @@ class _StreamState:
         self.done = False
 
     def event(self, payload: bytes, now_us: int) -> None:
-        if payload.strip() == b"[DONE]":
-            self.done = True
-            return
         try:
             msg = orjson.loads(payload)  # the hot path: a few µs less per event than json keeps stamps honest
         except ValueError:
+            if payload.strip() == b"[DONE]":
+                self.done = True
+                return
             raise _StreamError(f"malformed SSE event: {_clip(payload.decode('utf-8', 'replace'))}") from None
-        if not isinstance(msg, dict):
+        if type(msg) is not dict:
             raise _StreamError(f"malformed SSE event (not a JSON object): {_clip(str(msg))}")
         if "error" in msg:  # vLLM: an error after the stream started keeps HTTP 200
             raise _StreamError(f"server error in stream: {_error_text(msg)}")
@@ -380,24 +272,27 @@ class _StreamState:
 
     def _message(self, msg: dict[str, Any], now_us: int) -> None:
         out = self.out
-        choices = msg.get("choices") or []
+        choices = msg.get("choices")
         usage = msg.get("usage")
         tokens = 0
         if choices:
             choice = choices[0]
-            if choice.get("finish_reason"):
-                out.finish_reason = str(choice["finish_reason"])
-            if isinstance(usage, dict) and "completion_tokens" in usage:
+            finish = choice.get("finish_reason")
+            if finish:
+                out.finish_reason = str(finish)
+            if type(usage) is dict and "completion_tokens" in usage:
                 total = int(usage["completion_tokens"])
-                tokens = max(0, total - self.seen_tokens)
-                self.seen_tokens = max(self.seen_tokens, total)
+                seen = self.seen_tokens
+                if total > seen:
+                    tokens = total - seen
+                    self.seen_tokens = total
             elif _carries_output(choice):
                 tokens = 1  # no per-event usage: one token per content event is all we can say
             if self.collect:
                 _collect(out, choice)
         if usage is not None and not choices:
             self.final_usage(msg)
-        elif isinstance(usage, dict):
+        elif type(usage) is dict:
             out.prompt_tokens = int(usage.get("prompt_tokens") or out.prompt_tokens)
         if tokens > 0:
             if not out.chunks:
@@ -481,113 +376,91 @@ def parse_response_body(body: bytes, out: Outcome, now_us: int, collect: bool = 
 # ---------------------------------------------------------------------------------------------- sending
 
 
-Reads = AsyncIterator[tuple[int, bytes]]  # (arrival time µs, body bytes) per network read
-
-
-async def _stamped_on_resume(chunks: AsyncIterator[bytes], clock: Clock) -> Reads:
-    async for data in chunks:
-        yield clock.now_us(), data  # when our task saw them: later than arrival if the loop was busy
-
-
 @asynccontextmanager
 async def _post_httpx(
     client: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str], clock: Clock
-) -> AsyncIterator[tuple[int, Reads]]:
+) -> AsyncIterator[tuple[int, EachRead]]:
     async with client.stream("POST", url, json=body, headers=headers) as resp:
-        yield resp.status_code, _stamped_on_resume(resp.aiter_raw(), clock)
+
+        async def each_read(on_read: OnRead) -> None:
+            async for data in resp.aiter_raw():
+                # stamped when our task saw them: later than their arrival if the loop was busy
+                if on_read(clock.now_us(), data):
+                    return
+
+        yield resp.status_code, each_read
 
 
-class _ReadArrivals:
-    """Arrival time of every network read of one aiohttp response body.
+class _ReadTap:
+    """Every network read of one aiohttp response body, handed to an OnRead as it arrives.
 
-    Wrapping the connection protocol's `data_received` for the life of the response notes (body bytes
-    received so far, arrival time) per read, and `split` cuts what the task reads back into those reads, so
-    each event keeps the time its last byte arrived. The arrival is the kernel's receive time of the read
-    (`_RxStampedSocket`), else the moment the event loop found the socket readable (our task runs later,
-    after every other ready callback).
+    Wrapping the connection protocol's `data_received` for the life of the body runs the OnRead right after
+    aiohttp's parser has decoded the read, so each event keeps the time its last byte arrived, and the task
+    sleeps until the body ends instead of waking per event. The arrival is the kernel's receive time of the
+    read (`rx_stamped_socket`), else the moment the event loop found the socket readable.
     """
 
     def __init__(self, resp: aiohttp.ClientResponse, clock: Clock) -> None:
         self._clock = clock
         self._content = resp.content
-        self._next = 0  # first mark not yet consumed
-        self._consumed = 0
         conn = resp.connection
         transport = conn.transport if conn is not None else None
-        raw = transport.get_extra_info("socket") if transport is not None else None
-        sock = _RX_SOCKETS.get(raw.fileno()) if raw is not None else None
-        if sock is not None and sock.fileno() != raw.fileno():
-            sock = None  # a closed socket's number, reused
+        self._sock = stamped_socket(transport.get_extra_info("socket") if transport is not None else None)
+        protocol = conn.protocol if conn is not None else None
+        self._protocol = protocol if protocol is not None and hasattr(protocol, "__dict__") else None
 
-        def arrival_us() -> int:
-            woke = clock.woke_us()
-            return (
-                min(clock.from_realtime_ns(sock.rx_realtime_ns), woke)
-                if sock and sock.rx_realtime_ns
-                else woke
-            )
+    async def each_read(self, on_read: OnRead) -> None:
+        content, protocol = self._content, self._protocol
+        if protocol is None:  # nothing to hook (a released connection): the time the task sees the bytes
+            async for data in content.iter_any():
+                if on_read(self._clock.now_us(), data):
+                    return
+            return
+        stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        # (body bytes received so far, arrival): the first mark covers what came with the headers
-        self._marks: list[tuple[int, int]] = [(resp.content.total_bytes, arrival_us())]
-        self._protocol = conn.protocol if conn is not None else None
-        if self._protocol is not None and hasattr(self._protocol, "__dict__"):
-            received = self._protocol.data_received
+        def deliver(arrival_us: int) -> None:
+            data = content.read_nowait()  # the body bytes this read completed (aiohttp has de-chunked them)
+            if data and on_read(arrival_us, data):
+                stopped.set_result(None)
 
-            def data_received(data: bytes) -> None:
-                received(data)
-                if data:  # aiohttp calls it with b"" to resume parsing: no read, no mark
-                    self._marks.append((self._content.total_bytes, arrival_us()))
+        received = protocol.data_received
 
-            self._protocol.data_received = data_received  # type: ignore[method-assign]
-        else:
-            self._protocol = None
+        def data_received(data: bytes) -> None:
+            received(data)
+            if data and not stopped.done():  # aiohttp calls it with b"" to resume parsing: no read
+                try:
+                    deliver(self._clock.read_arrival_us(self._sock))
+                except Exception as exc:  # the OnRead's or the body's error: raised in the task, not the loop
+                    stopped.set_exception(exc)
 
-    def close(self) -> None:
-        if self._protocol is not None:
-            self._protocol.__dict__.pop("data_received", None)  # the class's method again
-
-    def split(self, data: bytes) -> list[tuple[int, bytes]]:
-        """`data` (the next bytes the task read) cut at read boundaries, each piece with its arrival."""
-        start, end = self._consumed, self._consumed + len(data)
-        marks, pieces = self._marks, []
-        while self._next < len(marks) and start < end:
-            offset, t = marks[self._next]
-            if offset > start:
-                cut = min(offset, end)
-                pieces.append((t, data[start - self._consumed : cut - self._consumed]))
-                start = cut
-            if offset <= start:
-                self._next += 1
-        if start < end:  # no mark reached (hook unavailable): the time the task saw them
-            pieces.append((self._clock.now_us(), data[start - self._consumed :]))
-        self._consumed = end
-        return pieces
-
-
-async def _stamped_on_arrival(resp: aiohttp.ClientResponse, clock: Clock) -> Reads:
-    arrivals = _ReadArrivals(resp, clock)
-    try:
-        async for data in resp.content.iter_any():  # every buffered byte per wake-up
-            for piece in arrivals.split(data):
-                yield piece
-    finally:
-        arrivals.close()
+        protocol.data_received = data_received  # type: ignore[method-assign]
+        eof = asyncio.ensure_future(content.wait_eof())  # the body's end, or the connection's error
+        try:
+            deliver(self._clock.read_arrival_us(self._sock))  # what came with the headers
+            if not stopped.done():
+                await asyncio.wait((stopped, eof), return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                stopped.result()
+            else:
+                eof.result()
+                deliver(self._clock.now_us())
+        finally:
+            protocol.__dict__.pop("data_received", None)  # the class's method again
+            eof.cancel()
+            if eof.done() and not eof.cancelled():
+                eof.exception()  # seen: an error after the OnRead stopped is not the request's
 
 
 @asynccontextmanager
 async def _post_aiohttp(
     session: aiohttp.ClientSession, url: str, body: dict[str, Any], headers: dict[str, str], clock: Clock
-) -> AsyncIterator[tuple[int, Reads]]:
+) -> AsyncIterator[tuple[int, EachRead]]:
     async with session.post(url, json=body, headers=headers) as resp:
-        reads = _stamped_on_arrival(resp, clock)
-        try:
-            yield resp.status, reads
-        finally:
-            await reads.aclose()
+        yield resp.status, _ReadTap(resp, clock).each_read
 
 
 async def send(
-    client: httpx.AsyncClient | aiohttp.ClientSession,
+    client: Http1Session | httpx.AsyncClient | aiohttp.ClientSession,
     cfg: ClientConfig,
     body: dict[str, Any],
     headers: dict[str, str],
@@ -598,27 +471,29 @@ async def send(
     out = Outcome(x_request_id=headers.get("X-Request-Id", ""))
     url = cfg.endpoint + _PATHS[cfg.api]
     state = _StreamState(out, cfg.collect_answers)
-    post = _post_httpx if isinstance(client, httpx.AsyncClient) else _post_aiohttp
+    if isinstance(client, Http1Session):
+        post = client.post
+    elif isinstance(client, httpx.AsyncClient):
+        post = partial(_post_httpx, client)
+    else:
+        post = partial(_post_aiohttp, client)
     try:
         async with asyncio.timeout(cfg.timeout_s):
             out.send_us = clock.now_us()
-            async with post(client, url, body, headers, clock) as (status, reads):
+            async with post(url, body, headers, clock) as (status, each_read):
                 out.http_status = status
                 if status != 200:
-                    text = b"".join([data async for _, data in reads]).decode("utf-8", "replace")
+                    text = (await _read_all(each_read))[2].decode("utf-8", "replace")
                     out.last_us = clock.now_us()
                     out.status = "error"
                     out.error_message = f"HTTP {status}: {_body_error(text)}"
                     return out
                 if cfg.streaming:
-                    await _read_stream(reads, state)
+                    await _read_stream(each_read, state)
                 else:
-                    parts, last_us = [], 0
-                    async for last_us, data in reads:
-                        out.first_us = out.first_us or last_us
-                        parts.append(data)
-                    parse_response_body(b"".join(parts), out, last_us or clock.now_us(), cfg.collect_answers)
-                    out.first_us = out.first_us or out.last_us
+                    first_us, last_us, data = await _read_all(each_read)
+                    parse_response_body(data, out, last_us or clock.now_us(), cfg.collect_answers)
+                    out.first_us = first_us or out.last_us
     except TimeoutError:
         out.status = "timeout"
         out.error_message = f"no complete response within --timeout {cfg.timeout_s:g} s"
@@ -634,7 +509,7 @@ async def send(
     except httpx.TimeoutException as exc:
         out.status = "timeout"
         out.error_message = f"HTTP timeout: {type(exc).__name__}"
-    except (httpx.HTTPError, aiohttp.ClientError) as exc:
+    except (HTTPStreamError, httpx.HTTPError, aiohttp.ClientError) as exc:
         out.status = "error"
         out.error_message = f"HTTP error: {type(exc).__name__}: {_clip(str(exc)) or 'connection failed'}"
     if out.status != "ok":
@@ -642,13 +517,25 @@ async def send(
     return out
 
 
-async def _read_stream(reads: Reads, state: _StreamState) -> None:
+async def _read_stream(each_read: EachRead, state: _StreamState) -> None:
     decoder = SSEDecoder()
-    async for now_us, data in reads:  # every event completed by these bytes arrived by now_us
-        for payload in decoder.feed(data):
-            state.event(payload, now_us)
-        if state.done:
-            break
+    event = state.event
+
+    def on_read(now_us: int, data: bytes) -> bool:
+        # every event completed by these bytes arrived by now_us
+        if (
+            data[:6] == b"data: "
+            and data.find(b"\n") == len(data) - 2
+            and data[-1:] == b"\n"
+            and not decoder.pending
+        ):
+            event(data[6:-2], now_us)  # the usual read: one whole one-line event (vLLM's), no decoder needed
+        else:
+            for payload in decoder.feed(data):
+                event(payload, now_us)
+        return state.done
+
+    await each_read(on_read)
     if not state.done:
         if decoder.pending:
             pending = _clip(decoder.pending.decode("utf-8", "replace"))
@@ -656,6 +543,20 @@ async def _read_stream(reads: Reads, state: _StreamState) -> None:
         if not state.out.finish_reason:
             raise _StreamError("stream ended before [DONE] and before a finish_reason")
     state.finish()
+
+
+async def _read_all(each_read: EachRead) -> tuple[int, int, bytes]:
+    """A whole body: (arrival of its first read, of its last read, bytes); times 0 for an empty body."""
+    arrivals: list[int] = []
+    parts: list[bytes] = []
+
+    def on_read(now_us: int, data: bytes) -> bool:
+        arrivals.append(now_us)
+        parts.append(data)
+        return False
+
+    await each_read(on_read)
+    return (arrivals[0], arrivals[-1], b"".join(parts)) if arrivals else (0, 0, b"")
 
 
 def _body_error(text: str) -> str:
@@ -677,7 +578,7 @@ def make_session(max_connections: int) -> aiohttp.ClientSession:
     """The aiohttp session for the workload's requests: its C HTTP parser costs about a third of httpx's
     CPU per streamed event (benchmarks/observer_overhead.py), which keeps chunk timestamps honest at load."""
     connector = aiohttp.TCPConnector(
-        limit=max_connections, limit_per_host=0, force_close=False, socket_factory=_rx_stamped_socket
+        limit=max_connections, limit_per_host=0, force_close=False, socket_factory=rx_stamped_socket
     )
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 

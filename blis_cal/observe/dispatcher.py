@@ -27,17 +27,17 @@ import httpx
 from blis_cal.errors import ConfigError
 from blis_cal.observe.client import (
     ClientConfig,
-    Clock,
     Outcome,
     build_body,
     build_headers,
     make_client,
     make_session,
     measure_tokens_per_word,
-    new_event_loop,
     new_request_id,
     send,
 )
+from blis_cal.observe.clock import Clock, new_event_loop
+from blis_cal.observe.http1 import Http1Session
 from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
 from blis_cal.trace import ServerInfo, TraceHeader, TraceWriter, sibling
 
@@ -120,6 +120,7 @@ class Observer:
         self._wake = asyncio.Event()
         self._by_status: dict[str, int] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._recording = asyncio.Lock()  # one record written per event-loop pass (_recording_turn)
         self._answers: dict[int, Any] = {}  # request id -> the server's answer (accumulating sessions)
         self.notes: list[str] = []
         self.clock: Clock | None = None  # the run's clock, once started
@@ -153,7 +154,15 @@ class Observer:
             if cfg.client.http_client == "httpx":
                 async with make_client(cfg.max_concurrency + 4) as client:
                     return await self._run(client, client)
-            async with make_client(8) as client, make_session(cfg.max_concurrency) as session:
+            plain = cfg.client.endpoint.startswith("http://")
+            if cfg.client.http_client == "aiohttp" or not plain:
+                if not plain and cfg.client.http_client == "httptools":
+                    self.notes.append(
+                        "https endpoint: requests go through aiohttp (httptools speaks plain HTTP)"
+                    )
+                async with make_client(8) as client, make_session(cfg.max_concurrency) as session:
+                    return await self._run(client, session)
+            async with make_client(8) as client, Http1Session(cfg.client.endpoint) as session:
                 return await self._run(client, session)
         finally:
             if handle_signals:
@@ -161,7 +170,7 @@ class Observer:
                     loop.remove_signal_handler(sig)
 
     async def _run(
-        self, client: httpx.AsyncClient, transport: httpx.AsyncClient | aiohttp.ClientSession
+        self, client: httpx.AsyncClient, transport: Http1Session | httpx.AsyncClient | aiohttp.ClientSession
     ) -> ObserveResult:
         """`client` makes the side requests (facts, /metrics, calibration); `transport` the workload's."""
         cfg, ccfg = self.config, self.config.client
@@ -170,6 +179,8 @@ class Observer:
         facts = await server_facts(client, ccfg.endpoint, ccfg.model, aux_headers)
         self.notes.extend(facts.notes)
         info = _apply_overrides(facts.info, cfg.server_overrides)
+        if isinstance(transport, Http1Session) and facts.info.vllm_version:
+            transport.lazy_acks = True  # vLLM's API server sends with TCP_NODELAY (uvicorn on asyncio/uvloop)
         if ccfg.prompt_mode == "text":
             ccfg.tokens_per_word, note = await measure_tokens_per_word(client, ccfg)
             self.notes.append(note)
@@ -343,8 +354,13 @@ class Observer:
         finally:
             sem.release()
         self.progress.in_flight -= 1
-        record = build_record(req, out, ccfg.model, arrival_us, ccfg.streaming)
-        writer.append(record, out.chunks if out.status == "ok" else None)
+        gated = await self._recording_turn()
+        try:
+            record = build_record(req, out, ccfg.model, arrival_us, ccfg.streaming)
+            writer.append(record, out.chunks if out.status == "ok" else None)
+        finally:
+            if gated:
+                self._recording.release()
         self._by_status[out.status] = self._by_status.get(out.status, 0) + 1
         if ccfg.collect_answers and out.status == "ok":
             answer = out.answer_ids if ccfg.prompt_mode == "tokens" else "".join(out.answer_text)
@@ -363,6 +379,19 @@ class Observer:
         self._in_flight.discard(asyncio.current_task())  # before waking the dispatcher, which checks it
         self._wake.set()
         self._emit()
+
+    async def _recording_turn(self) -> bool:
+        """Wait for this request's turn to be written: one record per event-loop pass, so a burst of requests
+        ending together never keeps the loop from reading the other streams (their events would share reads
+        and timestamps). False when a stop cancelled the wait: the record is written at once."""
+        try:
+            await self._recording.acquire()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return False
+        return True
 
 
 def _accumulates(workload: Any) -> bool:

@@ -19,7 +19,8 @@ from typing import IO, Any
 
 import httpx
 
-from blis_cal.observe.client import Clock, Outcome
+from blis_cal.observe.client import Outcome
+from blis_cal.observe.clock import Clock
 from blis_cal.trace import ServerInfo, TraceRecord, sibling
 
 # ---------------------------------------------------------------------------------------------- records
