@@ -1371,6 +1371,11 @@ def main() -> None:
     """Entry point: library errors become one line on stderr and exit code 2."""
     try:
         app(standalone_mode=False)
+    except typer.TyperException as exc:  # usage errors (unknown command or option, missing argument)
+        if not hasattr(exc, "show"):
+            raise
+        exc.show()
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
     except BlisError as exc:
         stderr.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None

@@ -152,3 +152,10 @@ def test_cluster_runs_are_byte_identical_across_processes_and_hash_seeds(tmp_pat
         outs.append((proc.stdout, decisions.read_bytes()))
     assert outs[0] == outs[1]
     assert json.loads(outs[0][0])["prefix_hit_rate"] > 0  # the prefix-affinity index was exercised
+
+
+def test_usage_errors_are_a_short_message_and_exit_code_2_not_a_traceback():
+    for args in (("no-such-command",), ("replay", "--no-such-option"), ("replay",)):
+        proc = _blis(*args)
+        assert proc.returncode == 2, args
+        assert "Traceback" not in proc.stderr and "Error:" in proc.stderr and "--help" in proc.stderr, args
