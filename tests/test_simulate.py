@@ -181,6 +181,10 @@ def test_coefficients_lookup_and_missing_triple():
         load_coefficients(None, "meta-llama/llama-3.1-8b-instruct", "H100", 3)
     with pytest.raises(ConfigError, match="did you mean"):
         load_coefficients(None, "llama-3.1-8b", "H100", 1)
+    # a trace header without a vLLM version (the shared A/C) finds the entry of any version
+    assert load_coefficients(None, "tiny", "cpu", 1, "").entry["vllm_version"] == "0.32.0"
+    with pytest.raises(ConfigError, match=r"vllm_version=0\.1"):
+        load_coefficients(None, "tiny", "cpu", 1, "0.1")
 
 
 def test_block_hashes_depend_on_content_chain_only():

@@ -42,9 +42,10 @@ def load_coefficients(
 ) -> Coefficients:
     """The entry for (model, GPU, TP[, vLLM version]) in `path` (default: the shipped defaults.yaml).
 
-    Model ids compare case-insensitively (BLIS lowercases them). An empty GPU, TP 0/None or version None is
-    filled from the file's `defaults:` block for that model. When several entries match (different vLLM
-    versions), the one named in `defaults:` wins, else the first. Errors list what exists for the model.
+    Model ids compare case-insensitively (BLIS lowercases them). An empty GPU or TP 0/None is filled from the
+    file's `defaults:` block for that model; an empty or None version matches any. When several entries match
+    (different vLLM versions), the one named in `defaults:` wins, else the first. Errors list what exists for
+    the model.
     """
     file, data = _load(path)
     model_id = model.strip().lower()
@@ -62,7 +63,7 @@ def load_coefficients(
         for e in entries
         if str(e.get("GPU", "")).lower() == gpu.lower()
         and int(e.get("tensor_parallelism", 0)) == tp
-        and (vllm_version is None or str(e.get("vllm_version", "")) == vllm_version)
+        and (not vllm_version or str(e.get("vllm_version", "")) == vllm_version)  # "": a header without one
     ]
     if not matches:
         available = "; ".join(sorted({_describe(e) for e in entries}))
