@@ -450,6 +450,14 @@ def test_socket_reads_carry_the_kernels_receive_time_not_the_read_time():
             client.connect(server.getsockname())
             peer, _ = server.accept()
             with peer:
+                # Linux turns receive stamping on for the system a moment after the first socket asks (deferred
+                # work): until then reads come unstamped, so let one exchange pass first
+                for _ in range(50):
+                    peer.sendall(b"ping")
+                    client.recv(100)
+                    if client.rx_realtime_ns:
+                        break
+                    time.sleep(0.01)
                 sent_us = clock.now_us()
                 peer.sendall(b"data: x\n\n")
                 time.sleep(0.05)  # a busy reader gets to it late

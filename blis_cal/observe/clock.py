@@ -83,8 +83,9 @@ class _RxStampedSocket(socket.socket):
     rx_realtime_ns = 0
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        data, rx_ns = recv_stamped(self, bufsize, flags)
-        self.rx_realtime_ns = rx_ns or self.rx_realtime_ns
+        data, self.rx_realtime_ns = recv_stamped(
+            self, bufsize, flags
+        )  # 0 (unstamped): the loop's wake instead
         return data
 
 
