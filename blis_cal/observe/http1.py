@@ -96,7 +96,6 @@ class _Connection:
     def _reset(self) -> None:
         loop = self._loop
         self._parser = httptools.HttpResponseParser(self)
-        self.status = 0
         self.headers: asyncio.Future[int] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()  # body ended, OnRead stopped, or failed
         self.complete = False  # the whole response was parsed
@@ -124,8 +123,7 @@ class _Connection:
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        _settle(self.headers, self.status)
+        _settle(self.headers, self._parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
