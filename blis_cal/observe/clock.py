@@ -58,10 +58,8 @@ def _realtime_offset_ns() -> int:
 # Linux's SO_TIMESTAMPNS (asm-generic and x86 value): every read carries the kernel's receive time of its data
 _SO_TIMESTAMPNS = 35
 _TIMESPEC = struct.Struct("qq")
-_RX_SOCKETS: weakref.WeakValueDictionary[int, _RxStampedSocket] = weakref.WeakValueDictionary()
-
-
 _ANCDATA_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+_RX_SOCKETS: weakref.WeakValueDictionary[int, _RxStampedSocket] = weakref.WeakValueDictionary()
 
 
 def recv_stamped(sock: socket.socket, bufsize: int, flags: int = 0) -> tuple[bytes, int]:
