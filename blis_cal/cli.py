@@ -508,7 +508,7 @@ def replay_cmd(
         trace_decisions,
     )
     run = _simulate(
-        requests_from_trace(trace, notes),
+        requests_from_trace(trace, notes, block_size=config.block_size),
         config,
         sim_model,
         None,
@@ -696,17 +696,32 @@ def _write_json(path: Path, data: object) -> None:
 
 def _calibration_table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title, title_justify="left")
-    for col in ("trace", "requests", "rate/s", "TTFT MAPE", "ITL MAPE", "E2E MAPE", "E2E r", "E2E quality"):
+    cols = (
+        "trace",
+        "requests",
+        "rate/s",
+        "TTFT MAPE",
+        "ITL MAPE",
+        "E2E MAPE",
+        "E2E r",
+        "E2E quality",
+        "speed drift",
+    )
+    for col in cols:
         table.add_column(col, justify="left" if col == "trace" else "right")
     for row in rows:
-        pct = [f"{100 * row[k]:.1f} %" if k in row else "-" for k in ("ttft_mape", "itl_mape", "e2e_mape")]
+        pct = [
+            f"{100 * row[k]:.1f} %" if k in row else "-"
+            for k in ("ttft_mape", "itl_mape", "e2e_mape", "speed_drift")
+        ]
         table.add_row(
             str(row["trace"]),
             str(row["requests"]),
             f"{row['rate_rps']:.2f}",
-            *pct,
+            *pct[:3],
             f"{row.get('e2e_pearson_r', 0):.3f}",
             str(row.get("e2e_quality", "-")),
+            pct[3],
         )
     return table
 

@@ -768,27 +768,85 @@ SINGLE_DECODE_MIN_GAPS = 20  # fewer single-request steps than this say too litt
 STEP_BURST_GAP_US = 3_000  # the events of one engine step reach the client within this of each other
 
 
-def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
-    """Engine steps with one request alone decoding one token, as (duration µs, that request's context: tokens
-    in its KV cache), from consecutive bursts of streamed events that each hold a single one-token event of
-    the same request. They show the server's speed free of batching."""
-    prompts = {r.request_id: r.total_input_tokens for r in trace.records}
+def _step_bursts(trace: Trace) -> list[list[tuple[int, int, int, int]]]:
+    """Streamed events grouped into engine steps: (time µs, request id, tokens, chunk index) per event, events
+    within STEP_BURST_GAP_US of the previous one in the same group; tokens is 0 for a first event (its step
+    was a prefill)."""
     events = sorted(
         (c.timestamp_us, rid, c.tokens if i else 0, i)
         for rid, chunks in trace.itl.items()
         for i, c in enumerate(chunks)
-    )  # tokens 0 marks a first event: its step was a prefill
+    )
     bursts: list[list[tuple[int, int, int, int]]] = []
     for event in events:
         if bursts and event[0] - bursts[-1][-1][0] <= STEP_BURST_GAP_US:
             bursts[-1].append(event)
         else:
             bursts.append([event])
+    return bursts
+
+
+def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
+    """Engine steps with one request alone decoding one token, as (duration µs, that request's context: tokens
+    in its KV cache), from consecutive bursts of streamed events that each hold a single one-token event of
+    the same request. They show the server's speed free of batching."""
+    prompts = {r.request_id: r.total_input_tokens for r in trace.records}
     return [
         (b[0][0] - a[0][0], prompts.get(b[0][1], 0) + b[0][3])
-        for a, b in itertools.pairwise(bursts)
+        for a, b in itertools.pairwise(_step_bursts(trace))
         if len(a) == len(b) == 1 and a[0][1] == b[0][1] and a[0][2] == b[0][2] == 1
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStep:
+    """A pure-decode engine step seen by the client: when its events arrived, how long after the previous
+    step's, and how many requests it decoded (one token each)."""
+
+    time_us: int
+    duration_us: int
+    num_decode: int
+
+
+def decode_steps(trace: Trace) -> list[DecodeStep]:
+    """Every step whose events are one-token decode events of distinct requests (no first token, so no
+    prefill in it), timed from the previous step's events."""
+    return [
+        DecodeStep(b[0][0], b[0][0] - a[0][0], len(b))
+        for a, b in itertools.pairwise(_step_bursts(trace))
+        if all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b)
+    ]
+
+
+DRIFT_PARTS = 4  # the run is cut into this many parts of equal step counts
+DRIFT_MIN_STEPS = 20  # per batch size kept, and per part
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedDrift:
+    """How the server's decode speed changed during a capture: per part of the run (equal step counts, in
+    time order), the median of each pure-decode step's duration over the run's median at the same batch
+    size; `drift` is the slowest part's over the fastest's, minus 1."""
+
+    parts: tuple[float, ...]
+    drift: float
+    steps: int
+
+
+def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
+    """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`), comparing steps of equal batch size
+    only, so a change of load does not count as one of speed. None with too few steps to tell."""
+    steps = decode_steps(trace)
+    by_batch: dict[int, list[int]] = {}
+    for step in steps:
+        by_batch.setdefault(step.num_decode, []).append(step.duration_us)
+    medians = {n: statistics.median(d) for n, d in by_batch.items() if len(d) >= DRIFT_MIN_STEPS}
+    ratios = [s.duration_us / medians[s.num_decode] for s in steps if medians.get(s.num_decode, 0) > 0]
+    size = len(ratios) // DRIFT_PARTS
+    if size < DRIFT_MIN_STEPS:
+        return None
+    parts = tuple(statistics.median(ratios[i * size : (i + 1) * size]) for i in range(DRIFT_PARTS))
+    return SpeedDrift(tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(ratios))
 
 
 def single_decode_step_us(trace: Trace) -> float | None:
@@ -831,4 +889,7 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
     step = single_decode_step_us(trace) if trace.itl else None
     if step is not None:
         out["single_decode_step_ms"] = round(step / 1000, 3)
+    drift = decode_speed_drift(trace) if trace.itl else None
+    if drift is not None:
+        out["decode_speed_drift"] = drift.drift
     return out

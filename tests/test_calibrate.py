@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from decode_traces import lockstep_trace
 from typer.testing import CliRunner
 
-from blis_cal.calibrate import CalibrationError, compare, mape, pearson_r, quality
+from blis_cal.calibrate import CalibrationError, compare, mape, pearson_r, quality, summary_row
 from blis_cal.calibrate.compare import bias_direction, pooled, workload_level
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.report_html import render_html
@@ -158,6 +159,22 @@ def test_pooled_metrics_equal_one_report_when_alone():
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("later_step_us, noted", [(20_000, False), (21_000, False), (26_000, True)])
+def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, noted):
+    trace = lockstep_trace([(2, 100, 20_000), (2, 100, later_step_us)])
+    results = [result(r.request_id, r.ttft_us, r.e2e_us, out=r.output_tokens, inp=64) for r in trace.records]
+    report = compare(trace, results, trace_name="t")
+    drift = later_step_us / 20_000 - 1
+    assert report.trace_info["decode_speed_drift"] == pytest.approx(drift, abs=1e-3)
+    assert summary_row(report)["speed_drift"] == report.trace_info["decode_speed_drift"]
+    changed = [n for n in report.notes if "speed changed during the capture" in n]
+    assert bool(changed) == noted
+    if noted:
+        assert changed[0].startswith(f"t: at equal batch size, decode steps ran {drift:.0%} slower")
+    page = render_html([report])
+    assert "<th>speed_drift</th>" in page and f"{100 * drift:.1f} %" in page
 
 
 @pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])

@@ -224,3 +224,60 @@ def test_simulated_prefix_cache_hits_exactly_what_vllm_hit(trace_c):
         raw, "vllm:prefix_cache_queries_total"
     )
     assert sum(r.cached_tokens for r in run.results) == _prometheus_delta(raw, "vllm:prefix_cache_hits_total")
+
+
+def _warm_trace(cached: list[int | None], group: str = "") -> Trace:
+    """Three 300-token prompts 1 s apart (16-token blocks), with their recorded cached tokens."""
+    records = [
+        TraceRecord(
+            request_id=i,
+            input_tokens=300 - (256 if group else 0),
+            prefix_group=group,
+            prefix_length=256 if group else 0,
+            server_input_tokens=300,
+            output_tokens=4,
+            send_time_us=1_000_000 * i + 1,
+            arrival_time_us=1_000_000 * i + 1,
+            cached_tokens=c,
+        )
+        for i, c in enumerate(cached)
+    ]
+    return Trace(TraceHeader(), records, {})
+
+
+def _replayed(trace: Trace) -> dict:
+    notes: list[str] = []
+    reqs = requests_from_trace(trace, notes, block_size=16)
+    run = replay_trace(trace, SimConfig(block_size=16), MODEL)
+    return {"warm": [r.warm_tokens for r in reqs], "results": run.results, "notes": notes}
+
+
+def test_cached_tokens_no_earlier_row_explains_start_out_cached():
+    # vLLM served 288 and 160 tokens of rows 1 and 2 from a cache warm from an earlier run (their prompts are
+    # their own): the replay starts with those blocks cached; row 0 found nothing.
+    warm = _replayed(_warm_trace([0, 288, 160]))
+    cold = _replayed(_warm_trace([None, None, None]))
+    assert warm["warm"] == [0, 288, 160] and cold["warm"] == [0, 0, 0]
+    assert [r.cached_tokens for r in warm["results"]] == [0, 288, 160]
+    assert [r.cached_tokens for r in cold["results"]] == [0, 0, 0]
+    w, c = warm["results"], cold["results"]
+    assert w[0].ttft_us == c[0].ttft_us and w[1].ttft_us < c[1].ttft_us and w[2].ttft_us < c[2].ttft_us
+    assert any("2 row(s) hit vLLM's prefix cache on content no earlier row sent" in n for n in warm["notes"])
+
+
+def test_cached_tokens_an_earlier_row_explains_are_left_to_the_simulated_cache():
+    # A shared 256-token prefix: row 0 computed it, rows 1 and 2 hit it; nothing starts out cached, and the
+    # replay is the same as without the recorded column.
+    recorded = _replayed(_warm_trace([0, 256, 256], group="g"))
+    absent = _replayed(_warm_trace([None, None, None], group="g"))
+    assert recorded["warm"] == [0, 0, 0] and not recorded["notes"]
+    assert recorded["results"] == absent["results"]
+    assert [r.cached_tokens for r in recorded["results"]] == [0, 256, 256]
+
+
+def test_warm_tokens_out_of_range_are_rejected():
+    from blis_cal.simulate import SimRequest, SimulationError, simulate
+
+    bad = SimRequest(0, 0, 100, 2, (("req:0", 100),), warm_tokens=101)
+    with pytest.raises(SimulationError, match=r"warm_tokens must be in 0\.\.input_len"):
+        simulate([bad], SimConfig(), MODEL)

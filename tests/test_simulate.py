@@ -313,3 +313,20 @@ def test_free_queue_order_matches_vllm():
     assert kv.blocks_of(1) == [5, 3]  # never-used block 5, then the LRU: a's deepest hashed block
     kv.check()
     assert kv.num_free == 0 and kv.num_used == 5
+
+
+def test_warm_blocks_are_free_cached_and_evicted_oldest_first():
+    # A cache warm from before the run: its blocks are free (nothing holds them) yet hit until reused.
+    from blis_cal.simulate.kv_cache import KVCacheManager
+    from blis_cal.simulate.request import ReqState
+
+    kv = KVCacheManager(num_gpu_blocks=6, block_size=16, enable_caching=True, max_model_len=1000)
+    kv.warm((("req:0", 40),), 40)  # two full blocks
+    kv.check()
+    assert kv.num_free == 5 and kv.num_used == 0
+    assert len(kv.get_computed_blocks(ReqState(req(0, 0, 40, 1)))) == 2
+    kv.warm((("req:1", 64),), 64)  # four more: the oldest warm block is the first to go
+    kv.check()
+    assert kv.num_free == 5
+    assert kv.get_computed_blocks(ReqState(req(0, 0, 40, 1))) == []  # its first block was evicted
+    assert len(kv.get_computed_blocks(ReqState(req(1, 0, 64, 1)))) == 3  # all but the last token's block

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from decode_traces import lockstep_trace
 
 from blis_cal.errors import TraceFormatError
 from blis_cal.trace import (
@@ -18,6 +19,8 @@ from blis_cal.trace import (
     TraceHeader,
     TraceRecord,
     TraceWriter,
+    decode_speed_drift,
+    decode_steps,
     itl_means_us,
     read_trace,
     single_decode_step_us,
@@ -227,6 +230,34 @@ def test_single_request_decode_step_ignores_batched_and_coalesced_events():
     assert trace_summary(trace)["single_decode_step_ms"] == 15.0
     few = Trace(TraceHeader(), records[:1], {0: alone[:10]})
     assert single_decode_step_us(few) is None and "single_decode_step_ms" not in trace_summary(few)
+
+
+def test_decode_steps_are_timed_from_the_previous_step_and_count_the_batch():
+    trace = lockstep_trace([(3, 40, 25_000)])
+    steps = decode_steps(trace)
+    # The first tokens' step was a prefill and does not count; every later step decodes all three.
+    assert len(steps) == 40 and {(s.duration_us, s.num_decode) for s in steps} == {(25_000, 3)}
+    assert [s.time_us for s in steps] == sorted(s.time_us for s in steps)
+
+
+def test_speed_drift_compares_equal_batches_so_a_load_change_is_no_drift():
+    # One request alone at 15 ms per step, then three together at 25 ms: a heavier load at the same speed.
+    steady = decode_speed_drift(lockstep_trace([(1, 100, 15_000), (3, 100, 25_000)]))
+    assert steady is not None and steady.drift == 0.0 and steady.parts == (1.0, 1.0, 1.0, 1.0)
+    assert trace_summary(lockstep_trace([(1, 100, 15_000)]))["decode_speed_drift"] == 0.0
+
+
+def test_speed_drift_measures_a_server_slowing_down_mid_run():
+    # The same two-request batch steps in 20 ms, then in 26 ms: 30 % slower in the second half.
+    drift = decode_speed_drift(lockstep_trace([(2, 100, 20_000), (2, 100, 26_000)]))
+    assert drift is not None and drift.steps == 200
+    assert drift.parts[0] == drift.parts[1] < 1 < drift.parts[2] == drift.parts[3]
+    assert drift.drift == pytest.approx(0.3, abs=1e-3)
+
+
+def test_speed_drift_needs_enough_steps():
+    assert decode_speed_drift(lockstep_trace([(2, 60, 20_000)])) is None  # 15 per quarter
+    assert "decode_speed_drift" not in trace_summary(lockstep_trace([(2, 60, 20_000)]))
 
 
 # ------------------------------------------------------------------------------------------ bad input

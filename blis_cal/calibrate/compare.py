@@ -19,7 +19,13 @@ from scipy import stats as sstats
 
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
-from blis_cal.trace import SINGLE_DECODE_MIN_GAPS, Trace, itl_means_us, single_decode_steps
+from blis_cal.trace import (
+    SINGLE_DECODE_MIN_GAPS,
+    Trace,
+    decode_speed_drift,
+    itl_means_us,
+    single_decode_steps,
+)
 
 METRICS = ("ttft", "itl", "e2e")
 PERCENTILES = (50, 90, 95, 99)
@@ -171,6 +177,7 @@ def _sim_itl(result: ResultLike) -> float | None:
 
 STALL_NOTE_US = 3_000_000
 SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per single-request step, say the server ran at another speed
+DRIFT_NOTE = 0.1  # beyond 10 % between the slowest and fastest part of a run, say the speed changed during it
 
 
 def longest_decode_gap(trace: Trace) -> tuple[int, int]:
@@ -358,6 +365,17 @@ def compare(
             "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
             "requests in flight"
         )
+    drift = decode_speed_drift(trace) if trace.itl else None
+    if drift is not None:
+        trace_info["decode_speed_parts"] = list(drift.parts)
+        trace_info["decode_speed_drift"] = drift.drift
+        if drift.drift > DRIFT_NOTE:
+            notes.append(
+                f"{where}: at equal batch size, decode steps ran {drift.drift:.0%} slower in the slowest quarter "
+                f"of the run than in the fastest (medians {', '.join(f'{p:.2f}' for p in drift.parts)} of the "
+                "run's own): the server's speed changed during the capture (other work on the machine); a step "
+                "model holds one speed, so part of this trace's error is beyond any fit"
+            )
     speed = speed_note(where, trace, latency_model) if latency_model is not None and trace.itl else None
     if speed:
         notes.append(speed)
@@ -371,6 +389,8 @@ def summary_row(report: ComparisonReport) -> dict[str, Any]:
         "requests": report.trace_info["compared"],
         "rate_rps": report.trace_info.get("offered_rate_rps", 0.0),
     }
+    if "decode_speed_drift" in report.trace_info:
+        row["speed_drift"] = report.trace_info["decode_speed_drift"]
     for metric in METRICS:
         if metric not in report.metrics:
             continue

@@ -84,6 +84,7 @@ def _summary_table(reports: Sequence[ComparisonReport]) -> str:
     cols = ["trace", "requests", "rate_rps"]
     for m in METRICS:
         cols += [f"{m}_mape", f"{m}_pearson_r", f"{m}_bias", f"{m}_quality"]
+    cols.append("speed_drift")
     rows = [summary_row(r) for r in reports]
     head = "".join(f"<th class=l>{c}</th>" if c == "trace" else f"<th>{c}</th>" for c in cols)
     body = []
@@ -92,7 +93,7 @@ def _summary_table(reports: Sequence[ComparisonReport]) -> str:
         for c in cols:
             v = row.get(c, "")
             cls = f" class={v}" if c.endswith("_quality") and v else (" class=l" if c == "trace" else "")
-            if c.endswith("_mape") and isinstance(v, float):
+            if (c.endswith("_mape") or c == "speed_drift") and isinstance(v, float):
                 v = f"{100 * v:.1f} %"
             cells.append(f"<td{cls}>{_cell(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")

@@ -4,7 +4,9 @@ Each row becomes a request injected at its send time (the moment the server coul
 server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group`
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
-output as its own prefix (multi-turn chat history).
+output as its own prefix (multi-turn chat history). A row's recorded `cached_tokens` (vLLM's usage) that no
+earlier row's prompt explains were in the server's cache before the capture (a warm cache, e.g. the same
+prompts sent in an earlier run): those tokens start out cached in the simulated prefix cache too.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from blis_cal.simulate.engine import SimConfig, simulate
+from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
 from blis_cal.simulate.metrics import SimRun
 from blis_cal.simulate.request import SimRequest, output_key
@@ -31,10 +34,17 @@ def request_input_len(rec: TraceRecord) -> int:
     return rec.server_input_tokens if rec.server_input_tokens > 0 else rec.prefix_length + rec.input_tokens
 
 
-def requests_from_trace(trace: Trace, notes: list[str] | None = None) -> list[SimRequest]:
-    """One SimRequest per row that produced output (rows with 0 output tokens never ran: skipped, noted)."""
+def requests_from_trace(
+    trace: Trace, notes: list[str] | None = None, *, block_size: int | None = None
+) -> list[SimRequest]:
+    """One SimRequest per row that produced output (rows with 0 output tokens never ran: skipped, noted).
+    `block_size` (default: the header's, else SimConfig's) aligns the warm-cache tokens to KV blocks."""
     accumulate = trace.header.session_context_growth == "accumulate"
     history: dict[str, tuple[tuple[tuple[str, int], ...], int]] = {}  # session -> (segments, own input len)
+    server = trace.header.server
+    block = block_size or (server.block_size if server and server.block_size > 0 else SimConfig().block_size)
+    seen: set[int] = set()  # first-block hashes of the prompts sent so far (a shared block implies block 0)
+    warmed: list[int] = []
     out: list[SimRequest] = []
     skipped: list[int] = []
     for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
@@ -50,6 +60,15 @@ def requests_from_trace(trace: Trace, notes: list[str] | None = None) -> list[Si
                 (*segments, (output_key(rec.request_id), rec.output_tokens)),
                 input_len + rec.output_tokens,
             )
+        first = _first_block_hash(segments, block) if input_len >= block else None
+        # vLLM reports whole cached blocks, at most all but the last prompt token (it needs its logits).
+        warm = min(rec.cached_tokens or 0, input_len - 1) // block * block
+        if warm and first in seen:
+            warm = 0  # its prompt starts like an earlier one's: the simulated cache decides
+        if warm:
+            warmed.append(rec.request_id)
+        if first is not None:
+            seen.add(first)
         out.append(
             SimRequest(
                 request_id=rec.request_id,
@@ -62,13 +81,29 @@ def requests_from_trace(trace: Trace, notes: list[str] | None = None) -> list[Si
                 priority=rec.vllm_priority or 0,
                 session_id=rec.session_id,
                 round_index=rec.round_index,
+                warm_tokens=warm,
             )
+        )
+    if warmed and notes is not None:
+        notes.append(
+            f"{len(warmed)} row(s) hit vLLM's prefix cache on content no earlier row sent (a cache warm from "
+            "before the capture): their cached tokens start out in the simulated cache"
         )
     if skipped and notes is not None:
         shown = ", ".join(str(i) for i in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
         notes.append(f"{len(skipped)} row(s) with 0 output tokens not replayed (request_id {shown})")
     out.sort(key=lambda r: r.request_id)
     return out
+
+
+def _first_block_hash(segments: tuple[tuple[str, int], ...], block: int) -> int:
+    head, left = [], block
+    for key, length in segments:
+        if left <= 0:
+            break
+        head.append((key, min(length, left)))
+        left -= length
+    return block_hashes(head, block)[0]
 
 
 def _segments(
@@ -109,4 +144,5 @@ def replay_trace(
     record_tokens: bool = False,
 ) -> SimRun:
     """Simulate a trace's requests on `config` (see `config_from_trace`) with `model`."""
-    return simulate(requests_from_trace(trace, notes), config, model, record_tokens=record_tokens)
+    requests = requests_from_trace(trace, notes, block_size=config.block_size)
+    return simulate(requests, config, model, record_tokens=record_tokens)

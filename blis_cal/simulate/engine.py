@@ -111,6 +111,10 @@ def check_request(req: SimRequest) -> None:
         total += length
     if total != req.input_len:
         raise SimulationError(f"{where}: segment lengths sum to {total}, input_len is {req.input_len}")
+    if not 0 <= req.warm_tokens <= req.input_len:
+        raise SimulationError(
+            f"{where}: warm_tokens must be in 0..input_len ({req.input_len}), got {req.warm_tokens}"
+        )
 
 
 TokenCallback = Callable[[int, int, int], None]
@@ -175,6 +179,9 @@ class Simulation:
             raise SimulationError(f"request id {req.request_id} was added twice")
         state = ReqState(req)
         self._states[req.request_id] = state
+        if req.warm_tokens:
+            for inst in self.instances:
+                inst.kv.warm(req.segments, req.warm_tokens)
         for key, length in req.segments:
             if length > 0 and key.startswith("out:") and key[4:].isdigit():
                 self._refer_to_output(int(key[4:]))
@@ -209,7 +216,7 @@ class Simulation:
             position = 0
             for key, length in state.req.segments:
                 if length > 0 and users[key] == 1:
-                    state.private_from = position
+                    state.private_from = max(position, state.req.warm_tokens)  # warm blocks are looked up
                     break
                 position += length
             else:

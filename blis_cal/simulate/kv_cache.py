@@ -351,6 +351,22 @@ class KVCacheManager:
                 else:
                     cached[h] = b
 
+    def warm(self, segments: Sequence[tuple[str, int]], num_tokens: int) -> None:
+        """Cache the full blocks of the first `num_tokens` prompt tokens as free, evictable blocks at the
+        back of the free queue (as a previous run leaves them: vLLM keeps a freed block's hash until reuse)."""
+        if not self.enable_caching:
+            return
+        for h in block_hashes(segments, self.block_size)[: num_tokens // self.block_size]:
+            if h in self.cached:
+                continue
+            if not self.num_free:  # added while every block is held: nothing to keep it in
+                return
+            (b,) = self._take_free(1)
+            self.block_hash[b] = h
+            self.cached[h] = b
+            self.free_lru.append(b)
+            self.num_lru += 1
+
     def remember_private(self, state: ReqState) -> None:
         """Before a preemption frees them: index the request's private blocks, the only ones it alone can
         hit when it is readmitted (a finished request's are never looked for again)."""

@@ -24,6 +24,9 @@ class SimRequest:
     priority: int = 0
     session_id: str = ""
     round_index: int = 0
+    # Leading prompt tokens the server held in its prefix cache before the run began (e.g. a trace's recorded
+    # cached_tokens that no earlier request explains): they are cached, evictable, when the request is added.
+    warm_tokens: int = 0
 
 
 NEVER_PRIVATE = 1 << 62
