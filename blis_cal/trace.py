@@ -801,32 +801,34 @@ def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
 @dataclass(frozen=True, slots=True)
 class DecodeStep:
     """A pure-decode engine step seen by the client: when its events arrived, how long after the previous
-    step's, and how many requests it decoded (one token each)."""
+    step's, how many requests it decoded (one token each) and their context (Σ tokens in their KV cache)."""
 
     time_us: int
     duration_us: int
     num_decode: int
+    context_tokens: int
 
 
 def decode_steps(trace: Trace) -> list[DecodeStep]:
     """Every step whose events are one-token decode events of distinct requests (no first token, so no
     prefill in it), timed from the previous step's events."""
+    prompts = {r.request_id: r.total_input_tokens for r in trace.records}
     return [
-        DecodeStep(b[0][0], b[0][0] - a[0][0], len(b))
+        DecodeStep(b[0][0], b[0][0] - a[0][0], len(b), sum(prompts.get(e[1], 0) + e[3] for e in b))
         for a, b in itertools.pairwise(_step_bursts(trace))
         if all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b)
     ]
 
 
-DRIFT_PARTS = 4  # the run is cut into this many parts of equal step counts
+DRIFT_PARTS = 4  # the run is cut into this many parts (quarters) of equal step counts
 DRIFT_MIN_STEPS = 20  # per batch size kept, and per part
 
 
 @dataclass(frozen=True, slots=True)
 class SpeedDrift:
     """How the server's decode speed changed during a capture: per part of the run (equal step counts, in
-    time order), the median of each pure-decode step's duration over the run's median at the same batch
-    size; `drift` is the slowest part's over the fastest's, minus 1."""
+    time order), the median of each pure-decode step's duration over the run's own typical step for its
+    batch size and context; `drift` is the slowest part's over the fastest's, minus 1."""
 
     parts: tuple[float, ...]
     drift: float
@@ -834,19 +836,40 @@ class SpeedDrift:
 
 
 def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
-    """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`), comparing steps of equal batch size
-    only, so a change of load does not count as one of speed. None with too few steps to tell."""
+    """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`). A step's typical duration is a
+    least-squares fit over the run: a time per batch size plus a shared time per context token (outliers
+    such as stalls dropped from the fit), so a change of load or of context lengths is not one of speed.
+    None with too few steps to tell."""
+    import numpy as np  # lazily: the observer imports this module and needs no numpy
+
     steps = decode_steps(trace)
-    by_batch: dict[int, list[int]] = {}
+    counts: dict[int, int] = {}
     for step in steps:
-        by_batch.setdefault(step.num_decode, []).append(step.duration_us)
-    medians = {n: statistics.median(d) for n, d in by_batch.items() if len(d) >= DRIFT_MIN_STEPS}
-    ratios = [s.duration_us / medians[s.num_decode] for s in steps if medians.get(s.num_decode, 0) > 0]
-    size = len(ratios) // DRIFT_PARTS
+        counts[step.num_decode] = counts.get(step.num_decode, 0) + 1
+    batches = sorted(n for n, c in counts.items() if c >= DRIFT_MIN_STEPS)
+    kept = [s for s in steps if counts[s.num_decode] >= DRIFT_MIN_STEPS]
+    size = len(kept) // DRIFT_PARTS
     if size < DRIFT_MIN_STEPS:
         return None
-    parts = tuple(statistics.median(ratios[i * size : (i + 1) * size]) for i in range(DRIFT_PARTS))
-    return SpeedDrift(tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(ratios))
+    column = {n: i for i, n in enumerate(batches)}
+    x = np.zeros((len(kept), len(batches) + 1))
+    x[np.arange(len(kept)), [column[s.num_decode] for s in kept]] = 1.0
+    x[:, -1] = [s.context_tokens for s in kept]
+    y = np.array([s.duration_us for s in kept], dtype=float)
+    fit = np.ones(len(kept), dtype=bool)
+    for _ in range(2):  # refit without the steps far off the first fit (stalls, coalesced reads)
+        coef = np.linalg.lstsq(x[fit], y[fit], rcond=None)[0]
+        if coef[-1] < 0:  # no time per context token to be found: batch size alone
+            coef = np.append(np.linalg.lstsq(x[fit, :-1], y[fit], rcond=None)[0], 0.0)
+        resid = y - x @ coef
+        spread = 1.4826 * float(np.median(np.abs(resid[fit] - np.median(resid[fit]))))
+        fit = np.abs(resid) <= 3 * spread if spread > 0 else fit
+    typical = x @ coef
+    if np.any(typical <= 0):
+        return None
+    ratios = y / typical
+    parts = tuple(float(np.median(ratios[i * size : (i + 1) * size])) for i in range(DRIFT_PARTS))
+    return SpeedDrift(tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(kept))
 
 
 def single_decode_step_us(trace: Trace) -> float | None:

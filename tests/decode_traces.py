@@ -3,17 +3,19 @@
 from blis_cal.trace import Chunk, Trace, TraceHeader, TraceRecord
 
 
-def lockstep_trace(phases: list[tuple[int, int, int]]) -> Trace:
-    """`phases` of (requests decoding together, steps, step µs), one after another: each phase's requests
-    get a first token, then one token per step; their events of one step arrive 1 ms apart."""
+def lockstep_trace(phases: list[tuple[int, ...]], us_per_context_token: float = 0.0) -> Trace:
+    """`phases` of (requests decoding together, steps, step µs[, prompt tokens, default 64]), one after
+    another: each phase's requests get a first token, then one token per step taking step µs plus
+    `us_per_context_token` per token in their KV caches; their events of one step arrive 1 ms apart."""
     records, itl, now, rid = [], {}, 1_000_000, 0
-    for batch, steps, step_us in phases:
+    for batch, steps, step_us, *prompt in phases:
+        prompt_tokens = prompt[0] if prompt else 64
         ids = list(range(rid, rid + batch))
         rid += batch
         for k, i in enumerate(ids):
             itl[i] = [Chunk(now + 1_000 * k, 1)]
-        for _ in range(steps):
-            now += step_us
+        for step in range(1, steps + 1):
+            now += step_us + int(us_per_context_token * batch * (prompt_tokens + step))
             for k, i in enumerate(ids):
                 itl[i].append(Chunk(now + 1_000 * k, 1))
         for i in ids:
@@ -21,7 +23,7 @@ def lockstep_trace(phases: list[tuple[int, int, int]]) -> Trace:
             records.append(
                 TraceRecord(
                     request_id=i,
-                    input_tokens=64,
+                    input_tokens=prompt_tokens,
                     output_tokens=len(chunks),
                     send_time_us=chunks[0].timestamp_us - 100_000,
                     arrival_time_us=chunks[0].timestamp_us - 100_000,

@@ -247,6 +247,15 @@ def test_speed_drift_compares_equal_batches_so_a_load_change_is_no_drift():
     assert trace_summary(lockstep_trace([(1, 100, 15_000)]))["decode_speed_drift"] == 0.0
 
 
+def test_speed_drift_accounts_for_context_so_longer_prompts_are_no_drift():
+    # Two requests with 64-token prompts, then two with 2,000: each step also reads their KV caches at
+    # 2 µs per token, so the later steps take ≈ 28 ms against ≈ 20.5 ms at the same speed.
+    trace = lockstep_trace([(2, 100, 20_000), (2, 100, 20_000, 2_000)], us_per_context_token=2.0)
+    assert {round(s.context_tokens / 2) for s in decode_steps(trace)} >= {65, 164, 2_001, 2_100}
+    drift = decode_speed_drift(trace)
+    assert drift is not None and drift.drift < 0.001
+
+
 def test_speed_drift_measures_a_server_slowing_down_mid_run():
     # The same two-request batch steps in 20 ms, then in 26 ms: 30 % slower in the second half.
     drift = decode_speed_drift(lockstep_trace([(2, 100, 20_000), (2, 100, 26_000)]))
