@@ -833,6 +833,7 @@ class SpeedDrift:
     parts: tuple[float, ...]
     drift: float
     steps: int
+    series: tuple[tuple[int, float], ...] = ()  # (time µs, step ÷ typical step) per step, for plots
 
 
 def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
@@ -869,7 +870,10 @@ def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
         return None
     ratios = y / typical
     parts = tuple(float(np.median(ratios[i * size : (i + 1) * size])) for i in range(DRIFT_PARTS))
-    return SpeedDrift(tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(kept))
+    series = tuple(zip((s.time_us for s in kept), ratios.tolist(), strict=True))
+    return SpeedDrift(
+        tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(kept), series
+    )
 
 
 def single_decode_step_us(trace: Trace) -> float | None:

@@ -175,6 +175,8 @@ def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, note
         assert changed[0].startswith(f"t: at equal batch size, decode steps ran {drift:.0%} slower")
     page = render_html([report])
     assert "<th>speed_drift</th>" in page and f"{100 * drift:.1f} %" in page
+    assert "and the server&#x27;s speed during the capture" in page and len(report.decode_speed) == 200
+    assert '"decode_speed":' not in json.dumps(report.to_dict())  # a plot's data, not the report's
 
 
 @pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])

@@ -150,6 +150,7 @@ class ComparisonReport:
     pairs: Pairs
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. fitted coefficients, prediction intervals
+    decode_speed: tuple[tuple[int, float], ...] = ()  # SpeedDrift.series of the trace (plots; not in JSON)
 
     def mape(self, metric: str) -> float:
         return float(self.metrics[metric]["request_level"]["mape"]) if metric in self.metrics else math.nan
@@ -379,7 +380,13 @@ def compare(
     speed = speed_note(where, trace, latency_model) if latency_model is not None and trace.itl else None
     if speed:
         notes.append(speed)
-    return ComparisonReport(trace_info=trace_info, metrics=metrics, pairs=pairs, notes=notes)
+    return ComparisonReport(
+        trace_info=trace_info,
+        metrics=metrics,
+        pairs=pairs,
+        notes=notes,
+        decode_speed=drift.series if drift is not None else (),
+    )
 
 
 def summary_row(report: ComparisonReport) -> dict[str, Any]:

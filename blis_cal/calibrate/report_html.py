@@ -60,17 +60,39 @@ def _figures(report: ComparisonReport) -> list[tuple[str, str]]:
         ax.set(xlabel="ms", ylabel="CDF", title=_LABELS[metric])
         ax.legend(loc="lower right")
     out.append(("Distributions (CDF)", _png(fig)))
-    fig, ax = plt.subplots(figsize=(10, 3.4))
-    send = (np.asarray(report.pairs.send_us) - min(report.pairs.send_us)) / 1e6
+    speed = np.asarray(report.decode_speed, dtype=float).reshape(-1, 2)
+    rows = 2 if speed.size else 1
+    fig, axes = plt.subplots(rows, 1, figsize=(10, 3.4 * rows), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    start = min(report.pairs.send_us)
+    send = (np.asarray(report.pairs.send_us) - start) / 1e6
     for metric in ("ttft", "e2e"):
         real, sim = report.pairs.arrays(metric)
         ax.scatter(
             send, 100 * (sim - real) / np.where(real != 0, real, 1), s=8, alpha=0.6, label=metric.upper()
         )
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="send time (s)", ylabel="error (%)", title="Residuals over time (predicted − observed)")
+    ax.set(ylabel="error (%)", title="Residuals over time (predicted − observed), by send time")
     ax.legend()
-    out.append(("Residuals over time", _png(fig)))
+    axes[-1][0].set_xlabel("time (s)")
+    caption = "Residuals over time"
+    if speed.size:
+        ax = axes[1][0]
+        when = (speed[:, 0] - start) / 1e6
+        ax.scatter(when, speed[:, 1], s=3, alpha=0.25, color="grey")
+        window = min(101, speed.shape[0])  # rolling median over about a hundred steps
+        pad = np.pad(speed[:, 1], window // 2, mode="edge")
+        rolling = np.median(np.lib.stride_tricks.sliding_window_view(pad, window), axis=1)[: speed.shape[0]]
+        ax.plot(when, rolling, color="C3", lw=1.5, label="rolling median")
+        ax.axhline(1, color="k", lw=0.8)
+        ax.set(
+            ylim=(0.5, 2.0),
+            ylabel="step ÷ typical step",
+            title="Server speed: each pure-decode step over the run's typical step at its batch size and context",
+        )
+        ax.legend()
+        caption += ", and the server's speed during the capture"
+    out.append((caption, _png(fig)))
     return out
 
 
