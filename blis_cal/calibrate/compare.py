@@ -21,6 +21,7 @@ from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
 from blis_cal.trace import (
     SINGLE_DECODE_MIN_GAPS,
+    SpeedDrift,
     Trace,
     decode_speed_drift,
     itl_means_us,
@@ -201,6 +202,20 @@ def longest_decode_gap(trace: Trace) -> tuple[int, int]:
     return int(gaps[k]), int(times[k])
 
 
+@dataclass(frozen=True)
+class TraceDiagnostics:
+    """What a comparison reports of the trace alone (the same for every replay of it)."""
+
+    longest_gap_us: int
+    longest_gap_at_us: int
+    drift: SpeedDrift | None
+
+
+def trace_diagnostics(trace: Trace) -> TraceDiagnostics:
+    gap_us, gap_at = longest_decode_gap(trace)
+    return TraceDiagnostics(gap_us, gap_at, decode_speed_drift(trace) if trace.itl else None)
+
+
 class DecodeStepModel(Protocol):
     """What the speed check needs of a step-time model (blis_cal.simulate.LatencyModel)."""
 
@@ -244,12 +259,14 @@ def compare(
     warmup: int | None = None,
     trace_name: str = "",
     latency_model: DecodeStepModel | None = None,
+    diagnostics: TraceDiagnostics | None = None,
 ) -> ComparisonReport:
     """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
 
     `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
-    that produced the results, a note says when the server ran at another speed (`speed_note`). Raises
-    CalibrationError when nothing can be compared.
+    that produced the results, a note says when the server ran at another speed (`speed_note`).
+    `diagnostics` are `trace_diagnostics(trace)` when already known (a fit compares each trace many times).
+    Raises CalibrationError when nothing can be compared.
     """
     warm = trace.header.warm_up_requests if warmup is None else warmup
     if warm < 0:
@@ -357,7 +374,8 @@ def compare(
     notes = []
     if "itl" not in metrics:
         notes.append(f"{where}: no ITL pairs (no request with two or more streamed tokens)")
-    gap_us, gap_at = longest_decode_gap(trace)
+    diagnostics = diagnostics or trace_diagnostics(trace)
+    gap_us, gap_at = diagnostics.longest_gap_us, diagnostics.longest_gap_at_us
     trace_info["longest_decode_gap_s"] = round(gap_us / 1e6, 3)
     if gap_us > STALL_NOTE_US:
         notes.append(
@@ -366,7 +384,7 @@ def compare(
             "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
             "requests in flight"
         )
-    drift = decode_speed_drift(trace) if trace.itl else None
+    drift = diagnostics.drift
     if drift is not None:
         trace_info["decode_speed_parts"] = list(drift.parts)
         trace_info["decode_speed_drift"] = drift.drift

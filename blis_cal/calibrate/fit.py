@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from scipy.optimize import least_squares, lsq_linear, minimize
 
-from blis_cal.calibrate.compare import CalibrationError, ComparisonReport, ResultLike, compare
+from blis_cal.calibrate.compare import (
+    CalibrationError,
+    ComparisonReport,
+    ResultLike,
+    TraceDiagnostics,
+    compare,
+    trace_diagnostics,
+)
 from blis_cal.calibrate.features import (
     PrefillRows,
     StepRows,
@@ -80,6 +87,13 @@ PREFILL_COLUMNS = ("P", "Pctx", "Np")  # step terms paid by prefills (scaled tog
 class NamedTrace:
     name: str
     trace: Trace
+    _diagnostics: TraceDiagnostics | None = field(default=None, repr=False, compare=False)
+
+    def diagnostics(self) -> TraceDiagnostics:
+        """`trace_diagnostics` of the trace, worked out once: a fit compares each trace many times."""
+        if self._diagnostics is None:
+            self._diagnostics = trace_diagnostics(self.trace)
+        return self._diagnostics
 
 
 @dataclass
@@ -362,7 +376,11 @@ def evaluate(
     """Replay every trace with the coefficients and compare with what was observed."""
     return [
         compare(
-            nt.trace, simulator(nt.trace, form, tuple(alpha), tuple(beta)), rtt_us=rtt_us, trace_name=nt.name
+            nt.trace,
+            simulator(nt.trace, form, tuple(alpha), tuple(beta)),
+            rtt_us=rtt_us,
+            trace_name=nt.name,
+            diagnostics=nt.diagnostics(),
         )
         for nt in traces
     ]

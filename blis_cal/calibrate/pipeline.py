@@ -147,7 +147,13 @@ def run_compare(
     the pooled JSON report."""
     reports = [
         compare(
-            t.trace, simulate(t), rtt_us=rtt_us, warmup=warmup, trace_name=t.name, latency_model=latency_model
+            t.trace,
+            simulate(t),
+            rtt_us=rtt_us,
+            warmup=warmup,
+            trace_name=t.name,
+            latency_model=latency_model,
+            diagnostics=t.diagnostics(),
         )
         for t in traces
     ]
