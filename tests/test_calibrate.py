@@ -179,28 +179,32 @@ def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, note
     assert '"decode_speed":' not in json.dumps(report.to_dict())  # a plot's data, not the report's
 
 
+@pytest.mark.parametrize("rate", [2.0, 40.0])
 @pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])
-def test_a_server_at_another_speed_than_the_coefficients_is_noted(slowdown, noted):
+def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown, noted):
     from blis_cal.calibrate.sim_bridge import replay_with
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
+    from blis_cal.trace import decode_steps
 
-    # Light load: many steps have one request decoding alone, the server's speed free of batching.
+    # Light load (mostly one request decoding alone) and heavy load (mostly many): all steps are compared.
     alpha, beta = (1000.0, 0.0, 0.0), (6000.0, 20.0, 150.0, 0.0, 2.0)
     config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
     server = BlackboxModel(alpha, [b * slowdown for b in beta])
-    trace = simulated_trace(poisson_requests(60, 2.0, seed=3), config, server)
+    trace = simulated_trace(poisson_requests(60, rate, seed=3), config, server)
+    steps = decode_steps(trace)
+    alone = sum(step.num_decode == 1 for step in steps) / len(steps)
+    assert alone > 0.5 if rate < 10 else alone < 0.2
     model = BlackboxModel(alpha, beta)
     report = compare(trace, replay_with(trace, "blackbox", alpha, beta), trace_name="t", latency_model=model)
-    speed = [n for n in report.notes if "decode step with one request" in n]
+    phrase = "what the coefficients say for their batch sizes"
+    speed = [n for n in report.notes if phrase in n]
     assert bool(speed) == noted
     if noted:
         assert f"{abs(slowdown - 1):.0%} {'slower' if slowdown > 1 else 'faster'}" in speed[0]
         assert "recalibrate" in speed[0]
     # Without the model (e.g. `--sim-results`) there is nothing to compare the steps with.
-    assert not [
-        n for n in compare(trace, replay_with(trace, "blackbox", alpha, beta)).notes if "one request" in n
-    ]
+    assert not [n for n in compare(trace, replay_with(trace, "blackbox", alpha, beta)).notes if phrase in n]
 
 
 def test_empty_trace_is_a_clear_error():

@@ -24,8 +24,8 @@ from blis_cal.trace import (
     SpeedDrift,
     Trace,
     decode_speed_drift,
+    decode_steps,
     itl_means_us,
-    single_decode_steps,
 )
 
 METRICS = ("ttft", "itl", "e2e")
@@ -223,20 +223,23 @@ class DecodeStepModel(Protocol):
 
 
 def speed_note(where: str, trace: Trace, model: DecodeStepModel) -> str | None:
-    """A note when the trace's single-request decode steps differ from the model's by more than
-    SPEED_NOTE_TOLERANCE: the server was not the one the coefficients describe (another machine, other work
-    on it, another time), which no fit on other traces can know."""
-    steps = single_decode_steps(trace)
+    """A note when the trace's pure-decode steps (`decode_steps`: every batch size, so loaded traces count
+    too) differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE
+    (median ratio): the server was not the one the coefficients describe (another machine, other work on
+    it, another time), which no fit on other traces can know."""
+    steps = decode_steps(trace)
     if len(steps) < SINGLE_DECODE_MIN_GAPS:
         return None
-    observed = float(np.median([d for d, _ in steps]))
-    predicted = float(np.median([model.decode_only_step_us(1, context) for _, context in steps]))
-    ratio = observed / predicted if predicted > 0 else 1.0
+    ratio = float(
+        np.median(
+            [s.duration_us / max(model.decode_only_step_us(s.num_decode, s.context_tokens), 1) for s in steps]
+        )
+    )
     if abs(ratio - 1) <= SPEED_NOTE_TOLERANCE:
         return None
     return (
-        f"{where}: a decode step with one request took {observed / 1000:.1f} ms (median of {len(steps)}), the "
-        f"coefficients say {predicted / 1000:.1f} ms: this server ran {abs(ratio - 1):.0%} "
+        f"{where}: decode steps took {ratio:.2f}× what the coefficients say for their batch sizes and contexts "
+        f"(median of {len(steps)} steps): this server ran {abs(ratio - 1):.0%} "
         f"{'slower' if ratio > 1 else 'faster'} than the one they were fitted on (another machine, other work "
         "on it, or another time); recalibrate on traces from this environment"
     )
