@@ -20,7 +20,6 @@ from scipy import stats as sstats
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
 from blis_cal.trace import (
-    SINGLE_DECODE_MIN_GAPS,
     SpeedDrift,
     Trace,
     decode_speed_drift,
@@ -178,7 +177,8 @@ def _sim_itl(result: ResultLike) -> float | None:
 
 
 STALL_NOTE_US = 3_000_000
-SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per single-request step, say the server ran at another speed
+SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per decode step, say the server ran at another speed
+SPEED_NOTE_MIN_STEPS = 20  # fewer pure-decode steps say too little about the server's speed
 DRIFT_NOTE = 0.1  # beyond 10 % between the slowest and fastest part of a run, say the speed changed during it
 
 
@@ -228,7 +228,7 @@ def speed_note(where: str, trace: Trace, model: DecodeStepModel) -> str | None:
     (median ratio): the server was not the one the coefficients describe (another machine, other work on
     it, another time), which no fit on other traces can know."""
     steps = decode_steps(trace)
-    if len(steps) < SINGLE_DECODE_MIN_GAPS:
+    if len(steps) < SPEED_NOTE_MIN_STEPS:
         return None
     ratio = float(
         np.median(
