@@ -172,7 +172,9 @@ def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, note
     changed = [n for n in report.notes if "speed changed during the capture" in n]
     assert bool(changed) == noted
     if noted:
-        assert changed[0].startswith(f"t: at equal batch size, decode steps ran {drift:.0%} slower")
+        assert changed[0].startswith(
+            f"t: at equal batch size and context, decode steps ran {drift:.0%} slower"
+        )
     page = render_html([report])
     assert "<th>speed_drift</th>" in page and f"{100 * drift:.1f} %" in page
     assert "and the server&#x27;s speed during the capture" in page and len(report.decode_speed) == 200

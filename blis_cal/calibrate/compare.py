@@ -393,7 +393,7 @@ def compare(
         trace_info["decode_speed_drift"] = drift.drift
         if drift.drift > DRIFT_NOTE:
             notes.append(
-                f"{where}: at equal batch size, decode steps ran {drift.drift:.0%} slower in the slowest quarter "
+                f"{where}: at equal batch size and context, decode steps ran {drift.drift:.0%} slower in the slowest quarter "
                 f"of the run than in the fastest (medians {', '.join(f'{p:.2f}' for p in drift.parts)} of the "
                 "run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
