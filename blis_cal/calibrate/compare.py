@@ -393,9 +393,9 @@ def compare(
         trace_info["decode_speed_drift"] = drift.drift
         if drift.drift > DRIFT_NOTE:
             notes.append(
-                f"{where}: at equal batch size and context, decode steps ran {drift.drift:.0%} slower in the slowest quarter "
-                f"of the run than in the fastest (medians {', '.join(f'{p:.2f}' for p in drift.parts)} of the "
-                "run's own): the server's speed changed during the capture (other work on the machine); a step "
+                f"{where}: at equal batch size and context, decode steps ran {drift.drift:.0%} slower in the "
+                f"slowest quarter of the run than in the fastest (medians "
+                f"{', '.join(f'{p:.2f}' for p in drift.parts)} of the run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
     speed = speed_note(where, trace, latency_model) if latency_model is not None and trace.itl else None
