@@ -508,7 +508,9 @@ def replay_cmd(
         trace_decisions,
     )
     run = _simulate(
-        requests_from_trace(trace, notes, block_size=config.block_size),
+        requests_from_trace(
+            trace, notes, block_size=config.block_size, prefix_caching=config.enable_prefix_caching
+        ),
         config,
         sim_model,
         None,

@@ -289,6 +289,8 @@ def _check_record(rec: TraceRecord) -> None:
     for name in ("input_tokens", "output_tokens", "prefix_length", "num_chunks", "server_input_tokens"):
         if getattr(rec, name) < 0:
             raise ValueError(f"field {name}: must be >= 0, got {getattr(rec, name)}")
+    if rec.cached_tokens is not None and rec.cached_tokens < 0:
+        raise ValueError(f"field cached_tokens: must be >= 0, got {rec.cached_tokens}")
     for name in _TIME_COLUMNS:
         if getattr(rec, name) < 0:
             raise ValueError(f"field {name}: negative time {getattr(rec, name)}")
@@ -809,14 +811,35 @@ class DecodeStep:
     context_tokens: int
 
 
+DEFAULT_TOKEN_BUDGET = 2048  # max_num_batched_tokens when the header does not say (vLLM's serving default)
+
+
 def decode_steps(trace: Trace) -> list[DecodeStep]:
-    """Every step whose events are one-token decode events of distinct requests (no first token, so no
-    prefill in it), timed from the previous step's events."""
+    """Every step whose events are one-token decode events of distinct requests, timed from the previous
+    step's events. A step may still have computed a chunk of a prompt too long for one step's token budget
+    (vLLM chunked prefill: only the last chunk's step streams a first token), so the steps just before each
+    long prompt's first token are left out: as many as its other chunks, plus one for the budget the
+    decoding requests take."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
+    uncached = {r.request_id: r.total_input_tokens - (r.cached_tokens or 0) for r in trace.records}
+    server = trace.header.server
+    budget = (
+        server.max_num_batched_tokens
+        if server and server.max_num_batched_tokens > 0
+        else DEFAULT_TOKEN_BUDGET
+    )
+    bursts = _step_bursts(trace)
+    chunked: set[int] = set()  # burst indexes whose step may have computed part of a prompt
+    for i, burst in enumerate(bursts):
+        for e in burst:
+            if e[3] == 0:  # a first token: its prompt's earlier chunks ran in the steps before
+                other_chunks = -(-uncached.get(e[1], 0) // max(budget - len(burst), 1)) - 1
+                if other_chunks > 0:
+                    chunked.update(range(max(i - other_chunks - 1, 0), i))
     return [
         DecodeStep(b[0][0], b[0][0] - a[0][0], len(b), sum(prompts.get(e[1], 0) + e[3] for e in b))
-        for a, b in itertools.pairwise(_step_bursts(trace))
-        if all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b)
+        for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1)
+        if i not in chunked and all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b)
     ]
 
 
@@ -838,10 +861,10 @@ class SpeedDrift:
 
 def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
     """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`). A step's typical duration is a
-    least-squares fit over the run: a time per batch size plus a shared time per context token (outliers
-    such as stalls dropped from the fit), so a change of load or of context lengths is not one of speed.
-    None with too few steps to tell."""
-    import numpy as np  # lazily: the observer imports this module and needs no numpy
+    fit over the run: a time per batch size plus a shared time per context token, so a change of load or
+    of context lengths is not one of speed. None with too few steps to tell."""
+    import numpy as np  # lazily: the observer imports this module and needs neither
+    from scipy.optimize import least_squares
 
     steps = decode_steps(trace)
     counts: dict[int, int] = {}
@@ -857,14 +880,17 @@ def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
     x[np.arange(len(kept)), [column[s.num_decode] for s in kept]] = 1.0
     x[:, -1] = [s.context_tokens for s in kept]
     y = np.array([s.duration_us for s in kept], dtype=float)
-    fit = np.ones(len(kept), dtype=bool)
-    for _ in range(2):  # refit without the steps far off the first fit (stalls, coalesced reads)
-        coef = np.linalg.lstsq(x[fit], y[fit], rcond=None)[0]
-        if coef[-1] < 0:  # no time per context token to be found: batch size alone
-            coef = np.append(np.linalg.lstsq(x[fit, :-1], y[fit], rcond=None)[0], 0.0)
-        resid = y - x @ coef
-        spread = 1.4826 * float(np.median(np.abs(resid[fit] - np.median(resid[fit]))))
-        fit = np.abs(resid) <= 3 * spread if spread > 0 else fit
+    # Robust (soft L1) least squares, so stalls and coalesced reads barely pull the fit; times are >= 0.
+    # Every batch column keeps all its (at least DRIFT_MIN_STEPS) rows, so none is ever left undetermined.
+    start = np.append([np.median(y[x[:, j] == 1]) for j in range(len(batches))], 0.0)
+    coef = least_squares(
+        lambda c: x @ c - y,
+        start,
+        jac=lambda _c: x,
+        bounds=(0, np.inf),
+        loss="soft_l1",
+        f_scale=max(0.1 * float(np.median(y)), 1.0),
+    ).x
     typical = x @ coef
     if np.any(typical <= 0):
         return None

@@ -3,10 +3,11 @@
 from blis_cal.trace import Chunk, Trace, TraceHeader, TraceRecord
 
 
-def lockstep_trace(phases: list[tuple[int, ...]], us_per_context_token: float = 0.0) -> Trace:
+def lockstep_trace(phases: list[tuple], us_per_context_token: float = 0.0) -> Trace:
     """`phases` of (requests decoding together, steps, step µs[, prompt tokens, default 64]), one after
-    another: each phase's requests get a first token, then one token per step taking step µs plus
-    `us_per_context_token` per token in their KV caches; their events of one step arrive 1 ms apart."""
+    another: each phase's requests get a first token, then one token per step taking step µs (an int, or a
+    list cycled through) plus `us_per_context_token` per token in their KV caches; their events of one step
+    arrive 1 ms apart."""
     records, itl, now, rid = [], {}, 1_000_000, 0
     for batch, steps, step_us, *prompt in phases:
         prompt_tokens = prompt[0] if prompt else 64
@@ -14,8 +15,9 @@ def lockstep_trace(phases: list[tuple[int, ...]], us_per_context_token: float = 
         rid += batch
         for k, i in enumerate(ids):
             itl[i] = [Chunk(now + 1_000 * k, 1)]
+        cycle = step_us if isinstance(step_us, list) else [step_us]
         for step in range(1, steps + 1):
-            now += step_us + int(us_per_context_token * batch * (prompt_tokens + step))
+            now += cycle[(step - 1) % len(cycle)] + int(us_per_context_token * batch * (prompt_tokens + step))
             for k, i in enumerate(ids):
                 itl[i].append(Chunk(now + 1_000 * k, 1))
         for i in ids:

@@ -181,6 +181,26 @@ def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, note
     assert '"decode_speed":' not in json.dumps(report.to_dict())  # a plot's data, not the report's
 
 
+def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
+    from blis_cal.calibrate.compare import speed_note
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, SimConfig
+    from blis_cal.trace import decode_steps
+
+    # 2,000-token prompts through a 256-token budget: each prefill runs in about eight steps and only the
+    # last streams a token, so most steps with only decode events also computed a prompt chunk.
+    model = BlackboxModel((1000.0, 0.0, 0.0), (6000.0, 20.0, 150.0, 0.0, 2.0))
+    config = SimConfig(block_size=16, num_gpu_blocks=8192, max_num_batched_tokens=256, max_model_len=8192)
+    trace = simulated_trace(poisson_requests(80, 4.0, seed=3, input_mean=2000, max_input=4000), config, model)
+    steps = decode_steps(trace)
+    exact = [
+        abs(s.duration_us / model.decode_only_step_us(s.num_decode, s.context_tokens) - 1) < 0.02
+        for s in steps
+    ]
+    assert len(steps) > 100 and sum(exact) / len(steps) > 0.9
+    assert speed_note("t", trace, model) is None  # the server is the model: nothing to note
+
+
 @pytest.mark.parametrize("rate", [2.0, 40.0])
 @pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])
 def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown, noted):

@@ -275,6 +275,23 @@ def test_cached_tokens_an_earlier_row_explains_are_left_to_the_simulated_cache()
     assert [r.cached_tokens for r in recorded["results"]] == [0, 256, 256]
 
 
+def test_cached_tokens_beyond_a_shared_prefix_start_out_cached():
+    # The same prefix-group prompts sent again: vLLM hit 288 tokens of each, 32 more than the shared prefix,
+    # which earlier rows cannot explain (their own content was cached by the earlier run).
+    replayed = _replayed(_warm_trace([288, 288, 288], group="g"))
+    assert replayed["warm"] == [288, 288, 288]
+    assert [r.cached_tokens for r in replayed["results"]] == [288, 288, 288]
+
+
+def test_nothing_starts_out_cached_without_prefix_caching():
+    trace = _warm_trace([0, 288, 160])
+    notes: list[str] = []
+    reqs = requests_from_trace(trace, notes, block_size=16, prefix_caching=False)
+    assert [r.warm_tokens for r in reqs] == [0, 0, 0] and not notes
+    run = replay_trace(trace, SimConfig(block_size=16, enable_prefix_caching=False), MODEL)
+    assert [r.cached_tokens for r in run.results] == [0, 0, 0]
+
+
 def test_warm_tokens_out_of_range_are_rejected():
     from blis_cal.simulate import SimRequest, SimulationError, simulate
 

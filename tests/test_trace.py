@@ -256,6 +256,17 @@ def test_speed_drift_accounts_for_context_so_longer_prompts_are_no_drift():
     assert drift is not None and drift.drift < 0.001
 
 
+def test_speed_drift_is_robust_to_stalls_and_to_a_batch_size_of_scattered_steps():
+    # One request alone at 20 ms ± 50 µs, then two requests whose steps alternate 20 and 40 ms (coalesced
+    # reads): every step of the second batch size is far off the first's tight spread, yet it keeps its own
+    # typical step; and 3 s stalls every 50 steps are not a change of speed.
+    tight = lockstep_trace([(1, 400, [19_950, 20_000, 20_050]), (2, 100, [20_000, 40_000])])
+    stalls = lockstep_trace([(1, 300, [19_950, 20_000, 20_050] * 16 + [20_000, 3_000_000])])
+    for trace in (tight, stalls):
+        drift = decode_speed_drift(trace)
+        assert drift is not None and drift.drift < 0.01 and max(drift.parts) < 1.01
+
+
 def test_speed_drift_measures_a_server_slowing_down_mid_run():
     # The same two-request batch steps in 20 ms, then in 26 ms: 30 % slower in the second half.
     drift = decode_speed_drift(lockstep_trace([(2, 100, 20_000), (2, 100, 26_000)]))
@@ -283,6 +294,18 @@ def _write_rows(path: Path, rows: list[list], columns=BASE_COLUMNS) -> Path:
 def _good_row(**kw) -> list:
     rec = dataclasses.asdict(_record(0, **kw))
     return [str(rec[c]).lower() if isinstance(rec[c], bool) else rec[c] for c in BASE_COLUMNS]
+
+
+def test_negative_cached_tokens_are_a_bad_row(tmp_path):
+    path = tmp_path / "cached.csv"
+    write_trace(Trace(TraceHeader(), [_record(0, cached_tokens=7), _record(1, cached_tokens=3)]), path)
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    rows[2][rows[0].index("cached_tokens")] = "-3"
+    _write_rows(path, rows[1:], columns=rows[0])
+    with pytest.raises(TraceFormatError, match="field cached_tokens: must be >= 0, got -3"):
+        read_trace(path)
+    assert [r.cached_tokens for r in read_trace(path, skip_bad_rows=True).records] == [7]
 
 
 @pytest.mark.parametrize(

@@ -35,15 +35,22 @@ def request_input_len(rec: TraceRecord) -> int:
 
 
 def requests_from_trace(
-    trace: Trace, notes: list[str] | None = None, *, block_size: int | None = None
+    trace: Trace,
+    notes: list[str] | None = None,
+    *,
+    block_size: int | None = None,
+    prefix_caching: bool = True,
 ) -> list[SimRequest]:
     """One SimRequest per row that produced output (rows with 0 output tokens never ran: skipped, noted).
-    `block_size` (default: the header's, else SimConfig's) aligns the warm-cache tokens to KV blocks."""
+    `block_size` (default: the header's, else SimConfig's) aligns the warm-cache tokens to KV blocks; without
+    `prefix_caching` nothing starts out cached."""
     accumulate = trace.header.session_context_growth == "accumulate"
     history: dict[str, tuple[tuple[tuple[str, int], ...], int]] = {}  # session -> (segments, own input len)
     server = trace.header.server
     block = block_size or (server.block_size if server and server.block_size > 0 else SimConfig().block_size)
-    seen: set[int] = set()  # first-block hashes of the prompts sent so far (a shared block implies block 0)
+    # Blocks a later row may have found cached: hashing stops there (most traces record no hits at all).
+    reach = max((r.cached_tokens or 0 for r in trace.records), default=0) // block if prefix_caching else 0
+    seen: set[int] = set()  # hashes of the first `reach` blocks of the prompts sent so far
     warmed: list[int] = []
     out: list[SimRequest] = []
     skipped: list[int] = []
@@ -60,15 +67,16 @@ def requests_from_trace(
                 (*segments, (output_key(rec.request_id), rec.output_tokens)),
                 input_len + rec.output_tokens,
             )
-        first = _first_block_hash(segments, block) if input_len >= block else None
-        # vLLM reports whole cached blocks, at most all but the last prompt token (it needs its logits).
-        warm = min(rec.cached_tokens or 0, input_len - 1) // block * block
-        if warm and first in seen:
-            warm = 0  # its prompt starts like an earlier one's: the simulated cache decides
-        if warm:
-            warmed.append(rec.request_id)
-        if first is not None:
-            seen.add(first)
+        warm = 0
+        if reach:
+            hashes = block_hashes(_head(segments, reach * block), block)
+            # vLLM reports whole cached blocks, at most all but the last prompt token (it needs its logits).
+            hit = min(rec.cached_tokens or 0, input_len - 1) // block
+            explained = next((i for i, h in enumerate(hashes[:hit]) if h not in seen), hit)
+            if hit > explained:  # more than earlier rows' prompts can account for: cached before the capture
+                warm = hit * block
+                warmed.append(rec.request_id)
+            seen.update(hashes)
         out.append(
             SimRequest(
                 request_id=rec.request_id,
@@ -96,14 +104,15 @@ def requests_from_trace(
     return out
 
 
-def _first_block_hash(segments: tuple[tuple[str, int], ...], block: int) -> int:
-    head, left = [], block
+def _head(segments: tuple[tuple[str, int], ...], tokens: int) -> list[tuple[str, int]]:
+    """The first `tokens` tokens of a prompt given as content segments."""
+    head, left = [], tokens
     for key, length in segments:
         if left <= 0:
             break
         head.append((key, min(length, left)))
         left -= length
-    return block_hashes(head, block)[0]
+    return head
 
 
 def _segments(
@@ -144,5 +153,7 @@ def replay_trace(
     record_tokens: bool = False,
 ) -> SimRun:
     """Simulate a trace's requests on `config` (see `config_from_trace`) with `model`."""
-    requests = requests_from_trace(trace, notes, block_size=config.block_size)
+    requests = requests_from_trace(
+        trace, notes, block_size=config.block_size, prefix_caching=config.enable_prefix_caching
+    )
     return simulate(requests, config, model, record_tokens=record_tokens)
