@@ -4,9 +4,10 @@ Each row becomes a request injected at its send time (the moment the server coul
 server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group`
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
-output as its own prefix (multi-turn chat history). A row's recorded `cached_tokens` (vLLM's usage) that no
-earlier row's prompt explains were in the server's cache before the capture (a warm cache, e.g. the same
-prompts sent in an earlier run): those tokens start out cached in the simulated prefix cache too.
+output as its own prefix (multi-turn chat history). When a row's recorded `cached_tokens` (vLLM's usage) go
+beyond the blocks its prompt shares with earlier rows' prompts, they were in the server's cache before the
+capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
+prefix cache too.
 """
 
 from __future__ import annotations
