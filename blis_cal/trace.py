@@ -859,14 +859,15 @@ class SpeedDrift:
     series: tuple[tuple[int, float], ...] = ()  # (time µs, step ÷ typical step) per step, for plots
 
 
-def decode_speed_drift(trace: Trace) -> SpeedDrift | None:
-    """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`). A step's typical duration is a
+def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> SpeedDrift | None:
+    """`SpeedDrift` from the trace's pure-decode steps (`decode_steps`, or `steps` when already worked out).
+    A step's typical duration is a
     fit over the run: a time per batch size plus a shared time per context token, so a change of load or
     of context lengths is not one of speed. None with too few steps to tell."""
     import numpy as np  # lazily: the observer imports this module and needs neither
     from scipy.optimize import least_squares
 
-    steps = decode_steps(trace)
+    steps = decode_steps(trace) if steps is None else steps
     counts: dict[int, int] = {}
     for step in steps:
         counts[step.num_decode] = counts.get(step.num_decode, 0) + 1

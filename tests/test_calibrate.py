@@ -198,7 +198,7 @@ def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
         for s in steps
     ]
     assert len(steps) > 100 and sum(exact) / len(steps) > 0.9
-    assert speed_note("t", trace, model) is None  # the server is the model: nothing to note
+    assert speed_note("t", steps, model) is None  # the server is the model: nothing to note
 
 
 @pytest.mark.parametrize("rate", [2.0, 40.0])

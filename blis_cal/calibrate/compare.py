@@ -20,6 +20,7 @@ from scipy import stats as sstats
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
 from blis_cal.trace import (
+    DecodeStep,
     SpeedDrift,
     Trace,
     decode_speed_drift,
@@ -208,12 +209,14 @@ class TraceDiagnostics:
 
     longest_gap_us: int
     longest_gap_at_us: int
+    steps: list[DecodeStep]  # pure-decode steps (`decode_steps`)
     drift: SpeedDrift | None
 
 
 def trace_diagnostics(trace: Trace) -> TraceDiagnostics:
     gap_us, gap_at = longest_decode_gap(trace)
-    return TraceDiagnostics(gap_us, gap_at, decode_speed_drift(trace) if trace.itl else None)
+    steps = decode_steps(trace) if trace.itl else []
+    return TraceDiagnostics(gap_us, gap_at, steps, decode_speed_drift(trace, steps) if steps else None)
 
 
 class DecodeStepModel(Protocol):
@@ -222,12 +225,11 @@ class DecodeStepModel(Protocol):
     def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int: ...
 
 
-def speed_note(where: str, trace: Trace, model: DecodeStepModel) -> str | None:
-    """A note when the trace's pure-decode steps (`decode_steps`: every batch size, so loaded traces count
+def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) -> str | None:
+    """A note when a trace's pure-decode `steps` (`decode_steps`: every batch size, so loaded traces count
     too) differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE
     (median ratio): the server was not the one the coefficients describe (another machine, other work on
     it, another time), which no fit on other traces can know."""
-    steps = decode_steps(trace)
     if len(steps) < SPEED_NOTE_MIN_STEPS:
         return None
     ratio = float(
@@ -398,7 +400,7 @@ def compare(
                 f"{', '.join(f'{p:.2f}' for p in drift.parts)} of the run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
-    speed = speed_note(where, trace, latency_model) if latency_model is not None and trace.itl else None
+    speed = speed_note(where, diagnostics.steps, latency_model) if latency_model is not None else None
     if speed:
         notes.append(speed)
     return ComparisonReport(
