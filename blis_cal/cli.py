@@ -287,6 +287,22 @@ _OPT_TRACE_DECISIONS = typer.Option(
     None, "--trace-decisions", help="Write one JSON line per routing decision (candidates and scores) here."
 )
 
+_OPT_SESSION_MODE = typer.Option(
+    None,
+    "--session-mode",
+    help="How rows sent after an earlier row's answer (closed-loop users, chat sessions) are replayed: "
+    "causal (default: at the recorded time, never before the predecessor's simulated answer + the recorded "
+    "gap), closed-loop or fixed; `blis policies` lists the modes.",
+)
+
+
+def _session_mode(value: str | None) -> str:
+    """The --session-mode value, checked against the registry (default: the library's)."""
+    from blis_cal.replay import DEFAULT_SESSION_MODE, session_modes
+
+    session_modes.get(value or DEFAULT_SESSION_MODE)
+    return value or DEFAULT_SESSION_MODE
+
 
 def _cluster_policy(policy_config, instances, admission, routing, scorers, scheduler, priority, decisions):
     """The cluster policy from --policy-config and the flags, or None when no cluster option was given."""
@@ -333,6 +349,7 @@ def policies_cmd() -> None:
         blis policies
     """
     from blis_cal.calibrate.fit import model_forms
+    from blis_cal.replay import session_modes
     from blis_cal.simulate.cluster import admission_policies, routing_policies, routing_scorers
     from blis_cal.simulate.cluster.scheduling import priority_policies
     from blis_cal.simulate.latency import latency_models
@@ -352,6 +369,7 @@ def policies_cmd() -> None:
             "arrival_processes": arrival_samplers.names(),
             "length_distributions": length_samplers.names(),
             "workload_presets": workload_presets.names(),
+            "session_modes": {name: session_modes.get(name).description for name in session_modes.names()},
         }
     )
 
@@ -453,12 +471,14 @@ def replay_cmd(
     scheduler: str | None = _OPT_SCHEDULER,
     priority_policy: str | None = _OPT_PRIORITY,
     trace_decisions: Path | None = _OPT_TRACE_DECISIONS,
+    session_mode: str | None = _OPT_SESSION_MODE,
 ) -> None:
     """Replay a trace through the simulated vLLM instance; print the summary as JSON.
 
     Every row becomes a request injected at its send time with its observed prompt and output lengths;
-    rows of a prefix group share their prefix, so the simulated prefix cache hits as vLLM's did. Engine
-    settings come from the header's `server:` block, overridden by the flags.
+    rows of a prefix group share their prefix, so the simulated prefix cache hits as vLLM's did. A row sent
+    after an earlier row's answer (closed-loop user, session round) is never sent before that answer in the
+    simulation (--session-mode). Engine settings come from the header's `server:` block, overridden by the flags.
 
     Examples:
 
@@ -468,7 +488,7 @@ def replay_cmd(
 
         blis replay run.csv --alpha 20000,0,0 --beta 10000,30,500 --instances 4 --routing-policy weighted
     """
-    from blis_cal.replay import config_from_trace, requests_from_trace
+    from blis_cal.replay import config_from_trace, trace_requests
     from blis_cal.trace import read_trace
 
     trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
@@ -507,13 +527,12 @@ def replay_cmd(
         priority_policy,
         trace_decisions,
     )
+    requests, follow_up = trace_requests(trace, config, notes, _session_mode(session_mode))
     run = _simulate(
-        requests_from_trace(
-            trace, notes, block_size=config.block_size, prefix_caching=config.enable_prefix_caching
-        ),
+        requests,
         config,
         sim_model,
-        None,
+        follow_up,
         policy,
         trace_decisions,
         record_tokens=trace_output is not None,
@@ -728,12 +747,12 @@ def _calibration_table(title: str, rows: list[dict]) -> Table:
     return table
 
 
-def _replay_fn(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version):
+def _replay_fn(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode):
     """Build the latency model once; return a function replaying a NamedTrace with it."""
     from blis_cal.calibrate.sim_bridge import replay_model
 
     sim_model = _sim_model(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version, None, None)
-    return sim_model, lambda named: replay_model(named.trace, sim_model)
+    return sim_model, lambda named: replay_model(named.trace, sim_model, session_mode)
 
 
 @app.command("calibrate")
@@ -783,6 +802,7 @@ def calibrate_cmd(
         12, "--max-evaluations", help="Fit: replays allowed for the simulation-in-the-loop refinement."
     ),
     seed: int = typer.Option(0, "--seed", help="Fit: bootstrap seed."),
+    session_mode: str | None = _OPT_SESSION_MODE,
 ) -> None:
     """Compare simulated with observed latencies, or fit α/β from traces (`--fit`) and write them.
 
@@ -803,6 +823,7 @@ def calibrate_cmd(
     from blis_cal.calibrate.report_html import write_html
     from blis_cal.errors import ConfigError
 
+    session_mode = _session_mode(session_mode)
     named = load_traces(traces)
     for t in named:
         print_notes(t.trace.notes)
@@ -835,6 +856,7 @@ def calibrate_cmd(
                 max_evaluations=max_evaluations,
                 seed=seed,
                 rtt_us=rtt_us,
+                session_mode=session_mode,
                 progress=lambda msg: status.update(f"fitting: {msg}"),
             )
         reports = [fit_result.reports[t.name] for t in named]
@@ -855,7 +877,9 @@ def calibrate_cmd(
                 raise ConfigError(
                     "give --sim-results, --alpha and --beta, or --model/--gpu/--tp for a lookup (or --fit)"
                 )
-            sim_model, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
+            sim_model, replay = _replay_fn(
+                "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
+            )
             reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup, latency_model=sim_model)
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
@@ -906,6 +930,7 @@ def validate_cmd(
     model_form: str = typer.Option(
         "blackbox-ctx", "--model-form", help="--leave-one-out: the step-time form to fit. " + _MODEL_FORMS_SEE
     ),
+    session_mode: str | None = _OPT_SESSION_MODE,
 ) -> None:
     """Validation report for a model/GPU pair over held-out traces: a row per trace and a pooled summary.
 
@@ -921,6 +946,7 @@ def validate_cmd(
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
 
+    session_mode = _session_mode(session_mode)
     named = load_traces(traces)
     for t in named:
         print_notes(t.trace.notes)
@@ -929,10 +955,15 @@ def validate_cmd(
 
         with stderr.status("cross-validating") as status:
             reports, fits = cross_validate(
-                named, model_form=model_form, rtt_us=rtt_us, progress=lambda m: status.update(m)
+                named,
+                model_form=model_form,
+                rtt_us=rtt_us,
+                session_mode=session_mode,
+                progress=lambda m: status.update(m),
             )
         coefficients = {
             "leave_one_out": model_form,
+            "session_mode": session_mode,
             "fits": {
                 t.name: {"alpha": list(f.alpha), "beta": list(f.beta)}
                 for t, f in zip(named, fits, strict=True)
@@ -945,9 +976,11 @@ def validate_cmd(
     gpu = gpu or (server.gpu if server else None)
     # As `calibrate --fit` writes entries: TP from the header, else 1.
     tp = tp or (server.tensor_parallel if server and server.tensor_parallel else 1)
-    sim_model, replay = _replay_fn("blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version)
+    sim_model, replay = _replay_fn(
+        "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
+    )
     reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model)
-    coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp}
+    coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp, "session_mode": session_mode}
     _validation_output(
         reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"
     )

@@ -42,6 +42,7 @@ from blis_cal.calibrate.features import (
 )
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
+from blis_cal.replay.sessions import DEFAULT_SESSION_MODE
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
@@ -348,11 +349,18 @@ def _bootstrap(
 # ---------------------------------------------------------------------------------------------- refine
 
 
-def default_simulator(trace: Trace, form: ModelForm, alpha, beta) -> Sequence[ResultLike]:
-    """Replay `trace` in the simulator with the given coefficients (server settings from its header)."""
+def trace_simulator(session_mode: str = DEFAULT_SESSION_MODE) -> Simulator:
+    """Replays of a trace in the simulator with given coefficients (server settings from its header), rows
+    that answer an earlier row sent as `session_mode` says (replay.session_modes)."""
     from blis_cal.calibrate.sim_bridge import replay_with
+    from blis_cal.replay import session_modes
 
-    return replay_with(trace, form.latency_model, alpha, beta)
+    session_modes.get(session_mode)  # fail before any fitting
+
+    def simulator(trace: Trace, form: ModelForm, alpha, beta) -> Sequence[ResultLike]:
+        return replay_with(trace, form.latency_model, alpha, beta, session_mode)
+
+    return simulator
 
 
 def loss_of(reports: Sequence[ComparisonReport], weights: dict[str, float] = METRIC_WEIGHTS) -> float:
@@ -405,7 +413,7 @@ def fit(
     if max_evaluations < 0 or bootstrap < 0 or prediction_draws < 0:
         raise ConfigError("max_evaluations, bootstrap and prediction_draws must be >= 0")
     form = model_forms.get(model_form)
-    sim = simulator or default_simulator
+    sim = simulator or trace_simulator()
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     rows = _collect(traces, rtt_us)
@@ -503,7 +511,7 @@ def prediction_intervals(
 ) -> dict[str, Any]:
     """95 % intervals for p50/p99 TTFT and E2E per trace: replays with `draws` coefficient sets drawn from the
     bootstrap, each summarised over block-resampled requests (coefficient and sampling uncertainty)."""
-    sim = simulator or default_simulator
+    sim = simulator or trace_simulator()
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9E1]))
     picks = rng.choice(len(coefficient_draws), size=min(draws, len(coefficient_draws)), replace=False)
     samples: dict[str, dict[str, list[float]]] = {nt.name: {} for nt in traces}

@@ -16,7 +16,8 @@ from blis_cal.calibrate.compare import (
     summary_row,
 )
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
-from blis_cal.calibrate.fit import FitResult, NamedTrace, fit
+from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, trace_simulator
+from blis_cal.replay import DEFAULT_SESSION_MODE
 from blis_cal.trace import read_trace
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
@@ -91,10 +92,12 @@ def run_fit(
     max_evaluations: int = 12,
     seed: int = 0,
     rtt_us: int | None = None,
+    session_mode: str = DEFAULT_SESSION_MODE,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[FitResult, dict[str, Any], str]:
     """Fit jointly over `traces`, compare each replayed with the fitted coefficients, optionally merge the
     entry into the defaults.yaml `out`. Returns (fit, JSON report, merge action or "")."""
+    simulator = trace_simulator(session_mode)
     result = fit(
         traces,
         model_form=model_form,
@@ -103,6 +106,7 @@ def run_fit(
         max_evaluations=max_evaluations,
         seed=seed,
         rtt_us=rtt_us,
+        simulator=simulator,
         progress=progress,
     )
     blocks = {t.trace.header.server.num_gpu_blocks for t in traces if t.trace.header.server}
@@ -115,7 +119,7 @@ def run_fit(
         beta=tuple(round(b, 6) for b in result.beta),
         loss=round(result.loss, 6),
         total_kv_blocks=blocks.pop() if len(blocks) == 1 else 0,
-        fit=result.metadata(),
+        fit=result.metadata() | {"session_mode": session_mode},
     )
     action = merge_defaults_entry(out, entry) if out is not None else ""
     report = pooled_report([result.reports[t.name] for t in traces])
@@ -124,7 +128,12 @@ def run_fit(
     if model_form != "blackbox":
         # An extended form is reported side by side with BLIS's 3+3 fitted the same way on the same traces.
         plain = fit(
-            traces, model_form="blackbox", bootstrap=0, max_evaluations=max_evaluations, rtt_us=rtt_us
+            traces,
+            model_form="blackbox",
+            bootstrap=0,
+            max_evaluations=max_evaluations,
+            rtt_us=rtt_us,
+            simulator=simulator,
         )
         report["baseline_3plus3"] = {
             "alpha": list(plain.alpha),
@@ -190,11 +199,14 @@ def leave_one_out(
     model_form: str = "blackbox",
     max_evaluations: int = 12,
     rtt_us: int | None = None,
+    session_mode: str = DEFAULT_SESSION_MODE,
     progress: Callable[[str], None] | None = None,
 ) -> tuple[list[ComparisonReport], list[FitResult]]:
     """Cross-validation: for each trace, fit on all the others and compare it with the replay using those
     coefficients. Every report is on a trace the fit never saw."""
-    from blis_cal.calibrate.fit import default_simulator, evaluate, model_forms
+    from blis_cal.calibrate.fit import evaluate, model_forms
+
+    simulator = trace_simulator(session_mode)
 
     if len(traces) < 2:
         raise CalibrationError("leave-one-out needs at least two traces")
@@ -205,8 +217,13 @@ def leave_one_out(
             progress(f"fitting without {held.name} ({i + 1}/{len(traces)})")
         others = [t for j, t in enumerate(traces) if j != i]
         result = fit(
-            others, model_form=model_form, bootstrap=0, max_evaluations=max_evaluations, rtt_us=rtt_us
+            others,
+            model_form=model_form,
+            bootstrap=0,
+            max_evaluations=max_evaluations,
+            rtt_us=rtt_us,
+            simulator=simulator,
         )
-        reports.append(evaluate([held], form, result.alpha, result.beta, default_simulator, rtt_us)[0])
+        reports.append(evaluate([held], form, result.alpha, result.beta, simulator, rtt_us)[0])
         fits.append(result)
     return reports, fits

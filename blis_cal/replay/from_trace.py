@@ -7,13 +7,21 @@ did; with `session_context_growth: accumulate` a session's round carries the pre
 output as its own prefix (multi-turn chat history). When a row's recorded `cached_tokens` (vLLM's usage) go
 beyond the blocks its prompt shares with earlier rows' prompts, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
-prefix cache too.
+prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
+(`sessions.py`): by default never before their predecessor's simulated answer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from blis_cal.replay.sessions import (
+    DEFAULT_SESSION_MODE,
+    TraceFollowUp,
+    chain_requests,
+    injection_time_us,
+    trace_links,
+)
 from blis_cal.simulate.engine import SimConfig, simulate
 from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
@@ -23,11 +31,6 @@ from blis_cal.trace import Trace, TraceHeader, TraceRecord
 
 # Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
 SERVER_FIELDS = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
-
-
-def injection_time_us(rec: TraceRecord) -> int:
-    """When the server could first see the request: its send time if recorded, else its arrival."""
-    return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
 
 
 def request_input_len(rec: TraceRecord) -> int:
@@ -145,6 +148,16 @@ def config_from_trace(header: TraceHeader, base: SimConfig | None = None, **over
     return SimConfig(**values)
 
 
+def trace_requests(
+    trace: Trace, config: SimConfig, notes: list[str] | None = None, session_mode: str = DEFAULT_SESSION_MODE
+) -> tuple[list[SimRequest], TraceFollowUp | None]:
+    """The requests to inject up front and the bridge releasing the rows that follow an earlier answer."""
+    requests = requests_from_trace(
+        trace, notes, block_size=config.block_size, prefix_caching=config.enable_prefix_caching
+    )
+    return chain_requests(requests, trace_links(trace), session_mode, notes)
+
+
 def replay_trace(
     trace: Trace,
     config: SimConfig,
@@ -152,9 +165,8 @@ def replay_trace(
     notes: list[str] | None = None,
     *,
     record_tokens: bool = False,
+    session_mode: str = DEFAULT_SESSION_MODE,
 ) -> SimRun:
     """Simulate a trace's requests on `config` (see `config_from_trace`) with `model`."""
-    requests = requests_from_trace(
-        trace, notes, block_size=config.block_size, prefix_caching=config.enable_prefix_caching
-    )
-    return simulate(requests, config, model, record_tokens=record_tokens)
+    requests, follow_up = trace_requests(trace, config, notes, session_mode)
+    return simulate(requests, config, model, follow_up, record_tokens=record_tokens)

@@ -1,0 +1,273 @@
+"""Replaying rows that answer an earlier row (closed-loop users, chat sessions): links and session modes."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from blis_cal.calibrate.compare import compare
+from blis_cal.calibrate.fit import NamedTrace
+from blis_cal.calibrate.pipeline import run_fit
+from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+from blis_cal.errors import ConfigError
+from blis_cal.replay import config_from_trace, replay_trace, results_to_trace, session_modes, trace_requests
+from blis_cal.replay.from_trace import SERVER_FIELDS
+from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
+from blis_cal.replay.sessions import Link, trace_links
+from blis_cal.simulate import BlackboxModel, SimConfig, simulate
+from blis_cal.trace import ServerInfo, Trace, TraceHeader, TraceRecord, write_trace
+from blis_cal.workload import generate, parse_spec
+
+MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))
+SLOW = BlackboxModel((1500.0, 1.5, 150.0), (7500.0, 15.0, 300.0))  # every coefficient × 1.5
+CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+USERS = 4
+
+
+def captured(multi_turn=None, think_us=200_000, num_requests=60, model=MODEL):
+    """A closed-loop capture as `observe` records it: every row's arrival is its predecessor's answer + think
+    time, one chunk per token (here the simulator with `model` plays the server)."""
+    client = {
+        "id": "u",
+        "concurrency": USERS,
+        "think_time_us": think_us,
+        "input_distribution": {
+            "type": "gaussian",
+            "params": {"mean": 300, "std_dev": 80, "min": 20, "max": 600},
+        },
+        "output_distribution": {
+            "type": "gaussian",
+            "params": {"mean": 60, "std_dev": 20, "min": 5, "max": 120},
+        },
+    }
+    if multi_turn:
+        client["reasoning"] = {"multi_turn": multi_turn}
+    workload = generate(parse_spec({"num_requests": num_requests, "seed": 5, "clients": [client]}, "t"))
+    bridge = follow_up_for(workload)
+    run = simulate(requests_from_workload(workload), CONFIG, model, bridge, record_tokens=True)
+    trace = results_to_trace(run, workload_trace(workload, bridge.released))
+    trace.header.server = ServerInfo(
+        type="blis-sim", **{name: getattr(CONFIG, name) for name in SERVER_FIELDS}
+    )
+    return trace
+
+
+def max_in_flight(results):
+    events = sorted([(r.arrival_us, 1) for r in results] + [(r.finish_us, -1) for r in results])
+    level = peak = 0
+    for _, delta in events:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def blis(*args):
+    return subprocess.run([sys.executable, "-m", "blis_cal", *args], capture_output=True, text=True)
+
+
+def replay(trace, model, mode):
+    return replay_trace(trace, CONFIG, model, session_mode=mode).results
+
+
+def test_closed_loop_users_are_linked_to_the_answer_they_waited_for():
+    trace = captured()
+    links = trace_links(trace)
+    by_id = {r.request_id: r for r in trace.records}
+    assert len(links) == len(trace.records) - USERS  # every row but each user's first
+    for child, link in links.items():
+        parent = by_id[link.parent_id]
+        assert by_id[child].arrival_time_us == parent.last_chunk_time_us + by_id[child].think_time_us
+        assert link.gap_us == by_id[child].send_time_us - parent.last_chunk_time_us == 200_000
+
+
+def test_session_rounds_are_linked_by_session_and_round():
+    trace = captured(multi_turn={"max_rounds": 3, "context_growth": "accumulate"})
+    links = trace_links(trace)
+    by_id = {r.request_id: r for r in trace.records}
+    assert len(links) == len(trace.records) - USERS  # every row but each user's first
+    for child, link in links.items():
+        parent, rec = by_id[link.parent_id], by_id[child]
+        if rec.round_index > 0:
+            assert (parent.session_id, parent.round_index) == (rec.session_id, rec.round_index - 1)
+        else:  # a user's next session starts after the last answer of its previous one
+            assert parent.round_index == 2 and parent.session_id != rec.session_id
+            assert rec.arrival_time_us == parent.last_chunk_time_us + rec.think_time_us
+
+
+def row(rid, arrival, last, client="c", session="", round_index=0, think=0):
+    return TraceRecord(
+        request_id=rid,
+        client_id=client,
+        session_id=session,
+        round_index=round_index,
+        input_tokens=100,
+        output_tokens=10,
+        arrival_time_us=arrival,
+        send_time_us=arrival + 5,
+        first_chunk_time_us=arrival + 100,
+        last_chunk_time_us=last,
+        num_chunks=10,
+        think_time_us=think,
+    )
+
+
+def test_open_loop_rows_and_early_rounds_are_not_linked():
+    rows = [
+        row(0, 1000, 5000),
+        row(1, 5000, 9000, client="other"),  # arrives at row 0's answer, but another client's
+        row(2, 7000, 9500, think=2000),  # answer of row 0 + 2000 µs think: linked
+        row(3, 2000, 8000, session="s", round_index=0),
+        row(4, 6000, 9900, session="s", round_index=1),  # sent before round 0's answer: an open-loop session
+        row(5, 10000, 12000, session="s", round_index=2),  # after round 1's answer: linked
+    ]
+    trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+    assert trace_links(trace) == {2: Link(0, 7005 - 5000), 5: Link(4, 10005 - 9900)}
+
+
+@pytest.mark.parametrize("mode", ["fixed", "closed-loop", "causal"])
+def test_same_speed_replay_reproduces_the_capture_in_every_mode(mode):
+    trace = captured()
+    results = replay(trace, MODEL, mode)
+    rep = compare(trace, results)
+    assert rep.trace_info["compared"] == len(trace.records)  # conservation: every row replayed once
+    for metric in ("ttft", "itl", "e2e"):
+        assert rep.mape(metric) < 0.01
+
+
+def test_causal_never_sends_before_the_recorded_time_or_the_predecessors_simulated_answer():
+    trace = captured()
+    links = trace_links(trace)
+    recorded = {r.request_id: r.send_time_us for r in trace.records}
+    for model in (SLOW, BlackboxModel((500.0, 0.5, 50.0), (2500.0, 5.0, 100.0))):
+        causal = {r.request_id: r for r in replay(trace, model, "causal")}
+        loop = {r.request_id: r for r in replay(trace, model, "closed-loop")}
+        fixed = {r.request_id: r for r in replay(trace, model, "fixed")}
+        assert len(causal) == len(loop) == len(fixed) == len(trace.records)
+        for rid, res in causal.items():
+            assert fixed[rid].arrival_us == recorded[rid]
+            link = links.get(rid)
+            if link is None:
+                assert res.arrival_us == loop[rid].arrival_us == recorded[rid]
+                continue
+            released = causal[link.parent_id].finish_us + link.gap_us
+            assert res.arrival_us == max(recorded[rid], released)
+            assert loop[rid].arrival_us == loop[link.parent_id].finish_us + link.gap_us
+
+
+def test_a_slower_server_keeps_closed_loop_users_waiting_instead_of_piling_up():
+    """Replayed at recorded times, a 1.5x slower simulation has users send before their answer is in: more
+    requests in flight than there are users, and E2E beyond the model's 1.5x; causal keeps both."""
+    trace = captured()
+    fixed = replay(trace, SLOW, "fixed")
+    causal = replay(trace, SLOW, "causal")
+    assert max_in_flight(causal) <= USERS < max_in_flight(fixed)
+    e2e_error = {}
+    for name, results in (("fixed", fixed), ("causal", causal)):
+        real, sim = compare(trace, results).pairs.arrays("e2e")
+        e2e_error[name] = float(np.mean(sim / real))
+    assert 1.4 < e2e_error["causal"] < 1.6 and e2e_error["fixed"] > e2e_error["causal"]
+
+
+def test_session_mode_is_deterministic_and_notes_the_linked_rows():
+    trace = captured(multi_turn={"max_rounds": 3, "context_growth": "accumulate"})
+    notes: list[str] = []
+    first, bridge = trace_requests(trace, CONFIG, notes, "causal")
+    assert bridge is not None and len(first) == len(trace.records) - len(trace_links(trace))
+    assert any("session mode 'causal'" in n for n in notes)
+    a = [dataclasses.asdict(r) for r in replay(trace, SLOW, "causal")]
+    b = [dataclasses.asdict(r) for r in replay(trace, SLOW, "causal")]
+    assert a == b
+    first, bridge = trace_requests(trace, CONFIG, [], "fixed")
+    assert bridge is None and len(first) == len(trace.records)
+
+
+def test_unknown_session_mode_lists_the_registered_ones(tmp_path):
+    trace = captured(num_requests=12)
+    with pytest.raises(ConfigError, match="unknown session mode 'open'; allowed: causal, closed-loop, fixed"):
+        replay_trace(trace, config_from_trace(trace.header), MODEL, session_mode="open")
+    write_trace(trace, tmp_path / "t.csv")
+    out = blis(
+        "replay",
+        str(tmp_path / "t.csv"),
+        "--alpha",
+        "1000,1,100",
+        "--beta",
+        "5000,10,200",
+        "--session-mode",
+        "open",
+    )
+    assert (
+        out.returncode == 2
+        and "unknown session mode 'open'; allowed: causal, closed-loop, fixed" in out.stderr
+    )
+    policies = json.loads(blis("policies").stdout)
+    assert sorted(policies["session_modes"]) == session_modes.names()
+
+
+def test_cli_replay_follows_the_session_mode(tmp_path):
+    trace = captured()
+    write_trace(trace, tmp_path / "t.csv")
+    summaries = {}
+    for mode in ("fixed", "causal"):
+        out = blis(
+            "replay",
+            str(tmp_path / "t.csv"),
+            "--alpha",
+            "1500,1.5,150",
+            "--beta",
+            "7500,15,300",
+            "--session-mode",
+            mode,
+        )
+        assert out.returncode == 0, out.stderr
+        summaries[mode] = json.loads(out.stdout)
+    assert summaries["causal"]["completed"] == summaries["fixed"]["completed"] == len(trace.records)
+    assert summaries["causal"]["e2e_mean_ms"] < summaries["fixed"]["e2e_mean_ms"]
+
+
+def test_fit_on_closed_loop_traces_recovers_the_coefficients_in_the_session_mode():
+    alpha, beta = (
+        (3000.0, 1.5, 0.0),
+        (6000.0, 20.0, 150.0),
+    )  # α2 is not separable from α0 (test_calibrate_fit)
+    traces = [
+        NamedTrace("users", captured(num_requests=80, model=BlackboxModel(alpha, beta))),
+        NamedTrace("chat", captured({"max_rounds": 3}, num_requests=60, model=BlackboxModel(alpha, beta))),
+    ]
+    for mode in ("causal", "closed-loop"):
+        result, report, _ = run_fit(
+            traces, model="m", gpu="g", tp=1, bootstrap=0, prediction_draws=0, session_mode=mode
+        )
+        for got, want in zip((*result.alpha, *result.beta), (*alpha, *beta), strict=True):
+            assert got == pytest.approx(want, rel=0.02, abs=1e-6)
+        assert report["calibration"]["entry"]["fit"]["session_mode"] == mode
+
+
+def test_validate_reports_the_session_mode_it_replayed_in(tmp_path):
+    write_trace(captured(), tmp_path / "t.csv")
+    out = blis(
+        "validate",
+        str(tmp_path / "t.csv"),
+        "--alpha",
+        "1000,1,100",
+        "--beta",
+        "5000,10,200",
+        "--session-mode",
+        "closed-loop",
+        "--report",
+        str(tmp_path / "v.json"),
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["coefficients"]["session_mode"] == "closed-loop"
+    assert report["summary"]["e2e_mape"] < 0.01
+
+
+def test_open_loop_traces_replay_identically_in_every_mode():
+    trace = simulated_trace(poisson_requests(120, 8.0, seed=9), CONFIG, MODEL)
+    assert trace_links(trace) == {}
+    runs = [[dataclasses.asdict(r) for r in replay(trace, SLOW, mode)] for mode in session_modes.names()]
+    assert runs[0] == runs[1] == runs[2]
