@@ -290,9 +290,9 @@ _OPT_TRACE_DECISIONS = typer.Option(
 _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
-    help="How rows sent after an earlier row's answer (closed-loop users, chat sessions) are replayed: "
-    "causal (default: at the recorded time, never before the predecessor's simulated answer + the recorded "
-    "gap), closed-loop or fixed; `blis policies` lists the modes.",
+    help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
+    "simulation (default causal: at the recorded time, but never before the predecessor's simulated answer "
+    "+ the recorded gap); `blis policies` lists and describes the modes.",
 )
 
 
@@ -342,7 +342,8 @@ def _simulate(requests, config, sim_model, follow_up, policy, decisions, record_
 
 @app.command("policies")
 def policies_cmd() -> None:
-    """List every registered extension: policies, schedulers, latency models, fit forms, workload samplers and presets.
+    """List every registered extension: policies, schedulers, latency models, fit forms, workload samplers,
+    presets and replay session modes.
 
     Examples:
 
@@ -475,10 +476,11 @@ def replay_cmd(
 ) -> None:
     """Replay a trace through the simulated vLLM instance; print the summary as JSON.
 
-    Every row becomes a request injected at its send time with its observed prompt and output lengths;
-    rows of a prefix group share their prefix, so the simulated prefix cache hits as vLLM's did. A row sent
-    after an earlier row's answer (closed-loop user, session round) is never sent before that answer in the
-    simulation (--session-mode). Engine settings come from the header's `server:` block, overridden by the flags.
+    Every row becomes a request with its observed prompt and output lengths, injected at its send time, or,
+    for a row sent after an earlier row's answer (closed-loop user, session round), as --session-mode says
+    (by default never before that answer in the simulation); rows of a prefix group share their prefix, so
+    the simulated prefix cache hits as vLLM's did. Engine settings come from the header's `server:` block,
+    overridden by the flags.
 
     Examples:
 
@@ -823,6 +825,8 @@ def calibrate_cmd(
     from blis_cal.calibrate.report_html import write_html
     from blis_cal.errors import ConfigError
 
+    if sim_results is not None and session_mode is not None:
+        raise ConfigError("--session-mode sets how calibrate replays; --sim-results are replayed already")
     session_mode = _session_mode(session_mode)
     named = load_traces(traces)
     for t in named:

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 
 from blis_cal.calibrate.compare import compare
-from blis_cal.calibrate.fit import NamedTrace
+from blis_cal.calibrate.fit import NamedTrace, model_forms, trace_simulator
 from blis_cal.calibrate.pipeline import run_fit
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.errors import ConfigError
-from blis_cal.replay import config_from_trace, replay_trace, results_to_trace, session_modes, trace_requests
+from blis_cal.replay import (
+    config_from_trace,
+    replay_trace,
+    requests_from_trace,
+    results_to_trace,
+    session_modes,
+    trace_requests,
+)
 from blis_cal.replay.from_trace import SERVER_FIELDS
 from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
 from blis_cal.replay.sessions import Link, trace_links
@@ -271,3 +278,164 @@ def test_open_loop_traces_replay_identically_in_every_mode():
     assert trace_links(trace) == {}
     runs = [[dataclasses.asdict(r) for r in replay(trace, SLOW, mode)] for mode in session_modes.names()]
     assert runs[0] == runs[1] == runs[2]
+
+
+def test_answers_ending_at_the_same_microsecond_release_one_row_each_whatever_the_row_order():
+    rows = [
+        row(0, 1000, 5000),
+        row(1, 1000, 5000),  # two users answered in the same µs (one engine step)
+        row(2, 5000, 9000),
+        row(3, 5000, 9500),
+    ]
+    forward = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+    backward = Trace(header=TraceHeader(), records=rows[::-1], itl=None, notes=[])
+    assert trace_links(forward) == trace_links(backward) == {2: Link(0, 5), 3: Link(1, 5)}
+
+
+def test_open_loop_sessions_are_not_linked():
+    """Rounds of an open-loop session are sent on schedule (previous round's arrival + think time), not after
+    the answer: linking them would delay them in a slower simulation."""
+    trace = captured(multi_turn={"max_rounds": 3, "think_time_us": 2_000_000}, think_us=0)
+    client = {
+        "id": "u",
+        "rate_fraction": 1.0,
+        "arrival": {"process": "poisson"},
+        "input_distribution": {"type": "constant", "params": {"value": 200}},
+        "output_distribution": {"type": "constant", "params": {"value": 60}},
+        "reasoning": {"multi_turn": {"max_rounds": 3, "think_time_us": 2_000_000}},
+        "closed_loop": False,
+    }
+    spec = parse_spec({"num_requests": 60, "seed": 3, "aggregate_rate": 4.0, "clients": [client]}, "t")
+    workload = generate(spec)
+    assert not workload.closed_loop and sum(r.round_index > 0 for r in workload.requests) > 20
+    run = simulate(requests_from_workload(workload), CONFIG, MODEL, record_tokens=True)
+    open_loop = results_to_trace(run, workload_trace(workload))
+    assert trace_links(open_loop) == {}
+    assert trace_links(trace)  # the closed-loop sessions of the same shape are
+
+
+def test_rows_that_point_at_each_other_are_all_replayed():
+    """Inconsistent times (no send time, chunks before the arrival) make two rows each other's candidate:
+    predecessors must be sent first, so no cycle forms and no row waits forever."""
+    rows = [row(0, 3000, 2000), row(1, 2000, 3000), row(2, 4000, 6000)]
+    for r in rows[:2]:
+        r.send_time_us, r.first_chunk_time_us = 0, r.last_chunk_time_us - 500
+    trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+    assert len(replay(trace, MODEL, "causal")) == 3
+
+
+def test_a_long_chain_of_rejected_requests_is_conserved_on_one_instance():
+    """One instance rejects a request that can never fit as it is added; each rejection releases the user's
+    next request: 1,500 of them in chains must neither overflow the stack nor be lost."""
+    trace = captured(num_requests=1500, think_us=0)
+    tiny = dataclasses.replace(CONFIG, max_model_len=10)  # every prompt is longer: all are rejected
+    for mode in session_modes.names():
+        results = replay_trace(trace, tiny, MODEL, session_mode=mode).results
+        assert len(results) == 1500 and {r.status for r in results} == {"rejected"}
+
+
+def test_rejected_parents_on_a_cluster_still_release_their_rows(tmp_path):
+    trace = captured()
+    write_trace(trace, tmp := tmp_path / "t.csv")
+    for admission in ("reject-all", "always-admit"):
+        out = blis(
+            "replay",
+            str(tmp),
+            "--alpha",
+            "1500,1.5,150",
+            "--beta",
+            "7500,15,300",
+            "--instances",
+            "2",
+            "--admission-policy",
+            admission,
+            "--session-mode",
+            "causal",
+        )
+        assert out.returncode == 0, out.stderr
+        summary = json.loads(out.stdout)
+        assert summary["completed"] + summary["rejected"] == len(trace.records)
+        assert summary["rejected"] == (len(trace.records) if admission == "reject-all" else 0)
+
+
+def test_a_row_whose_predecessor_is_not_replayed_keeps_its_recorded_time():
+    trace = captured()
+    links = trace_links(trace)
+    child, link = next(iter(links.items()))
+    parent = next(r for r in trace.records if r.request_id == link.parent_id)
+    parent.output_tokens = 0  # never ran: not replayed
+    results = {r.request_id: r for r in replay(trace, SLOW, "closed-loop")}
+    assert link.parent_id not in results and len(results) == len(trace.records) - 1
+    assert results[child].arrival_us == next(r.send_time_us for r in trace.records if r.request_id == child)
+
+
+def test_calibration_replays_in_the_mode_asked_for():
+    trace = captured()
+    form = model_forms.get("blackbox")
+    for mode in session_modes.names():
+        via_fit = trace_simulator(mode)(trace, form, SLOW.alpha, SLOW.beta)
+        assert [dataclasses.asdict(r) for r in via_fit] == [
+            dataclasses.asdict(r) for r in replay(trace, SLOW, mode)
+        ]
+    fixed = compare(trace, trace_simulator("fixed")(trace, form, SLOW.alpha, SLOW.beta)).mape("e2e")
+    loop = compare(trace, trace_simulator("closed-loop")(trace, form, SLOW.alpha, SLOW.beta)).mape("e2e")
+    assert fixed != loop
+
+
+def test_validate_and_calibrate_replay_in_the_mode_asked_for(tmp_path):
+    trace = captured()
+    write_trace(trace, tmp_path / "t.csv")
+    e2e = {}
+    for mode in ("fixed", "closed-loop"):
+        out = blis(
+            "validate",
+            str(tmp_path / "t.csv"),
+            "--alpha",
+            "1500,1.5,150",
+            "--beta",
+            "7500,15,300",
+            "--session-mode",
+            mode,
+            "--report",
+            str(tmp_path / f"{mode}.json"),
+        )
+        assert out.returncode == 0, out.stderr
+        e2e[mode] = json.loads((tmp_path / f"{mode}.json").read_text())["summary"]["e2e_mape"]
+        assert e2e[mode] == pytest.approx(compare(trace, replay(trace, SLOW, mode)).mape("e2e"))
+    assert e2e["closed-loop"] < e2e["fixed"]
+    out = blis(
+        "calibrate",
+        str(tmp_path / "t.csv"),
+        "--sim-results",
+        str(tmp_path / "r.json"),
+        "--session-mode",
+        "fixed",
+    )
+    assert out.returncode == 2 and "--sim-results are replayed already" in out.stderr
+
+
+def test_hits_on_a_previous_rounds_answer_are_not_taken_for_a_warm_cache():
+    trace = captured(multi_turn={"max_rounds": 3, "context_growth": "accumulate"})
+    assert sum(r.cached_tokens > 0 for r in trace.records) > 10  # later rounds hit prompt and answer blocks
+    notes: list[str] = []
+    requests = requests_from_trace(trace, notes, block_size=CONFIG.block_size)
+    assert all(r.warm_tokens == 0 for r in requests) and not notes
+
+
+def test_replay_in_causal_mode_is_byte_identical_across_processes(tmp_path):
+    write_trace(captured(multi_turn={"max_rounds": 3, "context_growth": "accumulate"}), tmp_path / "t.csv")
+    outputs = []
+    for k in range(2):
+        out = blis(
+            "replay",
+            str(tmp_path / "t.csv"),
+            "--alpha",
+            "1500,1.5,150",
+            "--beta",
+            "7500,15,300",
+            "--results",
+            str(tmp_path / f"r{k}.json"),
+        )
+        assert out.returncode == 0, out.stderr
+        outputs.append((out.stdout, (tmp_path / f"r{k}.json").read_bytes()))
+    assert outputs[0] == outputs[1]

@@ -5,7 +5,7 @@ server-reported prompt length when recorded and the observed output length. Rows
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
 output as its own prefix (multi-turn chat history). When a row's recorded `cached_tokens` (vLLM's usage) go
-beyond the blocks its prompt shares with earlier rows' prompts, they were in the server's cache before the
+beyond the blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
 prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
 (`sessions.py`): by default never before their predecessor's simulated answer.
@@ -54,7 +54,7 @@ def requests_from_trace(
     block = block_size or (server.block_size if server and server.block_size > 0 else SimConfig().block_size)
     # Blocks a later row may have found cached: hashing stops there (most traces record no hits at all).
     reach = max((r.cached_tokens or 0 for r in trace.records), default=0) // block if prefix_caching else 0
-    seen: set[int] = set()  # hashes of the first `reach` blocks of the prompts sent so far
+    seen: set[int] = set()  # hashes of the first `reach` blocks of the sequences (prompt + answer) so far
     warmed: list[int] = []
     out: list[SimRequest] = []
     skipped: list[int] = []
@@ -66,18 +66,19 @@ def requests_from_trace(
         segments = _segments(
             rec, input_len, history.get(rec.session_id) if accumulate and rec.session_id else None
         )
+        sequence = (*segments, (output_key(rec.request_id), rec.output_tokens))  # prompt + answer
         if accumulate and rec.session_id:
-            history[rec.session_id] = (
-                (*segments, (output_key(rec.request_id), rec.output_tokens)),
-                input_len + rec.output_tokens,
-            )
+            history[rec.session_id] = (sequence, input_len + rec.output_tokens)
         warm = 0
         if reach:
-            hashes = block_hashes(_head(segments, reach * block), block)
+            # vLLM caches answers too (a chat's next round hits them); the last token's KV is never computed.
+            hashes = block_hashes(
+                _head(sequence, min(reach * block, input_len + rec.output_tokens - 1)), block
+            )
             # vLLM reports whole cached blocks, at most all but the last prompt token (it needs its logits).
             hit = min(rec.cached_tokens or 0, input_len - 1) // block
             explained = next((i for i, h in enumerate(hashes[:hit]) if h not in seen), hit)
-            if hit > explained:  # more than earlier rows' prompts can account for: cached before the capture
+            if hit > explained:  # more than earlier rows can account for: cached before the capture
                 warm = hit * block
                 warmed.append(rec.request_id)
             seen.update(hashes)

@@ -34,23 +34,45 @@ class Link:
 def trace_links(trace: Trace) -> dict[int, Link]:
     """request_id -> its predecessor, for rows recorded as sent after an earlier row's answer:
     - a session's round r > 0 follows round r − 1 of the same `session_id` (BLIS sessions, multi-turn chat);
-    - any other row whose `arrival_time_us − think_time_us` is the `last_chunk_time_us` of a row of the same
-      client follows that row (closed-loop users, whose next request, or next session, arrives at the
-      answer + think time).
-    A row sent before its candidate predecessor's answer was in is not linked (an open-loop session)."""
-    by_round = {(r.session_id, r.round_index): r for r in trace.records if r.session_id}
-    by_end = {(r.client_id, r.last_chunk_time_us): r for r in trace.records if r.last_chunk_time_us > 0}
+    - any other row whose `arrival_time_us − think_time_us` is the `last_chunk_time_us` of an earlier row of
+      the same client follows that row (closed-loop users, whose next request, or next session, arrives at the
+      answer + think time); among rows that ended at the same µs, each answer releases one row, oldest first.
+    A row sent less than its think time after its candidate's answer is not linked: it did not wait for it
+    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle."""
+    rows = sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id))
+    order = {r.request_id: i for i, r in enumerate(rows)}
     links: dict[int, Link] = {}
-    for rec in trace.records:
-        parent = by_round.get((rec.session_id, rec.round_index - 1)) if rec.session_id else None
-        if parent is None:
-            released = rec.arrival_time_us - rec.think_time_us
-            parent = by_end.get((rec.client_id, released)) if released > 0 else None
-        if parent is None or parent.request_id == rec.request_id or parent.last_chunk_time_us <= 0:
-            continue
+
+    def link(rec: TraceRecord, parent: TraceRecord | None) -> bool:
+        if (
+            parent is None
+            or parent.last_chunk_time_us <= 0
+            or order[parent.request_id] >= order[rec.request_id]
+        ):
+            return False
         gap = injection_time_us(rec) - parent.last_chunk_time_us
-        if gap >= 0:
-            links[rec.request_id] = Link(parent.request_id, gap)
+        if gap < rec.think_time_us:
+            return False
+        links[rec.request_id] = Link(parent.request_id, gap)
+        return True
+
+    by_round = {(r.session_id, r.round_index): r for r in rows if r.session_id}
+    for rec in rows:
+        if rec.session_id and rec.round_index > 0:
+            link(rec, by_round.get((rec.session_id, rec.round_index - 1)))
+    parents = {ln.parent_id for ln in links.values()}
+    by_end: dict[tuple[str, int], list[TraceRecord]] = {}
+    for r in rows:
+        if r.last_chunk_time_us > 0 and r.request_id not in parents:
+            by_end.setdefault((r.client_id, r.last_chunk_time_us), []).append(r)
+    for rec in rows:
+        released = rec.arrival_time_us - rec.think_time_us
+        if rec.request_id in links or released <= 0:
+            continue
+        candidates = by_end.get((rec.client_id, released), [])
+        parent = next((p for p in candidates if order[p.request_id] < order[rec.request_id]), None)
+        if link(rec, parent):
+            candidates.remove(parent)
     return links
 
 
@@ -100,7 +122,8 @@ class TraceFollowUp:
 def chain_requests(
     requests: Sequence[SimRequest], links: dict[int, Link], session_mode: str, notes: list[str] | None = None
 ) -> tuple[list[SimRequest], TraceFollowUp | None]:
-    """The requests injected up front and the bridge releasing the linked ones (None: nothing to chain)."""
+    """The requests injected up front and the bridge releasing the linked ones (None: nothing to chain). A
+    row whose predecessor is not replayed (0 output tokens) keeps its recorded send time."""
     mode = session_modes.get(session_mode)
     ids = {r.request_id for r in requests}
     linked = {c: ln for c, ln in links.items() if c in ids and ln.parent_id in ids}
@@ -116,7 +139,7 @@ def chain_requests(
             held.setdefault(link.parent_id, []).append((req, link.gap_us))
     if notes is not None:
         notes.append(
-            f"{len(linked)} row(s) were sent after an earlier row's answer (closed-loop users or sessions): "
-            f"session mode {session_mode!r} sends them {mode.description.split(' (')[0]}"
+            f"{len(linked)} row(s) were sent after an earlier row's answer (closed-loop users or sessions); "
+            f"session mode {session_mode!r}: {mode.description}"
         )
     return first, TraceFollowUp(held, mode)

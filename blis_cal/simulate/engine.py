@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -403,9 +403,17 @@ def simulate(
     or a rejection; `record_tokens` keeps every token's delivery time in `SimRun.token_times` (costs time per token)."""
     sim: Simulation
     token_times: dict[int, list[int]] = {}
+    # Results waiting to release their follow-ups. One instance rejects a request that can never fit inside
+    # add_request, which calls on_finish again: releasing from a queue keeps long rejected chains off the stack.
+    released: deque[RequestResult] = deque()
 
     def on_finish(result: RequestResult) -> None:
-        sim.add_requests(follow_up(result))
+        released.append(result)
+        if len(released) > 1:  # an outer call is draining the queue
+            return
+        while released:
+            sim.add_requests(follow_up(released[0]))
+            released.popleft()
 
     def on_token(request_id: int, index: int, delivery_us: int) -> None:
         token_times.setdefault(request_id, []).append(delivery_us)
