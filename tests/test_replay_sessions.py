@@ -439,3 +439,21 @@ def test_replay_in_causal_mode_is_byte_identical_across_processes(tmp_path):
         assert out.returncode == 0, out.stderr
         outputs.append((out.stdout, (tmp_path / f"r{k}.json").read_bytes()))
     assert outputs[0] == outputs[1]
+
+
+def test_blis_concurrency_users_are_linked_by_session_across_its_two_clocks():
+    """BLIS's observe writes arrival_time_us relative to its start but send and chunk times in epoch µs; its
+    `--concurrency` users are sessions whose rounds follow each other."""
+    epoch = 1_700_000_000_000_000
+    rows = []
+    for user in range(2):
+        arrival, send = 0, epoch + 10 + user
+        for round_index in range(3):
+            rec = row(len(rows), arrival, send + 40_000, session=f"concurrency_distribution_user_{user}")
+            rec.round_index, rec.send_time_us, rec.first_chunk_time_us = round_index, send, send + 5_000
+            rec.think_time_us = 1_000 if round_index else 0
+            rows.append(rec)
+            arrival, send = arrival + 41_000, send + 41_200  # answer + think (1 ms) + 200 µs to send
+    trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+    links = trace_links(trace)
+    assert links == {r.request_id: Link(r.request_id - 1, 1_200) for r in rows if r.round_index > 0}
