@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from sim_results import max_in_flight
 
 from blis_cal.calibrate.compare import compare
 from blis_cal.calibrate.fit import NamedTrace, model_forms, trace_simulator
@@ -30,6 +31,7 @@ from blis_cal.workload import generate, parse_spec
 
 MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))
 SLOW = BlackboxModel((1500.0, 1.5, 150.0), (7500.0, 15.0, 300.0))  # every coefficient × 1.5
+SLOW_FLAGS = ("--alpha", "1500,1.5,150", "--beta", "7500,15,300")
 CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
 USERS = 4
 
@@ -60,15 +62,6 @@ def captured(multi_turn=None, think_us=200_000, num_requests=60, model=MODEL):
         type="blis-sim", **{name: getattr(CONFIG, name) for name in SERVER_FIELDS}
     )
     return trace
-
-
-def max_in_flight(results):
-    events = sorted([(r.arrival_us, 1) for r in results] + [(r.finish_us, -1) for r in results])
-    level = peak = 0
-    for _, delta in events:
-        level += delta
-        peak = max(peak, level)
-    return peak
 
 
 def blis(*args):
@@ -222,10 +215,7 @@ def test_cli_replay_follows_the_session_mode(tmp_path):
         out = blis(
             "replay",
             str(tmp_path / "t.csv"),
-            "--alpha",
-            "1500,1.5,150",
-            "--beta",
-            "7500,15,300",
+            *SLOW_FLAGS,
             "--session-mode",
             mode,
         )
@@ -341,10 +331,7 @@ def test_rejected_parents_on_a_cluster_still_release_their_rows(tmp_path):
         out = blis(
             "replay",
             str(tmp),
-            "--alpha",
-            "1500,1.5,150",
-            "--beta",
-            "7500,15,300",
+            *SLOW_FLAGS,
             "--instances",
             "2",
             "--admission-policy",
@@ -390,10 +377,7 @@ def test_validate_and_calibrate_replay_in_the_mode_asked_for(tmp_path):
         out = blis(
             "validate",
             str(tmp_path / "t.csv"),
-            "--alpha",
-            "1500,1.5,150",
-            "--beta",
-            "7500,15,300",
+            *SLOW_FLAGS,
             "--session-mode",
             mode,
             "--report",
@@ -429,10 +413,7 @@ def test_replay_in_causal_mode_is_byte_identical_across_processes(tmp_path):
         out = blis(
             "replay",
             str(tmp_path / "t.csv"),
-            "--alpha",
-            "1500,1.5,150",
-            "--beta",
-            "7500,15,300",
+            *SLOW_FLAGS,
             "--results",
             str(tmp_path / f"r{k}.json"),
         )

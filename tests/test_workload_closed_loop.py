@@ -6,6 +6,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from sim_results import max_in_flight
 
 from blis_cal.replay.from_workload import follow_up_for, requests_from_workload
 from blis_cal.simulate import BlackboxModel, RequestResult, SimConfig, simulate
@@ -39,16 +40,6 @@ def users_spec(concurrency, think_us, num_requests, multi_turn=None):
 
 def run(workload):
     return simulate(requests_from_workload(workload), CONFIG, MODEL, follow_up_for(workload))
-
-
-def max_in_flight(results):
-    """Most requests between arrival and last token at any instant."""
-    events = sorted([(r.arrival_us, 1) for r in results] + [(r.finish_us, -1) for r in results])
-    level = peak = 0
-    for _, delta in events:  # at equal times, finishes (-1) sort first
-        level += delta
-        peak = max(peak, level)
-    return peak
 
 
 def test_open_loop_requests_keep_lengths_and_prefix():

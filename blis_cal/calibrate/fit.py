@@ -42,7 +42,7 @@ from blis_cal.calibrate.features import (
 )
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
-from blis_cal.replay.sessions import DEFAULT_SESSION_MODE
+from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
@@ -353,7 +353,6 @@ def trace_simulator(session_mode: str = DEFAULT_SESSION_MODE) -> Simulator:
     """Replays of a trace in the simulator with given coefficients (server settings from its header), rows
     that answer an earlier row sent as `session_mode` says (replay.session_modes)."""
     from blis_cal.calibrate.sim_bridge import replay_with
-    from blis_cal.replay import session_modes
 
     session_modes.get(session_mode)  # fail before any fitting
 
