@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import TRACES
 from sim_results import max_in_flight
 
 from blis_cal.calibrate.compare import compare
@@ -26,7 +27,7 @@ from blis_cal.replay.from_trace import SERVER_FIELDS
 from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
 from blis_cal.replay.sessions import Link, trace_links
 from blis_cal.simulate import BlackboxModel, SimConfig, simulate
-from blis_cal.trace import ServerInfo, Trace, TraceHeader, TraceRecord, write_trace
+from blis_cal.trace import ServerInfo, Trace, TraceHeader, TraceRecord, read_trace, write_trace
 from blis_cal.workload import generate, parse_spec
 
 MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))
@@ -438,3 +439,57 @@ def test_blis_concurrency_users_are_linked_by_session_across_its_two_clocks():
     trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
     links = trace_links(trace)
     assert links == {r.request_id: Link(r.request_id - 1, 1_200) for r in rows if r.round_index > 0}
+
+
+def foreign(trace, overhead_us=1500):
+    """The trace as a client without session ids or think times records a closed loop: every row on one
+    client, arrival = send, a little after the answer that released it."""
+    records = [
+        dataclasses.replace(
+            r,
+            client_id="client-0",
+            session_id="",
+            round_index=0,
+            think_time_us=0,
+            arrival_time_us=r.send_time_us + overhead_us,
+            send_time_us=r.send_time_us + overhead_us,
+        )
+        for r in trace.records
+    ]
+    return dataclasses.replace(trace, records=records)
+
+
+def test_a_closed_loop_recorded_without_sessions_or_think_times_is_linked_by_time():
+    trace = captured(think_us=0)
+    recorded = trace_links(trace)
+    links = trace_links(foreign(trace))
+    assert {c: ln.parent_id for c, ln in links.items()} == {c: ln.parent_id for c, ln in recorded.items()}
+    assert {ln.gap_us for ln in links.values()} == {1500}
+    slow = replay(foreign(trace), SLOW, "causal")
+    assert len(slow) == len(trace.records) and max_in_flight(slow) <= USERS
+
+
+def test_a_real_closed_loop_made_foreign_is_linked_as_recorded():
+    """closed4z_s602: four users of real vLLM without think time; their sends came 1.1-4.9 ms after the answer."""
+    trace = read_trace(TRACES / "real_day6" / "closed4z_s602.csv")
+    stripped = foreign(trace, overhead_us=0)
+    assert stripped.records[5].think_time_us == 0 and not stripped.records[5].session_id
+    recorded = {c: ln.parent_id for c, ln in trace_links(trace).items()}
+    assert len(recorded) == 96 and {c: ln.parent_id for c, ln in trace_links(stripped).items()} == recorded
+
+
+@pytest.mark.parametrize(
+    "path", ["A_poisson_0.8.csv", "C_prefix_1.0.csv", "real/r12.csv", "real_day3/burst15.csv"]
+)
+def test_open_loop_captures_are_not_linked_by_time(path):
+    """Some of an open loop's rows are sent just after another's answer by chance (up to 16 of 150 in r12 with
+    a 50 ms window); too few to be a closed loop."""
+    trace = foreign(read_trace(TRACES / path), overhead_us=0)
+    assert trace_links(trace) == {}
+
+
+def test_a_fast_open_loop_is_not_linked_by_time():
+    """At 400 requests/s answers come every few ms: a fixed window would match most rows by chance."""
+    requests = poisson_requests(400, 400.0, seed=4, input_mean=64, output_mean=16, max_output=32)
+    trace = simulated_trace(requests, CONFIG, BlackboxModel((100.0, 0.0, 0.0), (500.0, 1.0, 5.0)))
+    assert trace_links(foreign(trace, overhead_us=0)) == {}

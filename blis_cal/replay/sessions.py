@@ -9,6 +9,7 @@ grows. `trace_links` finds those predecessor links in a trace; a `SessionMode` d
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ def trace_links(trace: Trace) -> dict[int, Link]:
       the same client follows that row (closed-loop users, whose next request, or next session, arrives at the
       answer + think time); among rows that ended at the same µs, each answer releases one row, oldest first.
     A row sent less than its think time after its candidate's answer is not linked: it did not wait for it
-    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle."""
+    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle. A trace
+    neither rule links (another client's closed loop: no sessions, no think times) may be linked by time
+    (`_links_by_time`)."""
     rows = sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id))
     order = {r.request_id: i for i, r in enumerate(rows)}
     links: dict[int, Link] = {}
@@ -73,7 +76,43 @@ def trace_links(trace: Trace) -> dict[int, Link]:
         parent = next((p for p in candidates if order[p.request_id] < order[rec.request_id]), None)
         if link(rec, parent):
             candidates.remove(parent)
-    return links
+    return links or _links_by_time(rows, order)
+
+
+TIMED_LINKS_MIN_SHARE = 0.8  # of the rows sent after the first answer; an open loop matches ~10 % by chance
+TIMED_LINK_WINDOW_SHARE = 0.1  # of the mean time between answers: keeps chance matches near 10 %
+TIMED_LINK_WINDOW_MAX_US = 50_000  # clients send within a few ms of the answer (ours: 0.5-7 ms under load)
+
+
+def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, Link]:
+    """A closed loop recorded without session ids or think times (users sending as soon as their answer is
+    in): each row sent within a short window after an unclaimed answer of the same client follows the oldest
+    such answer. Kept only when nearly every row sent after the first answer is matched so; a trace where
+    fewer are is an open loop and gets no links."""
+    answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
+    if len(answers) < 2 or answers[-1].last_chunk_time_us == answers[0].last_chunk_time_us:
+        return {}
+    first_answer_us = answers[0].last_chunk_time_us
+    spacing = (answers[-1].last_chunk_time_us - first_answer_us) / (len(answers) - 1)
+    window = min(TIMED_LINK_WINDOW_MAX_US, TIMED_LINK_WINDOW_SHARE * spacing)
+    unanswered: dict[str, deque[TraceRecord]] = {}  # per client, answers not yet in by the current row
+    for r in answers:
+        unanswered.setdefault(r.client_id, deque()).append(r)
+    answered: dict[str, list[TraceRecord]] = {}  # per client, unclaimed answers in by the current row
+    links: dict[int, Link] = {}
+    for rec in rows:
+        sent = injection_time_us(rec)
+        coming = unanswered.get(rec.client_id, deque())
+        pending = answered.setdefault(rec.client_id, [])
+        while coming and coming[0].last_chunk_time_us <= sent:
+            pending.append(coming.popleft())
+        pending[:] = [p for p in pending if p.last_chunk_time_us >= sent - window]
+        parent = next((p for p in pending if order[p.request_id] < order[rec.request_id]), None)
+        if parent is not None:
+            pending.remove(parent)
+            links[rec.request_id] = Link(parent.request_id, sent - parent.last_chunk_time_us)
+    after_first_answer = sum(injection_time_us(r) > first_answer_us for r in rows)
+    return links if len(links) >= TIMED_LINKS_MIN_SHARE * after_first_answer else {}
 
 
 @dataclass(frozen=True)
