@@ -405,7 +405,7 @@ def _sim_model(
     return build_latency_model(latency_model, opts)
 
 
-def _sim_outputs(run, results: Path | None, trace_output: str | None, source=None) -> None:
+def _sim_outputs(run, results: Path | None, trace_output: str | None, source=None, released_by=None) -> None:
     from blis_cal.replay import results_to_trace, write_results_json
     from blis_cal.trace import write_trace
 
@@ -413,7 +413,7 @@ def _sim_outputs(run, results: Path | None, trace_output: str | None, source=Non
         write_results_json(run, results)
     if trace_output is not None:
         csv_path = trace_output if trace_output.endswith(".csv") else trace_output + ".csv"
-        write_trace(results_to_trace(run, source), csv_path)
+        write_trace(results_to_trace(run, source, released_by=released_by), csv_path)
     print_json(run.summary)
 
 
@@ -540,7 +540,7 @@ def replay_cmd(
         record_tokens=trace_output is not None,
     )
     print_notes(notes)
-    _sim_outputs(run, results, trace_output, trace)
+    _sim_outputs(run, results, trace_output, trace, follow_up.released_by if follow_up else None)
 
 
 def run_requests(

@@ -441,6 +441,12 @@ def test_blis_concurrency_users_are_linked_by_session_across_its_two_clocks():
     assert links == {r.request_id: Link(r.request_id - 1, 1_200) for r in rows if r.round_index > 0}
 
 
+def sent_late(trace, overhead_us=1500):
+    """The trace with every send `overhead_us` after the arrival (client overhead, as in real captures)."""
+    records = [dataclasses.replace(r, send_time_us=r.arrival_time_us + overhead_us) for r in trace.records]
+    return dataclasses.replace(trace, records=records)
+
+
 def foreign(trace, overhead_us=1500):
     """The trace as a client without session ids or think times records a closed loop: every row on one
     client, arrival = send, a little after the answer that released it."""
@@ -493,3 +499,44 @@ def test_a_fast_open_loop_is_not_linked_by_time():
     requests = poisson_requests(400, 400.0, seed=4, input_mean=64, output_mean=16, max_output=32)
     trace = simulated_trace(requests, CONFIG, BlackboxModel((100.0, 0.0, 0.0), (500.0, 1.0, 5.0)))
     assert trace_links(foreign(trace, overhead_us=0)) == {}
+
+
+@pytest.mark.parametrize("mode", ["causal", "closed-loop"])
+def test_a_replayed_closed_loop_is_written_as_a_closed_loop(mode):
+    """The written trace links every row to its predecessor, and replaying it again with the same
+    model reproduces it: the follow-ups arrive at their parent's simulated answer + think time."""
+    trace = sent_late(captured(think_us=150_000))
+    first, bridge = trace_requests(trace, CONFIG, [], mode)
+    run = simulate(first, CONFIG, SLOW, bridge, record_tokens=True)
+    written = results_to_trace(run, trace, released_by=bridge.released_by)
+    links = trace_links(written)
+    answered = {r.request_id: r.finish_us for r in run.results}
+    # the predecessor of each row, or one whose simulated answer came in the same µs
+    assert {c: answered[ln.parent_id] for c, ln in links.items()} == {
+        c: answered[ln.parent_id] for c, ln in trace_links(trace).items()
+    }
+    by_id = {r.request_id: r for r in written.records}
+    for child, link in links.items():
+        rec = by_id[child]
+        assert rec.arrival_time_us == by_id[link.parent_id].last_chunk_time_us + rec.think_time_us
+        assert rec.send_time_us >= rec.arrival_time_us
+    again = {r.request_id: r for r in replay(written, SLOW, mode)}
+    for r in run.results:
+        assert (again[r.request_id].arrival_us, again[r.request_id].finish_us) == (r.arrival_us, r.finish_us)
+
+
+def test_cli_trace_output_of_a_closed_loop_replay_keeps_its_links(tmp_path):
+    trace = sent_late(captured(think_us=100_000))
+    write_trace(trace, tmp_path / "t.csv")
+    out = blis(
+        "replay",
+        str(tmp_path / "t.csv"),
+        *SLOW_FLAGS,
+        "--session-mode",
+        "closed-loop",
+        "--trace-output",
+        str(tmp_path / "out"),
+    )
+    assert out.returncode == 0, out.stderr
+    written = read_trace(tmp_path / "out.csv")
+    assert len(trace_links(written)) == len(trace_links(trace)) == len(trace.records) - USERS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,14 +89,22 @@ def read_results_json(path: str | Path) -> list[RequestResult]:
     return out
 
 
-def results_to_trace(run: SimRun, source: Trace | None = None, header: TraceHeader | None = None) -> Trace:
+def results_to_trace(
+    run: SimRun,
+    source: Trace | None = None,
+    header: TraceHeader | None = None,
+    released_by: Mapping[int, int] | None = None,
+) -> Trace:
     """A TraceV2 of the simulated requests (`mode: replayed`): the source rows' identity fields are kept and
     the timing fields replaced by the simulated ones (send = arrival, chunks = token deliveries, with a
-    per-token ITL file when the run recorded token times)."""
+    per-token ITL file when the run recorded token times). A row `released_by` a parent's simulated answer
+    (`TraceFollowUp.released_by`) arrives at that answer + its think time, as a closed-loop capture records
+    it, so the written trace replays as a closed loop again."""
     if header is None:
         header = dataclasses.replace(source.header) if source is not None else TraceHeader()
     header = dataclasses.replace(header, mode="replayed", created_at="")
     by_id = {r.request_id: r for r in source.records} if source is not None else {}
+    finish_us = {r.request_id: r.finish_us for r in run.results} if released_by else {}
     records: list[TraceRecord] = []
     for r in run.results:
         base = by_id.get(r.request_id)
@@ -107,7 +116,8 @@ def results_to_trace(run: SimRun, source: Trace | None = None, header: TraceHead
         rec.server_input_tokens = r.input_tokens
         if base is None:
             rec.input_tokens = r.input_tokens
-        rec.arrival_time_us = r.arrival_us
+        parent = released_by.get(r.request_id) if released_by else None
+        rec.arrival_time_us = r.arrival_us if parent is None else finish_us[parent] + rec.think_time_us
         rec.send_time_us = r.arrival_us
         rec.first_chunk_time_us = r.first_token_us if r.first_token_us >= 0 else 0
         rec.last_chunk_time_us = r.finish_us if done else 0

@@ -149,12 +149,16 @@ class TraceFollowUp:
     def __init__(self, held: dict[int, list[tuple[SimRequest, int]]], mode: SessionMode) -> None:
         self._held = held  # parent id -> [(child request at its recorded time, gap µs)]
         self._send_us = mode.send_us
+        self.released_by: dict[int, int] = {}  # child id -> the parent whose simulated answer released it
 
     def __call__(self, result: RequestResult) -> list[SimRequest]:
         done = result.finish_us if result.status == "ok" and result.finish_us >= 0 else result.arrival_us
+        children = self._held.pop(result.request_id, ())
+        if result.status == "ok":
+            self.released_by.update((child.request_id, result.request_id) for child, _ in children)
         return [
             dataclasses.replace(child, arrival_us=self._send_us(child.arrival_us, done + gap))
-            for child, gap in self._held.pop(result.request_id, ())
+            for child, gap in children
         ]
 
 
