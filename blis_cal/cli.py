@@ -291,8 +291,9 @@ _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
     help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
-    "simulation (default causal: at the recorded time, but never before the predecessor's simulated answer "
-    "+ the recorded gap); `blis policies` lists and describes the modes.",
+    "simulation (default adaptive: a row sent the moment its answer came at the predecessor's simulated answer "
+    "+ the recorded gap; one sent after a think time at its recorded time, but never before that); "
+    "`blis policies` lists and describes the modes.",
 )
 
 

@@ -125,7 +125,7 @@ def test_open_loop_rows_and_early_rounds_are_not_linked():
         row(5, 10000, 12000, session="s", round_index=2),  # after round 1's answer: linked
     ]
     trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
-    assert trace_links(trace) == {2: Link(0, 7005 - 5000), 5: Link(4, 10005 - 9900)}
+    assert trace_links(trace) == {2: Link(0, 7005 - 5000, 2000), 5: Link(4, 10005 - 9900)}
 
 
 @pytest.mark.parametrize("mode", ["fixed", "closed-loop", "causal"])
@@ -187,7 +187,9 @@ def test_session_mode_is_deterministic_and_notes_the_linked_rows():
 
 def test_unknown_session_mode_lists_the_registered_ones(tmp_path):
     trace = captured(num_requests=12)
-    with pytest.raises(ConfigError, match="unknown session mode 'open'; allowed: causal, closed-loop, fixed"):
+    with pytest.raises(
+        ConfigError, match="unknown session mode 'open'; allowed: adaptive, causal, closed-loop, fixed"
+    ):
         replay_trace(trace, config_from_trace(trace.header), MODEL, session_mode="open")
     write_trace(trace, tmp_path / "t.csv")
     out = blis(
@@ -202,7 +204,7 @@ def test_unknown_session_mode_lists_the_registered_ones(tmp_path):
     )
     assert (
         out.returncode == 2
-        and "unknown session mode 'open'; allowed: causal, closed-loop, fixed" in out.stderr
+        and "unknown session mode 'open'; allowed: adaptive, causal, closed-loop, fixed" in out.stderr
     )
     policies = json.loads(blis("policies").stdout)
     assert sorted(policies["session_modes"]) == session_modes.names()
@@ -438,7 +440,7 @@ def test_blis_concurrency_users_are_linked_by_session_across_its_two_clocks():
             arrival, send = arrival + 41_000, send + 41_200  # answer + think (1 ms) + 200 µs to send
     trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
     links = trace_links(trace)
-    assert links == {r.request_id: Link(r.request_id - 1, 1_200) for r in rows if r.round_index > 0}
+    assert links == {r.request_id: Link(r.request_id - 1, 1_200, 1_000) for r in rows if r.round_index > 0}
 
 
 def sent_late(trace, overhead_us=1500):
@@ -540,3 +542,23 @@ def test_cli_trace_output_of_a_closed_loop_replay_keeps_its_links(tmp_path):
     assert out.returncode == 0, out.stderr
     written = read_trace(tmp_path / "out.csv")
     assert len(trace_links(written)) == len(trace_links(trace)) == len(trace.records) - USERS
+
+
+def test_adaptive_sends_rows_without_think_time_as_closed_loop_and_the_rest_as_causal():
+    """A faster simulation: causal would hold a user who never left the server to its recorded send time."""
+    fast = BlackboxModel((500.0, 0.5, 50.0), (2500.0, 5.0, 100.0))
+    for think, like, unlike in ((0, "closed-loop", "causal"), (200_000, "causal", "closed-loop")):
+        trace = sent_late(captured(think_us=think))
+        adaptive = [dataclasses.asdict(r) for r in replay(trace, fast, "adaptive")]
+        assert adaptive == [dataclasses.asdict(r) for r in replay(trace, fast, like)]
+        assert adaptive != [dataclasses.asdict(r) for r in replay(trace, fast, unlike)]
+    rows = [
+        row(0, 1000, 100_000),
+        row(1, 1000, 100_000, client="d"),
+        row(2, 100_000, 200_000),  # sent 5 µs after row 0's answer, without think time
+        row(3, 100_300, 200_000, client="d", think=300),  # sent 305 µs after row 1's, 300 of them thinking
+    ]
+    trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+    results = {r.request_id: r for r in replay(trace, fast, "adaptive")}
+    assert results[2].arrival_us == results[0].finish_us + 5 < 100_005
+    assert results[3].arrival_us == 100_305 > results[1].finish_us + 305

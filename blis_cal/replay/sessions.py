@@ -30,6 +30,7 @@ class Link:
 
     parent_id: int
     gap_us: int  # recorded: the row's send time − the parent's last chunk (think time + client overhead)
+    think_us: int = 0  # the recorded think time within that gap (0: sent the moment the answer came)
 
 
 def trace_links(trace: Trace) -> dict[int, Link]:
@@ -56,7 +57,7 @@ def trace_links(trace: Trace) -> dict[int, Link]:
         gap = injection_time_us(rec) - parent.last_chunk_time_us
         if gap < rec.think_time_us:
             return False
-        links[rec.request_id] = Link(parent.request_id, gap)
+        links[rec.request_id] = Link(parent.request_id, gap, rec.think_time_us)
         return True
 
     by_round = {(r.session_id, r.round_index): r for r in rows if r.session_id}
@@ -117,11 +118,12 @@ def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, 
 
 @dataclass(frozen=True)
 class SessionMode:
-    """How a linked row's simulated send time follows from its recorded one and its predecessor's release
-    (the predecessor's simulated finish + the recorded gap); `send_us` None: every row at its recorded time."""
+    """How a linked row's simulated send time follows from its recorded one, its predecessor's release (the
+    predecessor's simulated finish + the recorded gap) and its think time; `send_us` None: every row at its
+    recorded time."""
 
     description: str
-    send_us: Callable[[int, int], int] | None
+    send_us: Callable[[int, int, int], int] | None
 
 
 session_modes: Registry[SessionMode] = Registry("session mode")
@@ -131,23 +133,32 @@ session_modes.register("fixed")(
 session_modes.register("closed-loop")(
     SessionMode(
         "a follow-up at its predecessor's simulated finish + the recorded gap (BLIS --session-mode closed-loop)",
-        lambda recorded, released: released,
+        lambda recorded, released, think: released,
     )
 )
 session_modes.register("causal")(
     SessionMode(
-        "recorded send time, but never before the predecessor's simulated finish + the recorded gap (default)",
-        max,
+        "recorded send time, but never before the predecessor's simulated finish + the recorded gap",
+        lambda recorded, released, think: max(recorded, released),
     )
 )
-DEFAULT_SESSION_MODE = "causal"
+# A user sending the moment its answer came never left the server: holding it to its recorded time (causal)
+# when the simulation answers sooner leaves it idle as it never was and lowers the load; after a think time
+# that idling is a small share of the pause, and the recorded time keeps which requests met.
+session_modes.register("adaptive")(
+    SessionMode(
+        "a row sent without think time as closed-loop, one sent after a think time as causal (default)",
+        lambda recorded, released, think: released if think == 0 else max(recorded, released),
+    )
+)
+DEFAULT_SESSION_MODE = "adaptive"
 
 
 class TraceFollowUp:
     """`follow_up` for `simulate()`: a finished (or rejected) request releases the rows linked to it."""
 
-    def __init__(self, held: dict[int, list[tuple[SimRequest, int]]], mode: SessionMode) -> None:
-        self._held = held  # parent id -> [(child request at its recorded time, gap µs)]
+    def __init__(self, held: dict[int, list[tuple[SimRequest, Link]]], mode: SessionMode) -> None:
+        self._held = held  # parent id -> [(child request at its recorded time, its link)]
         self._send_us = mode.send_us
         self.released_by: dict[int, int] = {}  # child id -> the parent whose simulated answer released it
 
@@ -157,8 +168,10 @@ class TraceFollowUp:
         if result.status == "ok":
             self.released_by.update((child.request_id, result.request_id) for child, _ in children)
         return [
-            dataclasses.replace(child, arrival_us=self._send_us(child.arrival_us, done + gap))
-            for child, gap in children
+            dataclasses.replace(
+                child, arrival_us=self._send_us(child.arrival_us, done + link.gap_us, link.think_us)
+            )
+            for child, link in children
         ]
 
 
@@ -172,14 +185,14 @@ def chain_requests(
     linked = {c: ln for c, ln in links.items() if c in ids and ln.parent_id in ids}
     if mode.send_us is None or not linked:
         return list(requests), None
-    held: dict[int, list[tuple[SimRequest, int]]] = {}
+    held: dict[int, list[tuple[SimRequest, Link]]] = {}
     first = []
     for req in requests:
         link = linked.get(req.request_id)
         if link is None:
             first.append(req)
         else:
-            held.setdefault(link.parent_id, []).append((req, link.gap_us))
+            held.setdefault(link.parent_id, []).append((req, link))
     if notes is not None:
         notes.append(
             f"{len(linked)} row(s) were sent after an earlier row's answer (closed-loop users or sessions); "
