@@ -292,7 +292,7 @@ _OPT_SESSION_MODE = typer.Option(
     "--session-mode",
     help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
     "simulation (default adaptive: a row sent the moment its answer came at the predecessor's simulated answer "
-    "+ the recorded gap; one sent after a think time at its recorded time, but never before that); "
+    "+ the recorded gap; one sent after a pause at its recorded time, but never before that); "
     "`blis policies` lists and describes the modes.",
 )
 

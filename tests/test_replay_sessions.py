@@ -37,12 +37,12 @@ CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_
 USERS = 4
 
 
-def captured(multi_turn=None, think_us=200_000, num_requests=60, model=MODEL):
+def captured(multi_turn=None, think_us=200_000, num_requests=60, model=MODEL, users=USERS):
     """A closed-loop capture as `observe` records it: every row's arrival is its predecessor's answer + think
     time, one chunk per token (here the simulator with `model` plays the server)."""
     client = {
         "id": "u",
-        "concurrency": USERS,
+        "concurrency": users,
         "think_time_us": think_us,
         "input_distribution": {
             "type": "gaussian",
@@ -120,12 +120,12 @@ def test_open_loop_rows_and_early_rounds_are_not_linked():
         row(0, 1000, 5000),
         row(1, 5000, 9000, client="other"),  # arrives at row 0's answer, but another client's
         row(2, 7000, 9500, think=2000),  # answer of row 0 + 2000 µs think: linked
-        row(3, 2000, 8000, session="s", round_index=0),
-        row(4, 6000, 9900, session="s", round_index=1),  # sent before round 0's answer: an open-loop session
-        row(5, 10000, 12000, session="s", round_index=2),  # after round 1's answer: linked
+        row(3, 2000, 8000, client="d", session="s", round_index=0),
+        row(4, 6000, 9900, client="d", session="s", round_index=1),  # before round 0: open-loop session
+        row(5, 10000, 12000, client="d", session="s", round_index=2),  # after round 1's answer: linked
     ]
     trace = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
-    assert trace_links(trace) == {2: Link(0, 7005 - 5000, 2000), 5: Link(4, 10005 - 9900)}
+    assert trace_links(trace) == {2: Link(0, 7005 - 5000, 2000), 5: Link(4, 10005 - 9900, 0)}
 
 
 @pytest.mark.parametrize("mode", ["fixed", "closed-loop", "causal"])
@@ -267,10 +267,15 @@ def test_validate_reports_the_session_mode_it_replayed_in(tmp_path):
 
 
 def test_open_loop_traces_replay_identically_in_every_mode():
+    """Even with a row that arrives exactly when an earlier row's answer came (chance, as with ms-rounded
+    times): one such row does not make a closed loop."""
     trace = simulated_trace(poisson_requests(120, 8.0, seed=9), CONFIG, MODEL)
+    answer = next(r.last_chunk_time_us for r in trace.records)
+    chance = next(r for r in trace.records if r.arrival_time_us > answer)
+    chance.arrival_time_us = chance.send_time_us = answer
     assert trace_links(trace) == {}
     runs = [[dataclasses.asdict(r) for r in replay(trace, SLOW, mode)] for mode in session_modes.names()]
-    assert runs[0] == runs[1] == runs[2]
+    assert all(run == runs[0] for run in runs)
 
 
 def test_answers_ending_at_the_same_microsecond_release_one_row_each_whatever_the_row_order():
@@ -282,7 +287,7 @@ def test_answers_ending_at_the_same_microsecond_release_one_row_each_whatever_th
     ]
     forward = Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
     backward = Trace(header=TraceHeader(), records=rows[::-1], itl=None, notes=[])
-    assert trace_links(forward) == trace_links(backward) == {2: Link(0, 5), 3: Link(1, 5)}
+    assert trace_links(forward) == trace_links(backward) == {2: Link(0, 5, 0), 3: Link(1, 5, 0)}
 
 
 def test_open_loop_sessions_are_not_linked():
@@ -477,6 +482,48 @@ def test_a_closed_loop_recorded_without_sessions_or_think_times_is_linked_by_tim
     assert len(slow) == len(trace.records) and max_in_flight(slow) <= USERS
 
 
+def test_a_chance_exact_match_does_not_keep_a_closed_loop_from_being_linked_by_time():
+    trace = captured(think_us=0)
+    stripped = foreign(trace)
+    answers = sorted(r.last_chunk_time_us for r in stripped.records)
+    chance = stripped.records[-1]  # its recorded arrival coincides with an unrelated earlier answer
+    chance.arrival_time_us = next(t for t in answers if chance.send_time_us - t > 100_000)
+    parents = {c: ln.parent_id for c, ln in trace_links(stripped).items()}
+    assert parents == {c: ln.parent_id for c, ln in trace_links(trace).items()}
+
+
+def test_many_users_sending_a_few_ms_after_their_answer_are_linked_by_time():
+    """Sixteen users: answers come every ~33 ms, a tenth of which is shorter than the client's 6 ms overhead."""
+    trace = captured(think_us=0, num_requests=160, users=16)
+    recorded = {c: ln.parent_id for c, ln in trace_links(trace).items()}
+    assert len(recorded) == 160 - 16
+    assert {c: ln.parent_id for c, ln in trace_links(foreign(trace, overhead_us=6000)).items()} == recorded
+
+
+def test_a_closed_loop_with_think_times_but_inexact_arrivals_is_linked_by_time():
+    """Think times recorded, arrivals at the send (not the answer + think time): the think time is kept."""
+    trace = sent_late(captured(think_us=200_000))
+    records = [dataclasses.replace(r, arrival_time_us=r.send_time_us) for r in trace.records]
+    links = trace_links(dataclasses.replace(trace, records=records))
+    assert {c: ln.parent_id for c, ln in links.items()} == {
+        c: ln.parent_id for c, ln in trace_links(trace).items()
+    }
+    assert {(ln.gap_us, ln.think_us) for ln in links.values()} == {(201_500, 200_000)}
+
+
+def test_adaptive_keeps_a_long_unrecorded_pause_causal():
+    """Session rounds sent 200 ms after the answer without a think-time column: the user paused, so a
+    faster simulation does not pull the round forward."""
+    fast = BlackboxModel((500.0, 0.5, 50.0), (2500.0, 5.0, 100.0))
+    trace = captured(multi_turn={"max_rounds": 3, "think_time_us": 200_000}, think_us=200_000)
+    for r in trace.records:
+        r.think_time_us = 0
+    links = trace_links(trace)
+    assert links and all(ln.waited and ln.think_us == 0 for ln in links.values())
+    adaptive = [dataclasses.asdict(r) for r in replay(trace, fast, "adaptive")]
+    assert adaptive == [dataclasses.asdict(r) for r in replay(trace, fast, "causal")]
+
+
 def test_a_real_closed_loop_made_foreign_is_linked_as_recorded():
     """closed4z_s602: four users of real vLLM without think time; their sends came 1.1-4.9 ms after the answer."""
     trace = read_trace(TRACES / "real_day6" / "closed4z_s602.csv")
@@ -503,7 +550,7 @@ def test_a_fast_open_loop_is_not_linked_by_time():
     assert trace_links(foreign(trace, overhead_us=0)) == {}
 
 
-@pytest.mark.parametrize("mode", ["causal", "closed-loop"])
+@pytest.mark.parametrize("mode", ["causal", "closed-loop", "adaptive"])
 def test_a_replayed_closed_loop_is_written_as_a_closed_loop(mode):
     """The written trace links every row to its predecessor, and replaying it again with the same
     model reproduces it: the follow-ups arrive at their parent's simulated answer + think time."""

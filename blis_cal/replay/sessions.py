@@ -24,13 +24,24 @@ def injection_time_us(rec: TraceRecord) -> int:
     return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
 
 
+CLIENT_OVERHEAD_MAX_US = 50_000  # a client sends within a few ms of the answer (ours: 0.5-7 ms under load)
+
+
 @dataclass(frozen=True)
 class Link:
     """A row sent in answer to an earlier row's completion."""
 
     parent_id: int
     gap_us: int  # recorded: the row's send time − the parent's last chunk (think time + client overhead)
-    think_us: int = 0  # the recorded think time within that gap (0: sent the moment the answer came)
+    think_us: int  # the recorded think time within that gap (0: none recorded)
+
+    @property
+    def waited(self) -> bool:
+        """The user paused before sending: a recorded think time, or a gap no client overhead explains."""
+        return self.think_us > 0 or self.gap_us > CLIENT_OVERHEAD_MAX_US
+
+
+LINKED_MIN_SHARE = 0.8  # of a client's rows sent after its first answer; an open loop matches far fewer
 
 
 def trace_links(trace: Trace) -> dict[int, Link]:
@@ -40,90 +51,120 @@ def trace_links(trace: Trace) -> dict[int, Link]:
       the same client follows that row (closed-loop users, whose next request, or next session, arrives at the
       answer + think time); among rows that ended at the same µs, each answer releases one row, oldest first.
     A row sent less than its think time after its candidate's answer is not linked: it did not wait for it
-    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle. A trace
-    neither rule links (another client's closed loop: no sessions, no think times) may be linked by time
-    (`_links_by_time`)."""
+    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle. The second
+    rule's links of a client stand only when they make it a closed loop (`LINKED_MIN_SHARE`): a few exact
+    matches are chance (ms-rounded times). A client neither rule links (another tool's closed loop: no
+    sessions, no think times) may be linked by time (`_links_by_time`)."""
     rows = sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id))
     order = {r.request_id: i for i, r in enumerate(rows)}
-    links: dict[int, Link] = {}
 
-    def link(rec: TraceRecord, parent: TraceRecord | None) -> bool:
+    def link(rec: TraceRecord, parent: TraceRecord | None) -> Link | None:
         if (
             parent is None
             or parent.last_chunk_time_us <= 0
             or order[parent.request_id] >= order[rec.request_id]
         ):
-            return False
+            return None
         gap = injection_time_us(rec) - parent.last_chunk_time_us
-        if gap < rec.think_time_us:
-            return False
-        links[rec.request_id] = Link(parent.request_id, gap, rec.think_time_us)
-        return True
+        return None if gap < rec.think_time_us else Link(parent.request_id, gap, rec.think_time_us)
 
+    links: dict[int, Link] = {}
     by_round = {(r.session_id, r.round_index): r for r in rows if r.session_id}
     for rec in rows:
         if rec.session_id and rec.round_index > 0:
-            link(rec, by_round.get((rec.session_id, rec.round_index - 1)))
+            found = link(rec, by_round.get((rec.session_id, rec.round_index - 1)))
+            if found:
+                links[rec.request_id] = found
     parents = {ln.parent_id for ln in links.values()}
     by_end: dict[tuple[str, int], list[TraceRecord]] = {}
     for r in rows:
         if r.last_chunk_time_us > 0 and r.request_id not in parents:
             by_end.setdefault((r.client_id, r.last_chunk_time_us), []).append(r)
+    released_links: dict[int, Link] = {}
     for rec in rows:
         released = rec.arrival_time_us - rec.think_time_us
         if rec.request_id in links or released <= 0:
             continue
         candidates = by_end.get((rec.client_id, released), [])
         parent = next((p for p in candidates if order[p.request_id] < order[rec.request_id]), None)
-        if link(rec, parent):
+        found = link(rec, parent)
+        if found:
+            released_links[rec.request_id] = found
             candidates.remove(parent)
-    return links or _links_by_time(rows, order)
+    for client_rows in _by_client(rows).values():
+        client_links = {
+            r.request_id: found
+            for r in client_rows
+            if (found := links.get(r.request_id) or released_links.get(r.request_id))
+        }
+        if not _closed_loop_share(client_rows, client_links):
+            client_links = {c: ln for c, ln in client_links.items() if c in links}
+        links.update(client_links or _links_by_time(client_rows, order))
+    return links
 
 
-TIMED_LINKS_MIN_SHARE = 0.8  # of the rows sent after the first answer; an open loop matches ~10 % by chance
+def _by_client(rows: list[TraceRecord]) -> dict[str, list[TraceRecord]]:
+    clients: dict[str, list[TraceRecord]] = {}
+    for r in rows:
+        clients.setdefault(r.client_id, []).append(r)
+    return clients
+
+
+def _closed_loop_share(rows: list[TraceRecord], links: dict[int, Link]) -> bool:
+    """Whether `links` cover nearly every one of `rows` sent once the first answer was in."""
+    answered = [r.last_chunk_time_us for r in rows if r.last_chunk_time_us > 0]
+    if not links or not answered:
+        return False
+    after_first_answer = sum(injection_time_us(r) >= min(answered) for r in rows)
+    return len(links) >= LINKED_MIN_SHARE * after_first_answer
+
+
 TIMED_LINK_WINDOW_SHARE = 0.1  # of the mean time between answers: keeps chance matches near 10 %
-TIMED_LINK_WINDOW_MAX_US = 50_000  # clients send within a few ms of the answer (ours: 0.5-7 ms under load)
+TIMED_LINK_WINDOW_MIN_US = 10_000  # but wide enough for a loaded client's overhead with many users ...
+TIMED_LINK_WINDOW_MAX_SHARE = 0.5  # ... while chance matches stay far below LINKED_MIN_SHARE (~40 %)
 
 
 def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, Link]:
-    """A closed loop recorded without session ids or think times (users sending as soon as their answer is
-    in): each row sent within a short window after an unclaimed answer of the same client follows the oldest
-    such answer. Kept only when nearly every row sent after the first answer is matched so; a trace where
-    fewer are is an open loop and gets no links."""
+    """One client's closed loop recorded without session ids or think times (users sending as soon as their
+    answer is in, or a think time after it): each row sent within a short window after an unclaimed answer
+    (+ its think time) follows the oldest such answer. Kept only when nearly every row sent after the first
+    answer is matched so (`_closed_loop_share`); a client where fewer are is an open loop and gets no links."""
     answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
     if len(answers) < 2 or answers[-1].last_chunk_time_us == answers[0].last_chunk_time_us:
         return {}
-    first_answer_us = answers[0].last_chunk_time_us
-    spacing = (answers[-1].last_chunk_time_us - first_answer_us) / (len(answers) - 1)
-    window = min(TIMED_LINK_WINDOW_MAX_US, TIMED_LINK_WINDOW_SHARE * spacing)
-    unanswered: dict[str, deque[TraceRecord]] = {}  # per client, answers not yet in by the current row
-    for r in answers:
-        unanswered.setdefault(r.client_id, deque()).append(r)
-    answered: dict[str, list[TraceRecord]] = {}  # per client, unclaimed answers in by the current row
+    spacing = (answers[-1].last_chunk_time_us - answers[0].last_chunk_time_us) / (len(answers) - 1)
+    window = min(
+        CLIENT_OVERHEAD_MAX_US,
+        max(TIMED_LINK_WINDOW_MIN_US, TIMED_LINK_WINDOW_SHARE * spacing),
+        TIMED_LINK_WINDOW_MAX_SHARE * spacing,
+    )
+    coming = deque(answers)  # answers not yet in by the current row's release
+    pending: deque[TraceRecord] = deque()  # unclaimed answers in by then, oldest first
     links: dict[int, Link] = {}
-    for rec in rows:
-        sent = injection_time_us(rec)
-        coming = unanswered.get(rec.client_id, deque())
-        pending = answered.setdefault(rec.client_id, [])
-        while coming and coming[0].last_chunk_time_us <= sent:
+    for rec in sorted(rows, key=lambda r: (injection_time_us(r) - r.think_time_us, order[r.request_id])):
+        released = injection_time_us(rec) - rec.think_time_us
+        while coming and coming[0].last_chunk_time_us <= released:
             pending.append(coming.popleft())
-        pending[:] = [p for p in pending if p.last_chunk_time_us >= sent - window]
-        parent = next((p for p in pending if order[p.request_id] < order[rec.request_id]), None)
-        if parent is not None:
-            pending.remove(parent)
-            links[rec.request_id] = Link(parent.request_id, sent - parent.last_chunk_time_us)
-    after_first_answer = sum(injection_time_us(r) > first_answer_us for r in rows)
-    return links if len(links) >= TIMED_LINKS_MIN_SHARE * after_first_answer else {}
+        while pending and pending[0].last_chunk_time_us < released - window:
+            pending.popleft()
+        at = next((i for i, p in enumerate(pending) if order[p.request_id] < order[rec.request_id]), None)
+        if at is not None:
+            parent = pending[at]
+            del pending[at]
+            links[rec.request_id] = Link(
+                parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us, rec.think_time_us
+            )
+    return links if _closed_loop_share(rows, links) else {}
 
 
 @dataclass(frozen=True)
 class SessionMode:
     """How a linked row's simulated send time follows from its recorded one, its predecessor's release (the
-    predecessor's simulated finish + the recorded gap) and its think time; `send_us` None: every row at its
+    predecessor's simulated finish + the recorded gap) and its link; `send_us` None: every row at its
     recorded time."""
 
     description: str
-    send_us: Callable[[int, int, int], int] | None
+    send_us: Callable[[int, int, Link], int] | None
 
 
 session_modes: Registry[SessionMode] = Registry("session mode")
@@ -133,13 +174,13 @@ session_modes.register("fixed")(
 session_modes.register("closed-loop")(
     SessionMode(
         "a follow-up at its predecessor's simulated finish + the recorded gap (BLIS --session-mode closed-loop)",
-        lambda recorded, released, think: released,
+        lambda recorded, released, link: released,
     )
 )
 session_modes.register("causal")(
     SessionMode(
         "recorded send time, but never before the predecessor's simulated finish + the recorded gap",
-        lambda recorded, released, think: max(recorded, released),
+        lambda recorded, released, link: max(recorded, released),
     )
 )
 # A user sending the moment its answer came never left the server: holding it to its recorded time (causal)
@@ -147,8 +188,8 @@ session_modes.register("causal")(
 # that idling is a small share of the pause, and the recorded time keeps which requests met.
 session_modes.register("adaptive")(
     SessionMode(
-        "a row sent without think time as closed-loop, one sent after a think time as causal (default)",
-        lambda recorded, released, think: released if think == 0 else max(recorded, released),
+        "a row sent as soon as its predecessor answered as closed-loop, one sent after a pause as causal (default)",
+        lambda recorded, released, link: max(recorded, released) if link.waited else released,
     )
 )
 DEFAULT_SESSION_MODE = "adaptive"
@@ -168,9 +209,7 @@ class TraceFollowUp:
         if result.status == "ok":
             self.released_by.update((child.request_id, result.request_id) for child, _ in children)
         return [
-            dataclasses.replace(
-                child, arrival_us=self._send_us(child.arrival_us, done + link.gap_us, link.think_us)
-            )
+            dataclasses.replace(child, arrival_us=self._send_us(child.arrival_us, done + link.gap_us, link))
             for child, link in children
         ]
 
