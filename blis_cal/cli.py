@@ -776,7 +776,8 @@ def calibrate_cmd(
         "blackbox-ctx",
         "--model-form",
         help="Fit: step-time form. blackbox-ctx (default; the 3+3 fit is reported beside it) predicted held-out "
-        "real traces 4x better; blackbox gives BLIS's plain 3+3 entry. " + _MODEL_FORMS_SEE,
+        "real traces 4x better; blackbox gives BLIS's plain 3+3 entry; blackbox-knee adds a cost per decoding "
+        "request past a batch size it finds. " + _MODEL_FORMS_SEE,
     ),
     out: Path | None = typer.Option(None, "--out", help="Fit: add/replace the entry in this defaults.yaml."),
     report: Path | None = typer.Option(

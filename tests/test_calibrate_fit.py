@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
 from blis_cal.calibrate.features import estimate_cached_tokens, idle_prefill_rows, window_rows
+from blis_cal.calibrate.fit import knee_of
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -63,6 +64,24 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
     assert_within(fitted, beta)
+
+
+def test_parameter_recovery_knee_form():
+    """Steps cost the same for up to 4 decoding requests, then 1.5 ms more per request; the fit finds the
+    knee among features.KNEES from the medians of pure-decode steps per batch size."""
+    beta = (6000.0, 20.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0)
+    model = BlackboxModel(ALPHA, beta)
+    traces = [
+        NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))
+        for seed, rate in ((5, 4.0), (6, 10.0))
+    ]
+    alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-knee"))
+    assert knee_of(fitted) == 4
+    assert_within(alpha, ALPHA)
+    for got, want in zip(fitted, beta, strict=True):
+        assert got == pytest.approx(want, rel=0.02, abs=1.0)  # µs: β5 may take a fraction of a µs
+    plain = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
+    assert len(plain) == 6
 
 
 def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():

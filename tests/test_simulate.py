@@ -173,6 +173,16 @@ def test_extra_betas_add_context_terms():
     assert model.step_time_us(StepBatch(10, 4, 1, 4, 20, 400)) == (100 + 10 + 8 + 10 + 100)
 
 
+def test_the_knee_term_is_flat_up_to_its_batch_size_then_linear_per_decoding_request():
+    from blis_cal.simulate import StepBatch
+
+    model = BlackboxModel((0, 0, 0), (1000, 0, 0, 0, 0, 0, 0, 300, 1200))  # knee at 4 requests
+    steps = [model.decode_only_step_us(n, 0) for n in range(1, 8)]
+    assert steps == [1000, 1000, 1000, 1000, 1300, 1600, 1900]
+    assert steps == [model.step_time_us(StepBatch(0, n, 0, n, 0, 0)) for n in range(1, 8)]
+    assert model.step_time_us(StepBatch(100, 6, 1, 6, 0, 0)) == 1600  # prefills do not count
+
+
 def test_coefficients_lookup_and_missing_triple():
     coeffs = load_coefficients(None, "meta-llama/Llama-3.1-8B-Instruct", "H100", 2)
     assert coeffs.alpha[0] == pytest.approx(1601.350510688092)

@@ -16,12 +16,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from blis_cal.trace import STEP_BURST_GAP_US, Chunk, Trace, TraceRecord, itl_means_us, ok_records
+from blis_cal.trace import (
+    STEP_BURST_GAP_US,
+    Chunk,
+    Trace,
+    TraceRecord,
+    decode_steps,
+    itl_means_us,
+    ok_records,
+)
 
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
 # before each prefill (cached prefix), Dctx Σ context of decoding requests, Np prefill requests.
 EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
+# Per step, the decode requests past a knee k: max(0, D − k), for every k a fit may pick (`knee_column`).
+KNEES = tuple(range(33))
+
+
+def knee_column(knee: int) -> str:
+    return f"D>{knee}"
+
+
+KNEE_COLUMNS = tuple(knee_column(k) for k in KNEES)
 DEFAULT_BLOCK_SIZE = 16
 
 
@@ -127,8 +144,19 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
             times.append(chunk.timestamp_us)
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     t = np.asarray(times, dtype=np.int64)[order]
-    cum = np.vstack([np.zeros((1, len(EVENT_COLUMNS))), np.cumsum(np.asarray(values)[order], axis=0)])
+    v = np.asarray(values)[order]
+    # Each step's decode requests past each knee, counted at the step's first event (a burst: its events;
+    # an event carrying several tokens of one request is one request).
+    starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
+    past = np.zeros((len(t), len(KNEES)))
+    past[starts] = _past_knees(np.add.reduceat((v[:, 1] > 0).astype(float), starts))
+    cum = np.vstack([np.zeros((1, v.shape[1] + len(KNEES))), np.cumsum(np.hstack([v, past]), axis=0)])
     return t, cum
+
+
+def _past_knees(decodes: np.ndarray) -> np.ndarray:
+    """(steps, knees): max(0, decode requests − k) for every k in KNEES."""
+    return np.maximum(decodes[:, None] - np.asarray(KNEES, dtype=float)[None, :], 0.0)
 
 
 def window_rows(trace: Trace) -> WindowRows:
@@ -151,9 +179,9 @@ def window_rows(trace: Trace) -> WindowRows:
         ids.append(rec.request_id)
         ys.append(itl[rec.request_id])
         sends.append(rec.send_time_us)
-    mat = np.asarray(rows, dtype=float).reshape(-1, len(EVENT_COLUMNS))
+    mat = np.asarray(rows, dtype=float).reshape(-1, len(EVENT_COLUMNS) + len(KNEES))
     features = {"const": np.ones(len(ids))}
-    features.update({c: mat[:, i] for i, c in enumerate(EVENT_COLUMNS)})
+    features.update({c: mat[:, i] for i, c in enumerate(EVENT_COLUMNS + KNEE_COLUMNS)})
     return WindowRows(
         request_ids=np.asarray(ids, dtype=np.int64),
         itl_us=np.asarray(ys, dtype=float),
@@ -248,7 +276,9 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
             ev_v.append((*_decode_event(chunk.tokens, total + produced - 1), 0.0))
     if not ev_t:
         return StepRows(
-            np.zeros(0), np.zeros(0, dtype=np.int64), {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS)}
+            np.zeros(0),
+            np.zeros(0, dtype=np.int64),
+            {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS, *KNEE_COLUMNS)},
         )
     order = np.argsort(np.asarray(ev_t), kind="stable")
     t = np.asarray(ev_t, dtype=np.int64)[order]
@@ -266,4 +296,35 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     keep = (s[:, 0] > 0) & (s[:, 1] > 0) & (latest_send[1:] < begin[:-1]) & (s[:, 0] + s[:, 1] <= budget)
     features = {"const": np.ones(int(keep.sum()))}
     features.update({c: s[keep, i] for i, c in enumerate(EVENT_COLUMNS)})
+    decoding = np.add.reduceat((v[:, 1] > 0).astype(float), starts)[1:]
+    features.update(zip(KNEE_COLUMNS, _past_knees(decoding[keep]).T, strict=True))
     return StepRows(durations[keep].astype(float), begin[1:][keep], features)
+
+
+DECODE_STEPS_MIN = 20  # pure-decode steps of one batch size for its median to be a row
+
+
+def decode_step_rows(trace: Trace) -> StepRows:
+    """One row per batch size seen in at least DECODE_STEPS_MIN pure-decode steps (`trace.decode_steps`):
+    their median duration and mean context. Medians over many steps are robust to events of one step
+    split over two network reads, and show how a step's cost grows with the number of decoding requests."""
+    by_size: dict[int, list[tuple[int, int, int]]] = {}
+    for step in decode_steps(trace):
+        by_size.setdefault(step.num_decode, []).append((step.duration_us, step.context_tokens, step.time_us))
+    sizes = sorted(n for n, steps in by_size.items() if len(steps) >= DECODE_STEPS_MIN)
+    n = np.asarray(sizes, dtype=float)
+    zeros = np.zeros(len(sizes))
+    features = {
+        "const": np.ones(len(sizes)),
+        "P": zeros,
+        "D": n,
+        "Pctx": zeros,
+        "Dctx": np.asarray([np.mean([c for _, c, _ in by_size[k]]) for k in sizes]),
+        "Np": zeros,
+    }
+    features.update(zip(KNEE_COLUMNS, _past_knees(n).T, strict=True))
+    return StepRows(
+        np.asarray([np.median([d for d, _, _ in by_size[k]]) for k in sizes]),
+        np.asarray([int(np.median([t for _, _, t in by_size[k]])) for k in sizes], dtype=np.int64),
+        features,
+    )

@@ -33,10 +33,13 @@ from blis_cal.calibrate.compare import (
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
+    KNEES,
     PrefillRows,
     StepRows,
     WindowRows,
+    decode_step_rows,
     idle_prefill_rows,
+    knee_column,
     prefill_step_rows,
     window_rows,
 )
@@ -55,6 +58,7 @@ class ModelForm:
     latency_model: str  # name in blis_cal.simulate's `latency_models` registry
     beta_columns: tuple[str, ...]
     description: str
+    knee: bool = False  # β7/β8 too: a per-request decode cost past a knee the fit picks (features.KNEES)
 
 
 model_forms: Registry[ModelForm] = Registry("model form")
@@ -74,6 +78,16 @@ model_forms.register("blackbox-ctx")(
         "blackbox",
         ("const", "P", "D", "Pctx", "Dctx", "Np"),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context + β5·prefill requests",
+    )
+)
+model_forms.register("blackbox-knee")(
+    ModelForm(
+        "blackbox-knee",
+        "blackbox",
+        ("const", "P", "D", "Pctx", "Dctx", "Np"),
+        "blackbox-ctx plus max(0, β7·decode requests − β8): steps cost the same up to a batch size the fit "
+        "finds (β8/β7), then β7 more per decoding request (β6 stays 0)",
+        knee=True,
     )
 )
 
@@ -164,6 +178,7 @@ class _Rows:
     steps: list[StepRows]
     prefills: list[PrefillRows]
     rtts: list[int]
+    decodes: list[StepRows]  # per batch size, median pure-decode steps (knee forms fit on them too)
 
 
 def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
@@ -189,7 +204,12 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
             "too few requests with two or more streamed tokens to fit step times "
             f"({sum(len(w.itl_us) for w in windows)} in {', '.join(t.name for t in traces)}; need >= 3)"
         )
-    return _Rows(windows, steps, prefills, rtts)
+    return _Rows(windows, steps, prefills, rtts, [decode_step_rows(nt.trace) for nt in traces])
+
+
+def knee_of(beta: Sequence[float]) -> int:
+    """The batch size past which each decoding request costs β7 more (β8/β7; 0 without that term)."""
+    return round(beta[8] / beta[7]) if len(beta) > 8 and beta[7] > 0 else 0
 
 
 def _solve_beta(
@@ -200,7 +220,38 @@ def _solve_beta(
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
 ) -> tuple[float, ...]:
-    """β ≥ 0 minimising relative errors of every request's mean ITL and of every observed prefill step.
+    """The form's β (BETA_TERMS order). A knee form tries every knee in features.KNEES and keeps the one
+    that fits best, or keeps the knee of `start` (bootstrap replicates)."""
+    if not form.knee:
+        return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
+    knees = KNEES if start is None else (knee_of(start),)
+    best: tuple[float, tuple[float, ...], int] | None = None
+    for knee in knees:
+        beta, cost = _solve_columns(
+            (*form.beta_columns, knee_column(knee)),
+            windows,
+            steps,
+            picks,
+            step_picks,
+            None if start is None else (*start[: len(form.beta_columns)], start[7]),
+        )
+        if best is None or cost < best[0]:
+            best = (cost, beta, knee)
+    assert best is not None
+    _, beta, knee = best
+    return (*beta[:-1], 0.0, beta[-1], _clean(knee * beta[-1]))
+
+
+def _solve_columns(
+    columns: Sequence[str],
+    windows: Sequence[WindowRows],
+    steps: Sequence[StepRows],
+    picks: Sequence[np.ndarray] | None = None,
+    step_picks: Sequence[np.ndarray] | None = None,
+    start: Sequence[float] | None = None,
+) -> tuple[tuple[float, ...], float]:
+    """Coefficients ≥ 0 of `columns` minimising relative errors of every request's mean ITL and of every
+    observed prefill step, and the robust cost they reach.
 
     Robust (soft-L1 on log ratios): a step whose burst boundary was misread (events of one step split across
     two network reads) gives a wild relative error that must not steer the fit.
@@ -208,11 +259,11 @@ def _solve_beta(
     mats, ys = [], []
     for i, w in enumerate(windows):
         idx = picks[i] if picks is not None else slice(None)
-        mats.append(w.matrix(form.beta_columns)[idx])
+        mats.append(w.matrix(columns)[idx])
         ys.append(w.itl_us[idx])
     for i, s in enumerate(steps):
         idx = step_picks[i] if step_picks is not None else slice(None)
-        mats.append(s.matrix(form.beta_columns)[idx])
+        mats.append(s.matrix(columns)[idx])
         ys.append(s.duration_us[idx])
     x, y = np.vstack(mats), np.concatenate(ys)
     keep = y > 0
@@ -238,7 +289,13 @@ def _solve_beta(
     )
     beta = np.zeros(a.shape[1])
     beta[used] = sol.x
-    return tuple(_clean(v) for v in beta)
+    return tuple(_clean(v) for v in beta), float(sol.cost)
+
+
+def _steps_of(form: ModelForm, steps: list[StepRows], decodes: list[StepRows]) -> list[StepRows]:
+    """The step rows a form's β is fitted on: observed prefill steps, and for a knee form the medians of
+    pure-decode steps per batch size (request windows average the knee away)."""
+    return [*steps, *decodes] if form.knee else steps
 
 
 def _solve_alpha(
@@ -254,7 +311,7 @@ def _solve_alpha(
     ls, ys = [], []
     for i, pr in enumerate(prefills):
         idx = picks[i] if picks is not None else slice(None)
-        step = pr.matrix(form.beta_columns)[idx] @ np.asarray(beta)
+        step = pr.matrix(form.beta_columns)[idx] @ np.asarray(beta[: len(form.beta_columns)])  # no decodes
         modelled = pr.ttft_us[idx] - rtts[i] - step
         measured = pr.outside_us[idx] - rtts[i]
         ys.append(np.where(np.isnan(measured), modelled, measured))
@@ -290,7 +347,7 @@ def direct_estimate(
 
 
 def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
-    beta = _solve_beta(form, rows.windows, rows.steps)
+    beta = _solve_beta(form, rows.windows, _steps_of(form, rows.steps, rows.decodes))
     return _solve_alpha(form, beta, rows.prefills, rows.rtts), beta
 
 
@@ -334,11 +391,13 @@ def _bootstrap(
     for _ in range(replicates):
         chosen = rng.integers(0, n, size=n) if n > 1 else np.zeros(1, dtype=int)
         windows = [rows.windows[c] for c in chosen]
-        steps = [rows.steps[c] for c in chosen]
+        steps = _steps_of(form, [rows.steps[c] for c in chosen], [rows.decodes[c] for c in chosen])
         prefills = [rows.prefills[c] for c in chosen]
         rtts = [rows.rtts[c] for c in chosen]
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
+        if form.knee:  # the decode medians are aggregates already: kept whole with their trace
+            step_picks += [np.arange(len(rows.decodes[c].duration_us)) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
         beta = _solve_beta(form, windows, steps, picks, step_picks, start)
         alpha = _solve_alpha(form, beta, prefills, rtts, pre_picks)
@@ -448,6 +507,9 @@ def fit(
     direct_loss = objective(np.zeros(3))
     say(f"direct estimate loss {direct_loss:.4f}")
     method = "direct (per-request decode windows + observed prefill steps, robust bounded least squares)"
+    if form.knee:
+        method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
+        method += f", knee {knee_of(beta0)} requests of 0-{KNEES[-1]}"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.

@@ -10,11 +10,13 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 "blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
-    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd)
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd + max(0, β7·Nd − β8))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
-Np / Nd = number of prefill / decode requests (per-sequence overheads).
+Np / Nd = number of prefill / decode requests (per-sequence overheads); the last term is decode compute
+past what the step's fixed cost hides: steps cost about the same for up to β8/β7 decoding requests (the
+knee of a roofline, where decoding stops being bound by reading the weights), then β7 more per request.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ BETA_TERMS = (
     "decode_context_tokens",
     "prefill_requests",
     "decode_requests",
+    "decode_requests_past_knee",
+    "decode_time_under_knee",
 )
 
 
@@ -50,18 +54,6 @@ class StepBatch:
     decode_context_tokens: int  # Σ context length (tokens in KV) of decoding requests
     # Σ over prefill chunks of n·c + n(n−1)/2 (n new tokens after c in KV): attention (query, key) pairs.
     prefill_attention_pairs: int = 0
-
-    def features(self) -> tuple[int, ...]:
-        """The blackbox regressors in β order (1 for the constant term)."""
-        return (
-            1,
-            self.num_prefill_tokens,
-            self.num_decode_tokens,
-            self.prefill_context_tokens,
-            self.decode_context_tokens,
-            self.num_prefill_reqs,
-            self.num_decode_reqs,
-        )
 
 
 @dataclass
@@ -147,11 +139,18 @@ class BlackboxModel(LatencyModel):
             + b[4] * batch.decode_context_tokens
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs
+            + max(0.0, b[7] * batch.num_decode_reqs - b[8])
         )
 
     def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
         b = self._b
-        return int(b[0] + b[2] * num_decode + b[4] * decode_context_tokens + b[6] * num_decode)
+        return int(
+            b[0]
+            + b[2] * num_decode
+            + b[4] * decode_context_tokens
+            + b[6] * num_decode
+            + max(0.0, b[7] * num_decode - b[8])
+        )
 
     def output_delay_us(self) -> int:
         return self._out
