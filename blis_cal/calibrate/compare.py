@@ -241,9 +241,9 @@ def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) 
         return None
     return (
         f"{where}: decode steps took {ratio:.2f}× what the coefficients say for their batch sizes and contexts "
-        f"(median of {len(steps)} steps): this server ran {abs(ratio - 1):.0%} "
-        f"{'slower' if ratio > 1 else 'faster'} than the one they were fitted on (another machine, other work "
-        "on it, or another time); recalibrate on traces from this environment"
+        f"(median of {len(steps)} steps): this server ran at {1 / ratio:.2f}× the speed of the one they were "
+        "fitted on (another machine, other work on it, or another time); recalibrate on traces from this "
+        "environment"
     )
 
 
