@@ -216,12 +216,15 @@ def convert_trace(
     trace = read_trace(trace_csv, header)
     print_notes(trace.notes)
     spec = spec_from_trace(trace, lengths=lengths, num_requests=num_requests, seed=seed)
-    arrival = spec.clients[0].arrival
-    cv = f" cv {arrival.cv:g}" if arrival.cv is not None else ""
-    stderr.print(
-        f"fitted {len(spec.clients)} client(s): {spec.aggregate_rate:g} req/s, {arrival.process}{cv} arrivals",
-        highlight=False,
-    )
+    parts = []
+    open_loop = [c for c in spec.clients if c.concurrency is None]
+    if open_loop:
+        arrival = open_loop[0].arrival
+        cv = f" cv {arrival.cv:g}" if arrival.cv is not None else ""
+        parts.append(f"{spec.aggregate_rate:g} req/s, {arrival.process}{cv} arrivals")
+    if users := sum(c.concurrency or 0 for c in spec.clients):
+        parts.append(f"{users} closed-loop user(s)")
+    stderr.print(f"fitted {len(spec.clients)} client(s): {'; '.join(parts)}", highlight=False)
     emit_spec(spec, output)
 
 

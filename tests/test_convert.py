@@ -171,6 +171,41 @@ def test_trace_fit_sessions_become_multi_turn(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("path", "users", "think_us", "rounds"),
+    [
+        ("real/closed12.csv", 12, 1_000_000, None),  # think time recorded per row
+        ("real_day8/closed16z_s803.csv", 16, 0, None),  # sent the moment the answer came
+        ("real_day8/chat4_s809.csv", 4, 300_000, 4),  # chat sessions, the next one after a think time
+    ],
+)
+def test_trace_fit_closed_loop_users_stay_closed_loop_users(path, users, think_us, rounds):
+    spec = spec_from_trace(read_trace(TRACES / path))
+    (client,) = spec.clients
+    assert (client.concurrency, client.think_time_us, client.rate_fraction) == (users, think_us, None)
+    assert spec.aggregate_rate == 0.0
+    assert (client.multi_turn.max_rounds if client.multi_turn else None) == rounds
+    again = parse_spec(yaml.safe_load(spec_to_yaml(spec)), "round trip")
+    assert again == spec
+    workload = generate(again)
+    assert workload.closed_loop and len(workload.requests) == users  # the rest follow their answers
+
+
+def test_trace_fit_keeps_open_and_closed_loop_clients_apart():
+    """One open-loop client and twelve closed-loop users in one trace: the rate and the arrival process are
+    the open-loop client's alone."""
+    open_loop, closed = read_trace(TRACES / "real/a08.csv"), read_trace(TRACES / "real/closed12.csv")
+    shift = max(r.request_id for r in open_loop.records) + 1
+    rows = [dataclasses.replace(r, client_id="open") for r in open_loop.records] + [
+        dataclasses.replace(r, request_id=r.request_id + shift) for r in closed.records
+    ]
+    spec = spec_from_trace(dataclasses.replace(open_loop, records=rows))
+    by_id = {c.id: c for c in spec.clients}
+    assert by_id["users"].concurrency == 12 and by_id["open"].concurrency is None
+    assert spec.aggregate_rate == pytest.approx(rate_rps([r.arrival_time_us for r in open_loop.records]))
+    assert by_id["open"].arrival == fit_arrival([r.arrival_time_us for r in open_loop.records])
+
+
 def test_trace_fit_bad_inputs():
     trace = read_trace(TRACES / "A_poisson_0.8.csv")
     with pytest.raises(ConfigError, match="unknown length fit 'normal'; allowed: empirical, gaussian"):
@@ -195,6 +230,8 @@ def test_cli_convert_trace_and_servegen_write_loadable_specs(tmp_path):
     proc = blis("convert", "trace", str(TRACES / "A_poisson_0.8.csv"), "-o", str(out))
     assert "req/s" in proc.stderr
     assert load_spec(out).num_requests == 150
+    proc = blis("convert", "trace", str(TRACES / "real" / "closed12.csv"))
+    assert "12 closed-loop user(s)" in proc.stderr and "req/s" not in proc.stderr
     proc = blis("convert", "servegen", str(SERVEGEN), "--duration", "60")
     spec = parse_spec(yaml.safe_load(proc.stdout), "stdout")
     assert spec.horizon == 60_000_000 and len(spec.clients) == 3

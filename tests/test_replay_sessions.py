@@ -25,9 +25,9 @@ from blis_cal.replay import (
 )
 from blis_cal.replay.from_trace import SERVER_FIELDS
 from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
-from blis_cal.replay.sessions import Link, trace_links
 from blis_cal.simulate import BlackboxModel, SimConfig, simulate
 from blis_cal.trace import ServerInfo, Trace, TraceHeader, TraceRecord, read_trace, write_trace
+from blis_cal.trace_links import Link, trace_links
 from blis_cal.workload import generate, parse_spec
 
 MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))

@@ -15,19 +15,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from blis_cal.replay.sessions import (
-    DEFAULT_SESSION_MODE,
-    TraceFollowUp,
-    chain_requests,
-    injection_time_us,
-    trace_links,
-)
+from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, TraceFollowUp, chain_requests
 from blis_cal.simulate.engine import SimConfig, simulate
 from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
 from blis_cal.simulate.metrics import SimRun
 from blis_cal.simulate.request import SimRequest, output_key
 from blis_cal.trace import Trace, TraceHeader, TraceRecord
+from blis_cal.trace_links import injection_time_us, trace_links
 
 # Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
 SERVER_FIELDS = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")

@@ -1,9 +1,11 @@
 """Fit a workload spec to an observed trace (`blis convert trace`): rate, burstiness, lengths, prefixes.
 
 One client per (client_id, prefix_group) in the trace, with its share of the arrivals; the arrival process
-is fitted to the whole trace's inter-arrival gaps (Poisson when their cv is within sampling noise of 1,
+is fitted to the open-loop clients' inter-arrival gaps (Poisson when their cv is within sampling noise of 1,
 else gamma with that cv, constant when they barely vary); lengths are the observed empirical PDFs
-(or gaussians). Sessions (session_id / round_index) become multi-turn clients.
+(or gaussians). Sessions (session_id / round_index) become multi-turn clients. A client whose requests were
+sent after earlier answers (`trace_links`: closed-loop users) becomes closed-loop users again: as many as
+it had (rows that answer no earlier one) with its median think time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.trace import Trace, TraceRecord
+from blis_cal.trace_links import CLIENT_OVERHEAD_MAX_US, Link, trace_links
 from blis_cal.workload.spec import Arrival, ClientSpec, Distribution, MultiTurn, WorkloadSpec, check_spec
 
 length_fits: Registry[Callable[[Sequence[int]], Distribution]] = Registry("length fit")
@@ -92,6 +95,21 @@ def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
     )
 
 
+def _closed_loop_users(members: list[TraceRecord], links: dict[int, Link]) -> tuple[int, int] | None:
+    """(users, think time µs) when the group's requests (or sessions) were sent after earlier answers; None for
+    an open loop. Each user's first request answers none; the think time is the recorded one, or the gap
+    after the answer when no think time was recorded and the gap is longer than a client's overhead."""
+    starts = [r for r in members if r.round_index == 0]
+    released = [links[r.request_id] for r in starts if r.request_id in links]
+    if not released:
+        return None
+    thinks = [ln.think_us for ln in released if ln.think_us > 0]
+    if not thinks:
+        gap = int(np.median([ln.gap_us for ln in released]))
+        thinks = [gap if gap > CLIENT_OVERHEAD_MAX_US else 0]
+    return len(starts) - len(released), int(np.median(thinks))
+
+
 def spec_from_trace(
     trace: Trace, *, lengths: str = "empirical", num_requests: int | None = None, seed: int = 0
 ) -> WorkloadSpec:
@@ -105,11 +123,15 @@ def spec_from_trace(
     for r in records:
         groups.setdefault((r.client_id, r.prefix_group), []).append(r)
     growth = trace.header.session_context_growth
-    arrival = fit_arrival([r.arrival_time_us for r in starts])
+    links = trace_links(trace)
+    users = {key: _closed_loop_users(members, links) for key, members in groups.items()}
+    open_starts = [r for r in starts if users[(r.client_id, r.prefix_group)] is None]
+    arrival = fit_arrival([r.arrival_time_us for r in open_starts])
     clients = []
     for (client_id, group), members in groups.items():
         ok = [r for r in members if r.status == "ok"] or members
         multi_turn = _multi_turn(members, growth)
+        closed = users[(client_id, group)]
         # With accumulated context, later rounds' inputs include history: fit own tokens on round 0.
         fresh = [r for r in ok if r.round_index == 0] if multi_turn and multi_turn.context_growth else ok
         base = client_id or "client"
@@ -119,8 +141,10 @@ def spec_from_trace(
                 id=base if sole else f"{base}/{group or 'no-prefix'}",
                 tenant_id=str(_most_common([r.tenant_id for r in members])),
                 slo_class=str(_most_common([r.slo_class for r in members])),
-                rate_fraction=float(sum(1 for r in members if r.round_index == 0)) or 1.0,
-                arrival=arrival,
+                rate_fraction=None if closed else float(sum(1 for r in members if r.round_index == 0)) or 1.0,
+                concurrency=closed[0] if closed else None,
+                think_time_us=closed[1] if closed else 0,
+                arrival=Arrival() if closed else arrival,
                 input_distribution=fit([r.input_tokens for r in fresh]),
                 output_distribution=fit([r.output_tokens for r in ok]),
                 prefix_group=group,
@@ -134,7 +158,7 @@ def spec_from_trace(
     spec = WorkloadSpec(
         clients=clients,
         seed=seed,
-        aggregate_rate=round(rate_rps([r.arrival_time_us for r in starts]), 6),
+        aggregate_rate=round(rate_rps([r.arrival_time_us for r in open_starts]), 6) if open_starts else 0.0,
         num_requests=len(records) if num_requests is None else num_requests,
     )
     check_spec(spec, "trace fit")

@@ -1,0 +1,152 @@
+"""Which rows of a trace were sent in answer to an earlier row's completion (closed-loop users, chat sessions).
+
+A closed-loop user (or a multi-turn chat session) sends its next request only after the previous answer
+arrived, plus a think time. `trace_links` finds those predecessor links in a trace; the replay uses them to
+keep users waiting for their simulated answers (`replay.sessions`), and `blis convert trace` to turn such a
+client back into closed-loop users.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from blis_cal.trace import Trace, TraceRecord
+
+
+def injection_time_us(rec: TraceRecord) -> int:
+    """When the server could first see the request: its send time if recorded, else its arrival."""
+    return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
+
+
+CLIENT_OVERHEAD_MAX_US = 50_000  # a client sends within a few ms of the answer (ours: 0.5-7 ms under load)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A row sent in answer to an earlier row's completion."""
+
+    parent_id: int
+    gap_us: int  # recorded: the row's send time − the parent's last chunk (think time + client overhead)
+    think_us: int  # the recorded think time within that gap (0: none recorded)
+
+    @property
+    def waited(self) -> bool:
+        """The user paused before sending: a recorded think time, or a gap no client overhead explains."""
+        return self.think_us > 0 or self.gap_us > CLIENT_OVERHEAD_MAX_US
+
+
+LINKED_MIN_SHARE = 0.8  # of a client's rows sent after its first answer; an open loop matches far fewer
+
+
+def trace_links(trace: Trace) -> dict[int, Link]:
+    """request_id -> its predecessor, for rows recorded as sent after an earlier row's answer:
+    - a session's round r > 0 follows round r − 1 of the same `session_id` (BLIS sessions, multi-turn chat);
+    - any other row whose `arrival_time_us − think_time_us` is the `last_chunk_time_us` of an earlier row of
+      the same client follows that row (closed-loop users, whose next request, or next session, arrives at the
+      answer + think time); among rows that ended at the same µs, each answer releases one row, oldest first.
+    A row sent less than its think time after its candidate's answer is not linked: it did not wait for it
+    (an open-loop session). Predecessors are sent before their rows, so links never form a cycle. The second
+    rule's links of a client stand only when they make it a closed loop (`LINKED_MIN_SHARE`): a few exact
+    matches are chance (ms-rounded times). A client neither rule links (another tool's closed loop: no
+    sessions, no think times) may be linked by time (`_links_by_time`)."""
+    rows = sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id))
+    order = {r.request_id: i for i, r in enumerate(rows)}
+
+    def link(rec: TraceRecord, parent: TraceRecord | None) -> Link | None:
+        if (
+            parent is None
+            or parent.last_chunk_time_us <= 0
+            or order[parent.request_id] >= order[rec.request_id]
+        ):
+            return None
+        gap = injection_time_us(rec) - parent.last_chunk_time_us
+        return None if gap < rec.think_time_us else Link(parent.request_id, gap, rec.think_time_us)
+
+    links: dict[int, Link] = {}
+    by_round = {(r.session_id, r.round_index): r for r in rows if r.session_id}
+    for rec in rows:
+        if rec.session_id and rec.round_index > 0:
+            found = link(rec, by_round.get((rec.session_id, rec.round_index - 1)))
+            if found:
+                links[rec.request_id] = found
+    parents = {ln.parent_id for ln in links.values()}
+    by_end: dict[tuple[str, int], list[TraceRecord]] = {}
+    for r in rows:
+        if r.last_chunk_time_us > 0 and r.request_id not in parents:
+            by_end.setdefault((r.client_id, r.last_chunk_time_us), []).append(r)
+    released_links: dict[int, Link] = {}
+    for rec in rows:
+        released = rec.arrival_time_us - rec.think_time_us
+        if rec.request_id in links or released <= 0:
+            continue
+        candidates = by_end.get((rec.client_id, released), [])
+        parent = next((p for p in candidates if order[p.request_id] < order[rec.request_id]), None)
+        found = link(rec, parent)
+        if found:
+            released_links[rec.request_id] = found
+            candidates.remove(parent)
+    for client_rows in _by_client(rows).values():
+        client_links = {
+            r.request_id: found
+            for r in client_rows
+            if (found := links.get(r.request_id) or released_links.get(r.request_id))
+        }
+        if not _closed_loop_share(client_rows, client_links):
+            client_links = {c: ln for c, ln in client_links.items() if c in links}
+        links.update(client_links or _links_by_time(client_rows, order))
+    return links
+
+
+def _by_client(rows: list[TraceRecord]) -> dict[str, list[TraceRecord]]:
+    clients: dict[str, list[TraceRecord]] = {}
+    for r in rows:
+        clients.setdefault(r.client_id, []).append(r)
+    return clients
+
+
+def _closed_loop_share(rows: list[TraceRecord], links: dict[int, Link]) -> bool:
+    """Whether `links` cover nearly every one of `rows` sent once the first answer was in."""
+    answered = [r.last_chunk_time_us for r in rows if r.last_chunk_time_us > 0]
+    if not links or not answered:
+        return False
+    after_first_answer = sum(injection_time_us(r) >= min(answered) for r in rows)
+    return len(links) >= LINKED_MIN_SHARE * after_first_answer
+
+
+TIMED_LINK_WINDOW_SHARE = 0.1  # of the mean time between answers: keeps chance matches near 10 %
+TIMED_LINK_WINDOW_MIN_US = 10_000  # but wide enough for a loaded client's overhead with many users ...
+TIMED_LINK_WINDOW_MAX_SHARE = 0.5  # ... while chance matches stay far below LINKED_MIN_SHARE (~40 %)
+
+
+def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, Link]:
+    """One client's closed loop recorded without session ids or think times (users sending as soon as their
+    answer is in, or a think time after it): each row sent within a short window after an unclaimed answer
+    (+ its think time) follows the oldest such answer. Kept only when nearly every row sent after the first
+    answer is matched so (`_closed_loop_share`); a client where fewer are is an open loop and gets no links."""
+    answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
+    if len(answers) < 2 or answers[-1].last_chunk_time_us == answers[0].last_chunk_time_us:
+        return {}
+    spacing = (answers[-1].last_chunk_time_us - answers[0].last_chunk_time_us) / (len(answers) - 1)
+    window = min(
+        CLIENT_OVERHEAD_MAX_US,
+        max(TIMED_LINK_WINDOW_MIN_US, TIMED_LINK_WINDOW_SHARE * spacing),
+        TIMED_LINK_WINDOW_MAX_SHARE * spacing,
+    )
+    coming = deque(answers)  # answers not yet in by the current row's release
+    pending: deque[TraceRecord] = deque()  # unclaimed answers in by then, oldest first
+    links: dict[int, Link] = {}
+    for rec in sorted(rows, key=lambda r: (injection_time_us(r) - r.think_time_us, order[r.request_id])):
+        released = injection_time_us(rec) - rec.think_time_us
+        while coming and coming[0].last_chunk_time_us <= released:
+            pending.append(coming.popleft())
+        while pending and pending[0].last_chunk_time_us < released - window:
+            pending.popleft()
+        at = next((i for i, p in enumerate(pending) if order[p.request_id] < order[rec.request_id]), None)
+        if at is not None:
+            parent = pending[at]
+            del pending[at]
+            links[rec.request_id] = Link(
+                parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us, rec.think_time_us
+            )
+    return links if _closed_loop_share(rows, links) else {}
