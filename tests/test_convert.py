@@ -12,6 +12,7 @@ import yaml
 
 from blis_cal.errors import ConfigError
 from blis_cal.trace import read_trace
+from blis_cal.trace_links import trace_links
 from blis_cal.workload import generate, load_spec, parse_spec, spec_to_yaml
 from blis_cal.workload.fit_trace import fit_arrival, rate_rps, spec_from_trace
 from blis_cal.workload.servegen import parse_pdf, servegen_spec
@@ -204,6 +205,20 @@ def test_trace_fit_keeps_open_and_closed_loop_clients_apart():
     assert by_id["users"].concurrency == 12 and by_id["open"].concurrency is None
     assert spec.aggregate_rate == pytest.approx(rate_rps([r.arrival_time_us for r in open_loop.records]))
     assert by_id["open"].arrival == fit_arrival([r.arrival_time_us for r in open_loop.records])
+
+
+def test_trace_fit_closed_loop_users_that_switch_prefix_groups_still_make_a_valid_spec():
+    """Another tool's trace may put a user's requests in several prefix groups (spec clients): every
+    closed-loop group keeps at least one user."""
+    trace = read_trace(TRACES / "real/closed12.csv")
+    follows = trace_links(trace)  # every user's first request in g0: g1 holds only follow-ups
+    rows = [
+        dataclasses.replace(r, prefix_group=f"g{int(r.request_id in follows and r.request_id % 2)}")
+        for r in trace.records
+    ]
+    spec = spec_from_trace(dataclasses.replace(trace, records=rows))
+    assert len(spec.clients) == 2 and all(c.concurrency and c.concurrency >= 1 for c in spec.clients)
+    assert parse_spec(yaml.safe_load(spec_to_yaml(spec)), "round trip") == spec
 
 
 def test_trace_fit_bad_inputs():
