@@ -202,7 +202,8 @@ def convert_trace(
     seed: int = typer.Option(0, "--seed", help="Workload seed written into the spec."),
     output: Path | None = typer.Option(None, "--output", "-o", help="Write here instead of stdout."),
 ) -> None:
-    """Fit a workload spec to an observed trace: rate, burstiness (cv), lengths, prefix groups, sessions.
+    """Fit a workload spec to an observed trace: rate, burstiness (cv), lengths, prefix groups, sessions;
+    a client whose requests followed earlier answers becomes closed-loop users (concurrency, think time).
 
     Examples:
 
