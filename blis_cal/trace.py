@@ -814,6 +814,16 @@ class DecodeStep:
 DEFAULT_TOKEN_BUDGET = 2048  # max_num_batched_tokens when the header does not say (vLLM's serving default)
 
 
+def token_budget(trace: Trace) -> int:
+    """The server's max_num_batched_tokens from the header, else vLLM's serving default."""
+    server = trace.header.server
+    return (
+        server.max_num_batched_tokens
+        if server and server.max_num_batched_tokens > 0
+        else DEFAULT_TOKEN_BUDGET
+    )
+
+
 def decode_steps(trace: Trace) -> list[DecodeStep]:
     """Every step whose events are one-token decode events of distinct requests, timed from the previous
     step's events. A step may still have computed a chunk of a prompt too long for one step's token budget
@@ -822,12 +832,7 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
     decoding requests take."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
     uncached = {r.request_id: r.total_input_tokens - (r.cached_tokens or 0) for r in trace.records}
-    server = trace.header.server
-    budget = (
-        server.max_num_batched_tokens
-        if server and server.max_num_batched_tokens > 0
-        else DEFAULT_TOKEN_BUDGET
-    )
+    budget = token_budget(trace)
     bursts = _step_bursts(trace)
     chunked: set[int] = set()  # burst indexes whose step may have computed part of a prompt
     for i, burst in enumerate(bursts):

@@ -24,6 +24,7 @@ from blis_cal.trace import (
     decode_steps,
     itl_means_us,
     ok_records,
+    token_budget,
 )
 
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
@@ -220,8 +221,7 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         server = rec.server_ttft_us
         outside.append(rec.ttft_us - server - (rec.server_queue_us or 0) if server is not None else np.nan)
     n = len(ttft)
-    server = trace.header.server
-    budget = server.max_num_batched_tokens if server and server.max_num_batched_tokens else 2048
+    budget = token_budget(trace)
     # vLLM's chunked prefill: one step per budget-sized chunk, each paying β0 and attending to the cached
     # prefix and the chunks before it
     steps = np.asarray([max(-(-new // budget), 1) for new in p_new], dtype=float)
@@ -291,8 +291,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     s = sums[1:]
     # Prefill in the burst, decodes in flight, the prefilled requests sent before the step began, and the
     # step within the token budget (a larger prefill was chunked over earlier steps: vLLM's chunked prefill).
-    server = trace.header.server
-    budget = server.max_num_batched_tokens if server and server.max_num_batched_tokens else 2048
+    budget = token_budget(trace)
     keep = (s[:, 0] > 0) & (s[:, 1] > 0) & (latest_send[1:] < begin[:-1]) & (s[:, 0] + s[:, 1] <= budget)
     features = {"const": np.ones(int(keep.sum()))}
     features.update({c: s[keep, i] for i, c in enumerate(EVENT_COLUMNS)})
