@@ -19,9 +19,9 @@ import numpy as np
 from blis_cal.trace import (
     STEP_BURST_GAP_US,
     Chunk,
+    DecodeStep,
     Trace,
     TraceRecord,
-    decode_steps,
     itl_means_us,
     ok_records,
     token_budget,
@@ -303,12 +303,13 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
 DECODE_STEPS_MIN = 20  # pure-decode steps of one batch size for its median to be a row
 
 
-def decode_step_rows(trace: Trace) -> StepRows:
-    """One row per batch size seen in at least DECODE_STEPS_MIN pure-decode steps (`trace.decode_steps`):
-    their median duration and mean context. Medians over many steps are robust to events of one step
-    split over two network reads, and show how a step's cost grows with the number of decoding requests."""
+def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
+    """One row per batch size seen in at least DECODE_STEPS_MIN of a trace's pure-decode `steps`
+    (`trace.decode_steps`): their median duration and mean context. Medians over many steps are robust to
+    events of one step split over two network reads, and show how a step's cost grows with the number of
+    decoding requests."""
     by_size: dict[int, list[tuple[int, int, int]]] = {}
-    for step in decode_steps(trace):
+    for step in steps:
         by_size.setdefault(step.num_decode, []).append((step.duration_us, step.context_tokens, step.time_us))
     sizes = sorted(n for n, steps in by_size.items() if len(steps) >= DECODE_STEPS_MIN)
     n = np.asarray(sizes, dtype=float)

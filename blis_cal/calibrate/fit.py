@@ -204,7 +204,8 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
             "too few requests with two or more streamed tokens to fit step times "
             f"({sum(len(w.itl_us) for w in windows)} in {', '.join(t.name for t in traces)}; need >= 3)"
         )
-    return _Rows(windows, steps, prefills, rtts, [decode_step_rows(nt.trace) for nt in traces])
+    decodes = [decode_step_rows(nt.diagnostics().steps) for nt in traces]  # the steps, worked out once
+    return _Rows(windows, steps, prefills, rtts, decodes)
 
 
 def knee_of(beta: Sequence[float]) -> int:
