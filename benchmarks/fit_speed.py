@@ -7,6 +7,7 @@ Prints the time of each stage: direct estimate, simulation-in-the-loop refinemen
 budget), bootstrap intervals, and the recovered coefficients against the truth.
 
     .venv/bin/python benchmarks/fit_speed.py [--requests 1000] [--bootstrap 200] [--max-evaluations 12]
+        [--model-form blackbox-floor]
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ import time
 
 import numpy as np
 
-from blis_cal.calibrate.fit import NamedTrace, bootstrap_coefficients, direct_estimate, fit, model_forms
+from blis_cal.calibrate.fit import (
+    DEFAULT_MODEL_FORM,
+    NamedTrace,
+    bootstrap_coefficients,
+    direct_estimate,
+    fit,
+    model_forms,
+)
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.simulate import BlackboxModel, SimConfig
 
@@ -43,6 +51,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--bootstrap", type=int, default=200)
     parser.add_argument("--max-evaluations", type=int, default=12)
+    parser.add_argument(
+        "--model-form", default=DEFAULT_MODEL_FORM, help="the form fitted (default: the CLI's)"
+    )
     parser.add_argument("--jitter-us", type=float, default=2000.0, help="mean client-side delay per chunk")
     args = parser.parse_args()
     config = SimConfig(
@@ -52,7 +63,7 @@ def main() -> None:
     trace = simulated_trace(requests, config, BlackboxModel(ALPHA, BETA))
     jitter(trace, args.jitter_us, seed=3)
     named = [NamedTrace("synthetic", trace)]
-    form = model_forms.get("blackbox")
+    form = model_forms.get(args.model_form)
     t0 = time.perf_counter()
     direct_estimate(named, form)
     t_direct = time.perf_counter() - t0
@@ -60,15 +71,17 @@ def main() -> None:
     bootstrap_coefficients(named, form, replicates=args.bootstrap)
     t_boot = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = fit(named, bootstrap=args.bootstrap, max_evaluations=args.max_evaluations, prediction_draws=0)
+    options = {"model_form": form.name, "bootstrap": args.bootstrap, "max_evaluations": args.max_evaluations}
+    result = fit(named, **options, prediction_draws=0)
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fit(named, bootstrap=args.bootstrap, max_evaluations=args.max_evaluations, prediction_draws=10)
+    fit(named, **options, prediction_draws=10)
     t_full = time.perf_counter() - t0
     print(
         json.dumps(
             {
                 "requests": args.requests,
+                "model_form": form.name,
                 "direct_estimate_s": round(t_direct, 2),
                 "bootstrap_s": round(t_boot, 2),
                 "fit_total_s (direct + refinement + bootstrap)": round(t_fit, 2),

@@ -309,6 +309,13 @@ def _session_mode(value: str | None) -> str:
     return value or DEFAULT_SESSION_MODE
 
 
+def _model_form(value: str | None) -> str:
+    """The --model-form value, checked against the registry (default: the library's DEFAULT_MODEL_FORM)."""
+    from blis_cal.calibrate.fit import DEFAULT_MODEL_FORM, model_forms
+
+    return model_forms.get(value or DEFAULT_MODEL_FORM).name
+
+
 def _cluster_policy(policy_config, instances, admission, routing, scorers, scheduler, priority, decisions):
     """The cluster policy from --policy-config and the flags, or None when no cluster option was given."""
     given = (policy_config, instances, admission, routing, scorers, scheduler, priority, decisions)
@@ -776,12 +783,13 @@ def calibrate_cmd(
     vllm_version: str | None = typer.Option(
         None, "--vllm-version", help="vLLM version of the entry (default: header server.vllm_version)."
     ),
-    model_form: str = typer.Option(
-        "blackbox-ctx",
+    model_form: str | None = typer.Option(
+        None,
         "--model-form",
-        help="Fit: step-time form. blackbox-ctx (default; the 3+3 fit is reported beside it) predicted held-out "
-        "real traces 4x better; blackbox gives BLIS's plain 3+3 entry; blackbox-knee adds a cost per decoding "
-        "request past a batch size it finds. " + _MODEL_FORMS_SEE,
+        help="Fit: step-time form. blackbox-floor (default; the 3+3 fit is reported beside it) adds to "
+        "blackbox-ctx a floor under pure-decode steps at a batch size it finds (none when steps grow from one "
+        "request); blackbox-ctx predicted held-out real traces 4x better than blackbox, which gives BLIS's plain "
+        "3+3 entry. " + _MODEL_FORMS_SEE,
     ),
     out: Path | None = typer.Option(None, "--out", help="Fit: add/replace the entry in this defaults.yaml."),
     report: Path | None = typer.Option(
@@ -844,6 +852,7 @@ def calibrate_cmd(
     vllm_version = vllm_version if vllm_version is not None else (server.vllm_version if server else "")
     fit_result = None
     if do_fit:
+        model_form = _model_form(model_form)
         if sim_results or alpha or beta or coeffs:
             raise ConfigError(
                 "--fit fits coefficients; it cannot be combined with --sim-results/--alpha/--beta/--coeffs"
@@ -937,8 +946,10 @@ def validate_cmd(
         "--leave-one-out",
         help="Cross-validate: fit on all traces but one, validate on that one, for each.",
     ),
-    model_form: str = typer.Option(
-        "blackbox-ctx", "--model-form", help="--leave-one-out: the step-time form to fit. " + _MODEL_FORMS_SEE
+    model_form: str | None = typer.Option(
+        None,
+        "--model-form",
+        help="--leave-one-out: the step-time form to fit (default: blackbox-floor). " + _MODEL_FORMS_SEE,
     ),
     session_mode: str | None = _OPT_SESSION_MODE,
 ) -> None:
@@ -952,7 +963,7 @@ def validate_cmd(
 
         blis validate traces/real/*.csv --coeffs defaults.yaml --model tiny --gpu cpu --tp 1 --report v.json --html v.html
 
-        blis validate traces/*.csv traces/real/*.csv --leave-one-out --model-form blackbox-ctx --html loo.html
+        blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
 
@@ -963,6 +974,7 @@ def validate_cmd(
     if leave_one_out:
         from blis_cal.calibrate.pipeline import leave_one_out as cross_validate
 
+        model_form = _model_form(model_form)
         with stderr.status("cross-validating") as status:
             reports, fits = cross_validate(
                 named,

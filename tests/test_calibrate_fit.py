@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
 from blis_cal.calibrate.features import estimate_cached_tokens, idle_prefill_rows, window_rows
-from blis_cal.calibrate.fit import knee_of
+from blis_cal.calibrate.fit import floor_of
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -66,17 +66,18 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     assert_within(fitted, beta)
 
 
-def test_parameter_recovery_knee_form():
-    """Steps cost the same for up to 4 decoding requests, then 1.5 ms more per request; the fit finds the
-    knee among features.KNEES from the medians of pure-decode steps per batch size."""
-    beta = (6000.0, 20.0, 0.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0)
+def test_parameter_recovery_floor_form():
+    """Pure-decode steps cost at least as much as 4 decoding requests (1.5 ms each), steps with a prefill pay
+    every decode; the fit finds the floor among features.FLOORS, helped by the medians of pure-decode steps
+    per batch size."""
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))
         for seed, rate in ((5, 4.0), (6, 10.0))
     ]
-    alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-knee"))
-    assert knee_of(fitted) == 4
+    alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-floor"))
+    assert floor_of(fitted) == 4
     assert_within(alpha, ALPHA)
     for got, want in zip(fitted, beta, strict=True):
         assert got == pytest.approx(want, rel=0.02, abs=1.0)  # µs: β5 may take a fraction of a µs
@@ -178,12 +179,12 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    # The default form is blackbox-ctx (six betas); the plain 3+3 fit is reported beside it.
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 6
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 6
+    # The default form is blackbox-floor (nine betas); the plain 3+3 fit is reported beside it.
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 9
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 9
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
-    assert data["calibration"]["model_form"] == "blackbox-ctx"
+    assert data["calibration"]["model_form"] == "blackbox-floor"
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert "data:image/png;base64," in page.read_text()
     # The entry is usable by the simulator's lookup and by `blis validate`.

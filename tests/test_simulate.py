@@ -173,14 +173,14 @@ def test_extra_betas_add_context_terms():
     assert model.step_time_us(StepBatch(10, 4, 1, 4, 20, 400)) == (100 + 10 + 8 + 10 + 100)
 
 
-def test_the_knee_term_is_flat_up_to_its_batch_size_then_linear_per_decoding_request():
+def test_pure_decode_steps_cost_at_least_the_floor_steps_with_a_prefill_pay_every_decode():
     from blis_cal.simulate import StepBatch
 
-    model = BlackboxModel((0, 0, 0), (1000, 0, 0, 0, 0, 0, 0, 300, 1200))  # knee at 4 requests
+    model = BlackboxModel((0, 0, 0), (1000, 0, 300, 0, 0, 0, 0, 300, 1200))  # floor of 4 requests
     steps = [model.decode_only_step_us(n, 0) for n in range(1, 8)]
-    assert steps == [1000, 1000, 1000, 1000, 1300, 1600, 1900]
+    assert steps == [2200, 2200, 2200, 2200, 2500, 2800, 3100]
     assert steps == [model.step_time_us(StepBatch(0, n, 0, n, 0, 0)) for n in range(1, 8)]
-    assert model.step_time_us(StepBatch(100, 6, 1, 6, 0, 0)) == 1600  # prefills do not count
+    assert model.step_time_us(StepBatch(100, 2, 1, 2, 0, 0)) == 1600  # a prefill: no floor
 
 
 def test_coefficients_lookup_and_missing_triple():

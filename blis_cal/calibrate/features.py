@@ -31,15 +31,16 @@ from blis_cal.trace import (
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
 # before each prefill (cached prefix), Dctx Σ context of decoding requests, Np prefill requests.
 EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
-# Per step, the decode requests past a knee k: max(0, D − k), for every k a fit may pick (`knee_column`).
-KNEES = tuple(range(33))
+# Per step without prefill, the decode requests short of a floor of k: max(0, k − D), for every k a fit may
+# pick (`floor_column`).
+FLOORS = tuple(range(33))
 
 
-def knee_column(knee: int) -> str:
-    return f"D>{knee}"
+def floor_column(floor: int) -> str:
+    return f"D<{floor}"
 
 
-KNEE_COLUMNS = tuple(knee_column(k) for k in KNEES)
+FLOOR_COLUMNS = tuple(floor_column(k) for k in FLOORS)
 DEFAULT_BLOCK_SIZE = 16
 
 
@@ -92,8 +93,22 @@ def chunks_of(trace: Trace, rec: TraceRecord) -> list[Chunk]:
     return [Chunk(int(t), k) for t, k in zip(times, tokens, strict=True)]
 
 
+Column = str | tuple[str, ...]  # a feature, or features that share one coefficient (summed)
+
+
+class FeatureMatrix:
+    """Rows with named feature columns (`features`), stacked into a matrix in a given column order."""
+
+    features: dict[str, np.ndarray]
+
+    def matrix(self, columns: Sequence[Column]) -> np.ndarray:
+        return np.column_stack(
+            [self.features[c] if isinstance(c, str) else sum(self.features[k] for k in c) for c in columns]
+        )
+
+
 @dataclass
-class WindowRows:
+class WindowRows(FeatureMatrix):
     """Per-request rows: mean ITL (µs) and the mean per-step features over its decode window."""
 
     request_ids: np.ndarray
@@ -101,12 +116,9 @@ class WindowRows:
     features: dict[str, np.ndarray]  # column -> per-token mean over the window ("steps" is 1)
     send_us: np.ndarray
 
-    def matrix(self, columns: Sequence[str]) -> np.ndarray:
-        return np.column_stack([self.features[c] for c in columns])
-
 
 @dataclass
-class PrefillRows:
+class PrefillRows(FeatureMatrix):
     """Requests that arrived to an idle engine: TTFT and their prefill features (for the α estimate)."""
 
     ttft_us: np.ndarray
@@ -115,9 +127,6 @@ class PrefillRows:
     # TTFT minus vLLM's own queue + scheduled→first-token times (NaN when not recorded): the time outside
     # the engine, measured without any step-time model.
     outside_us: np.ndarray
-
-    def matrix(self, columns: Sequence[str]) -> np.ndarray:
-        return np.column_stack([self.features[c] for c in columns])
 
 
 def _prefill_event(total: int, hit: int) -> tuple[float, ...]:
@@ -146,18 +155,21 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     t = np.asarray(times, dtype=np.int64)[order]
     v = np.asarray(values)[order]
-    # Each step's decode requests past each knee, counted at the step's first event (a burst: its events;
-    # an event carrying several tokens of one request is one request).
+    # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
+    # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
-    past = np.zeros((len(t), len(KNEES)))
-    past[starts] = _past_knees(np.add.reduceat((v[:, 1] > 0).astype(float), starts))
-    cum = np.vstack([np.zeros((1, v.shape[1] + len(KNEES))), np.cumsum(np.hstack([v, past]), axis=0)])
+    short = np.zeros((len(t), len(FLOORS)))
+    short[starts] = _short_of_floors(
+        np.add.reduceat((v[:, 1] > 0).astype(float), starts), np.add.reduceat(v[:, 4], starts) == 0
+    )
+    cum = np.vstack([np.zeros((1, v.shape[1] + len(FLOORS))), np.cumsum(np.hstack([v, short]), axis=0)])
     return t, cum
 
 
-def _past_knees(decodes: np.ndarray) -> np.ndarray:
-    """(steps, knees): max(0, decode requests − k) for every k in KNEES."""
-    return np.maximum(decodes[:, None] - np.asarray(KNEES, dtype=float)[None, :], 0.0)
+def _short_of_floors(decodes: np.ndarray, pure: np.ndarray) -> np.ndarray:
+    """(steps, FLOORS): for the `pure`-decode steps, max(0, k − decode requests) for every k; else 0."""
+    k = np.asarray(FLOORS, dtype=float)[None, :]
+    return np.where(pure[:, None], np.maximum(k - decodes[:, None], 0.0), 0.0)
 
 
 def window_rows(trace: Trace) -> WindowRows:
@@ -180,9 +192,9 @@ def window_rows(trace: Trace) -> WindowRows:
         ids.append(rec.request_id)
         ys.append(itl[rec.request_id])
         sends.append(rec.send_time_us)
-    mat = np.asarray(rows, dtype=float).reshape(-1, len(EVENT_COLUMNS) + len(KNEES))
+    mat = np.asarray(rows, dtype=float).reshape(-1, len(EVENT_COLUMNS) + len(FLOOR_COLUMNS))
     features = {"const": np.ones(len(ids))}
-    features.update({c: mat[:, i] for i, c in enumerate(EVENT_COLUMNS + KNEE_COLUMNS)})
+    features.update({c: mat[:, i] for i, c in enumerate(EVENT_COLUMNS + FLOOR_COLUMNS)})
     return WindowRows(
         request_ids=np.asarray(ids, dtype=np.int64),
         itl_us=np.asarray(ys, dtype=float),
@@ -242,15 +254,12 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
 
 
 @dataclass
-class StepRows:
+class StepRows(FeatureMatrix):
     """Observed engine steps that computed a prefill while decodes were in flight: duration and features."""
 
     duration_us: np.ndarray
     send_us: np.ndarray
     features: dict[str, np.ndarray]
-
-    def matrix(self, columns: Sequence[str]) -> np.ndarray:
-        return np.column_stack([self.features[c] for c in columns])
 
 
 def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> StepRows:
@@ -278,7 +287,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
         return StepRows(
             np.zeros(0),
             np.zeros(0, dtype=np.int64),
-            {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS, *KNEE_COLUMNS)},
+            {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS, *FLOOR_COLUMNS)},
         )
     order = np.argsort(np.asarray(ev_t), kind="stable")
     t = np.asarray(ev_t, dtype=np.int64)[order]
@@ -295,8 +304,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     keep = (s[:, 0] > 0) & (s[:, 1] > 0) & (latest_send[1:] < begin[:-1]) & (s[:, 0] + s[:, 1] <= budget)
     features = {"const": np.ones(int(keep.sum()))}
     features.update({c: s[keep, i] for i, c in enumerate(EVENT_COLUMNS)})
-    decoding = np.add.reduceat((v[:, 1] > 0).astype(float), starts)[1:]
-    features.update(zip(KNEE_COLUMNS, _past_knees(decoding[keep]).T, strict=True))
+    features.update({c: np.zeros(int(keep.sum())) for c in FLOOR_COLUMNS})  # every kept step has a prefill
     return StepRows(durations[keep].astype(float), begin[1:][keep], features)
 
 
@@ -322,7 +330,7 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
         "Dctx": np.asarray([np.mean([c for _, c, _ in by_size[k]]) for k in sizes]),
         "Np": zeros,
     }
-    features.update(zip(KNEE_COLUMNS, _past_knees(n).T, strict=True))
+    features.update(zip(FLOOR_COLUMNS, _short_of_floors(n, np.ones(len(sizes), bool)).T, strict=True))
     return StepRows(
         np.asarray([np.median([d for d, _, _ in by_size[k]]) for k in sizes]),
         np.asarray([int(np.median([t for _, _, t in by_size[k]])) for k in sizes], dtype=np.int64),

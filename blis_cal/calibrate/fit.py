@@ -33,13 +33,14 @@ from blis_cal.calibrate.compare import (
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
-    KNEES,
+    FLOORS,
+    Column,
     PrefillRows,
     StepRows,
     WindowRows,
     decode_step_rows,
+    floor_column,
     idle_prefill_rows,
-    knee_column,
     prefill_step_rows,
     window_rows,
 )
@@ -58,7 +59,13 @@ class ModelForm:
     latency_model: str  # name in blis_cal.simulate's `latency_models` registry
     beta_columns: tuple[str, ...]
     description: str
-    knee: bool = False  # β7/β8 too: a per-request decode cost past a knee the fit picks (features.KNEES)
+    # Also the floor under pure-decode steps (β7/β8): as costly as k decoding requests (each missing one at the
+    # decode cost β2, so such steps are flat up to k), for the k in features.FLOORS that fits best.
+    floor: bool = False
+
+    def floor_columns(self, k: int) -> tuple[Column, ...]:
+        """The columns solved for with the floor at k requests: the missing requests count as decode tokens."""
+        return tuple(("D", floor_column(k)) if c == "D" else c for c in self.beta_columns)
 
 
 model_forms: Registry[ModelForm] = Registry("model form")
@@ -80,16 +87,19 @@ model_forms.register("blackbox-ctx")(
         "3+3 plus β3·cached context of prefills + β4·Σ decode context + β5·prefill requests",
     )
 )
-model_forms.register("blackbox-knee")(
+model_forms.register("blackbox-floor")(
     ModelForm(
-        "blackbox-knee",
+        "blackbox-floor",
         "blackbox",
         ("const", "P", "D", "Pctx", "Dctx", "Np"),
-        "blackbox-ctx plus max(0, β7·decode requests − β8): steps cost the same up to a batch size the fit "
-        "finds (β8/β7), then β7 more per decoding request (β6 stays 0)",
-        knee=True,
+        "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests) with "
+        "β7 = β2: a pure-decode step costs at least as much as β8/β7 decoding requests (bound by reading the "
+        "weights; steps with a prefill pay every decode in full); the fit finds that number",
+        floor=True,
     )
 )
+
+DEFAULT_MODEL_FORM = "blackbox-floor"  # the CLI's: it predicted held-out real traces best (README)
 
 # A simulator run for calibration: (trace, form, alpha, beta) -> per-request results.
 Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], Sequence[ResultLike]]
@@ -178,7 +188,7 @@ class _Rows:
     steps: list[StepRows]
     prefills: list[PrefillRows]
     rtts: list[int]
-    decodes: list[StepRows]  # per batch size, median pure-decode steps (knee forms fit on them too)
+    decodes: list[StepRows]  # per batch size, median pure-decode steps (floor forms fit on them too)
 
 
 def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
@@ -208,8 +218,8 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
     return _Rows(windows, steps, prefills, rtts, decodes)
 
 
-def knee_of(beta: Sequence[float]) -> int:
-    """The batch size past which each decoding request costs β7 more (β8/β7; 0 without that term)."""
+def floor_of(beta: Sequence[float]) -> int:
+    """The number of decoding requests a pure-decode step costs at least (β8/β7; 0 without a floor)."""
     return round(beta[8] / beta[7]) if len(beta) > 8 and beta[7] > 0 else 0
 
 
@@ -221,30 +231,26 @@ def _solve_beta(
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
 ) -> tuple[float, ...]:
-    """The form's β (BETA_TERMS order). A knee form tries every knee in features.KNEES and keeps the one
-    that fits best, or keeps the knee of `start` (bootstrap replicates)."""
-    if not form.knee:
+    """The form's β (BETA_TERMS order). A floor form tries every floor in features.FLOORS and keeps the one
+    that fits best, or keeps the floor of `start` (bootstrap replicates)."""
+    n = len(form.beta_columns)
+    if not form.floor:
         return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
-    knees = KNEES if start is None else (knee_of(start),)
+    floors = FLOORS if start is None else (floor_of(start),)
     best: tuple[float, tuple[float, ...], int] | None = None
-    for knee in knees:
-        beta, cost = _solve_columns(
-            (*form.beta_columns, knee_column(knee)),
-            windows,
-            steps,
-            picks,
-            step_picks,
-            None if start is None else (*start[: len(form.beta_columns)], start[7]),
-        )
+    for k in floors:
+        warm = None if start is None else start[:n]
+        beta, cost = _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm)
         if best is None or cost < best[0]:
-            best = (cost, beta, knee)
+            best = (cost, beta, k)
     assert best is not None
-    _, beta, knee = best
-    return (*beta[:-1], 0.0, beta[-1], _clean(knee * beta[-1]))
+    _, beta, k = best
+    per_request = beta[form.beta_columns.index("D")] if k else 0.0  # no floor: both terms 0
+    return (*beta, 0.0, per_request, _clean(k * per_request))
 
 
 def _solve_columns(
-    columns: Sequence[str],
+    columns: Sequence[Column],
     windows: Sequence[WindowRows],
     steps: Sequence[StepRows],
     picks: Sequence[np.ndarray] | None = None,
@@ -294,9 +300,9 @@ def _solve_columns(
 
 
 def _steps_of(form: ModelForm, steps: list[StepRows], decodes: list[StepRows]) -> list[StepRows]:
-    """The step rows a form's β is fitted on: observed prefill steps, and for a knee form the medians of
-    pure-decode steps per batch size (request windows average the knee away)."""
-    return [*steps, *decodes] if form.knee else steps
+    """The step rows a form's β is fitted on: observed prefill steps, and for a floor form the medians of
+    pure-decode steps per batch size (request windows average the floor away)."""
+    return [*steps, *decodes] if form.floor else steps
 
 
 def _solve_alpha(
@@ -397,7 +403,7 @@ def _bootstrap(
         rtts = [rows.rtts[c] for c in chosen]
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
-        if form.knee:  # the decode medians are aggregates already: kept whole with their trace
+        if form.floor:  # the decode medians are aggregates already: kept whole with their trace
             step_picks += [np.arange(len(rows.decodes[c].duration_us)) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
         beta = _solve_beta(form, windows, steps, picks, step_picks, start)
@@ -508,9 +514,9 @@ def fit(
     direct_loss = objective(np.zeros(3))
     say(f"direct estimate loss {direct_loss:.4f}")
     method = "direct (per-request decode windows + observed prefill steps, robust bounded least squares)"
-    if form.knee:
+    if form.floor:
         method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
-        method += f", knee {knee_of(beta0)} requests of 0-{KNEES[-1]}"
+        method += f", floor {floor_of(beta0)} requests of 0-{FLOORS[-1]}"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.

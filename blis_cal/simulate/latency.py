@@ -10,13 +10,14 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 "blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
-    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd + max(0, β7·Nd − β8))
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd + [P = 0]·max(0, β8 − β7·Nd))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
-Np / Nd = number of prefill / decode requests (per-sequence overheads); the last term is decode compute
-past what the step's fixed cost hides: steps cost about the same for up to β8/β7 decoding requests (the
-knee of a roofline, where decoding stops being bound by reading the weights), then β7 more per request.
+Np / Nd = number of prefill / decode requests (per-sequence overheads); the last term is a floor under
+pure-decode steps: with no prefill and fewer than β8/β7 decoding requests a step costs as if that many decoded
+(it is bound by reading the weights, not by computing its tokens; the roofline's knee), while a step with a
+prefill is compute-bound and pays every decode in full.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ BETA_TERMS = (
     "decode_context_tokens",
     "prefill_requests",
     "decode_requests",
-    "decode_requests_past_knee",
-    "decode_time_under_knee",
+    "decode_requests_under_floor",
+    "pure_decode_floor",
 )
 
 
@@ -139,7 +140,7 @@ class BlackboxModel(LatencyModel):
             + b[4] * batch.decode_context_tokens
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs
-            + max(0.0, b[7] * batch.num_decode_reqs - b[8])
+            + (max(0.0, b[8] - b[7] * batch.num_decode_reqs) if batch.num_prefill_tokens == 0 else 0.0)
         )
 
     def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
@@ -149,7 +150,7 @@ class BlackboxModel(LatencyModel):
             + b[2] * num_decode
             + b[4] * decode_context_tokens
             + b[6] * num_decode
-            + max(0.0, b[7] * num_decode - b[8])
+            + max(0.0, b[8] - b[7] * num_decode)
         )
 
     def output_delay_us(self) -> int:
