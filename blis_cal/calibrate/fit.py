@@ -77,8 +77,8 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 7 betas in simulate.latency.BETA_TERMS order; this form uses six
-# (the seventh, decode requests, equals decode tokens without speculative decoding).
+# The simulator's blackbox model takes up to 9 betas in simulate.latency.BETA_TERMS order; this form uses six
+# (the seventh, decode requests, equals decode tokens without speculative decoding; the last two: the floor).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",

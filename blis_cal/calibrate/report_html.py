@@ -13,6 +13,7 @@ import numpy as np
 
 from blis_cal.calibrate.compare import METRICS, ComparisonReport, summary_row
 from blis_cal.calibrate.fit import FitResult
+from blis_cal.simulate.latency import BETA_TERMS
 
 _LABELS = {"ttft": "TTFT", "itl": "ITL (mean per request)", "e2e": "E2E"}
 _CSS = """
@@ -139,7 +140,9 @@ def _percentile_table(report: ComparisonReport) -> str:
 
 
 def _coefficient_table(fit: FitResult) -> str:
-    names = [f"α{i}" for i in range(3)] + [f"β{i}" for i in range(len(fit.beta))]
+    alpha_terms = ("queue delay", "queue delay per input token", "output delay")
+    names = [f"α{i} {t}" for i, t in enumerate(alpha_terms)]
+    names += [f"β{i} {BETA_TERMS[i].replace('_', ' ')}" for i in range(len(fit.beta))]
     values = list(fit.alpha) + list(fit.beta)
     direct = list(fit.direct_alpha) + list(fit.direct_beta)
     cis = list(fit.alpha_ci) + list(fit.beta_ci)
@@ -147,7 +150,7 @@ def _coefficient_table(fit: FitResult) -> str:
     for i, name in enumerate(names):
         ci = f"[{cis[i][0]:.4g}, {cis[i][1]:.4g}]" if i < len(cis) else "n/a"
         rows.append(
-            f"<tr><td class=l>{name}</td><td>{values[i]:.6g}</td><td>{direct[i]:.6g}</td><td>{ci}</td></tr>"
+            f"<tr><td class=l>{html.escape(name)}</td><td>{values[i]:.6g}</td><td>{direct[i]:.6g}</td><td>{ci}</td></tr>"
         )
     head = "<tr><th class=l>coefficient</th><th>fitted</th><th>direct estimate</th><th>95 % CI</th></tr>"
     meta = (
