@@ -9,13 +9,18 @@ import yaml
 from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
-from blis_cal.calibrate.features import estimate_cached_tokens, idle_prefill_rows, window_rows
+from blis_cal.calibrate.features import (
+    decode_step_rows,
+    estimate_cached_tokens,
+    idle_prefill_rows,
+    window_rows,
+)
 from blis_cal.calibrate.fit import floor_of
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
-from blis_cal.trace import read_trace
+from blis_cal.trace import decode_steps, read_trace
 
 CONFIG = SimConfig(
     block_size=16, num_gpu_blocks=8192, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096
@@ -83,6 +88,29 @@ def test_parameter_recovery_floor_form():
         assert got == pytest.approx(want, rel=0.02, abs=1.0)  # µs: β5 may take a fraction of a µs
     plain = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
     assert len(plain) == 6
+
+
+def test_floor_form_without_a_floor_is_the_ctx_fit():
+    """Steps that grow from the first decoding request: no floor gains FLOOR_MIN_GAIN, so blackbox-floor
+    gives blackbox-ctx's betas exactly (and zeros for the floor terms)."""
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0)
+    model = BlackboxModel(ALPHA, beta)
+    traces = [NamedTrace("linear", simulated_trace(poisson_requests(200, 8.0, seed=8), CONFIG, model))]
+    floor = direct_estimate(traces, model_forms.get("blackbox-floor"))[1]
+    ctx = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
+    assert floor == (*ctx, 0.0, 0.0, 0.0)
+
+
+def test_floor_is_not_placed_above_the_batches_seen():
+    """A light load never decodes more than a few requests at once: a floor there leaves the cost past it
+    unmeasured, so the fit may only place one below the second-largest batch with a median step."""
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 12000.0)  # floor at 8 requests
+    model = BlackboxModel(ALPHA, beta)
+    trace = simulated_trace(poisson_requests(200, 1.0, seed=9), CONFIG, model)
+    sizes = sorted(decode_step_rows(decode_steps(trace)).features["D"])
+    assert sizes[-1] < 8  # never past the true floor
+    fitted = direct_estimate([NamedTrace("light", trace)], model_forms.get("blackbox-floor"))[1]
+    assert floor_of(fitted) < sizes[-2]
 
 
 def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():

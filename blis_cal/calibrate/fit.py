@@ -231,22 +231,48 @@ def _solve_beta(
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
 ) -> tuple[float, ...]:
-    """The form's β (BETA_TERMS order). A floor form tries every floor in features.FLOORS and keeps the one
-    that fits best, or keeps the floor of `start` (bootstrap replicates)."""
+    """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows and keeps the
+    one that fits best if it beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap
+    replicates)."""
     n = len(form.beta_columns)
     if not form.floor:
         return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
-    floors = FLOORS if start is None else (floor_of(start),)
-    best: tuple[float, tuple[float, ...], int] | None = None
-    for k in floors:
-        warm = None if start is None else start[:n]
-        beta, cost = _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm)
-        if best is None or cost < best[0]:
-            best = (cost, beta, k)
-    assert best is not None
-    _, beta, k = best
-    per_request = beta[form.beta_columns.index("D")] if k else 0.0  # no floor: both terms 0
+    floors = _supported_floors(steps) if start is None else (floor_of(start),)
+    warm = None if start is None else start[:n]
+    fits = {k: _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm) for k in floors}
+    k = min(fits, key=lambda f: fits[f][1])
+    if 0 in fits and fits[k][1] > (1 - FLOOR_MIN_GAIN) * fits[0][1]:
+        k = 0
+    if k == 0:  # no floor: blackbox-ctx, fitted without the decode medians that were there to locate one
+        rows = [i for i, st in enumerate(steps) if not _is_decode_medians(st)]
+        kept = None if step_picks is None else [step_picks[i] for i in rows]
+        beta = _solve_columns(form.beta_columns, windows, [steps[i] for i in rows], picks, kept, warm)[0]
+        return (*beta, 0.0, 0.0, 0.0)
+    beta = fits[k][0]
+    per_request = beta[form.beta_columns.index("D")]
     return (*beta, 0.0, per_request, _clean(k * per_request))
+
+
+def _is_decode_medians(rows: StepRows) -> bool:
+    """`decode_step_rows` (no prefill in any row), as against observed prefill steps."""
+    return len(rows.duration_us) > 0 and not rows.features["P"].any()
+
+
+FLOOR_SUPPORT = 2  # batch sizes above a floor with a median pure-decode step, for the slope past it
+# A floor must lower the fit's robust cost by this fraction against none: on one light-load trace whose
+# requests share one context length, a floor trades decode cost for context cost at ~1 % gain and predicts
+# other contexts worse (fit on shared C alone: ITL on A 31.5 -> 37.5 %); real floors gained 3.6-11 %.
+FLOOR_MIN_GAIN = 0.02
+
+
+def _supported_floors(steps: Sequence[StepRows]) -> tuple[int, ...]:
+    """The floors a fit may pick: those with at least FLOOR_SUPPORT batch sizes above them among the median
+    pure-decode steps (rows without prefill); a floor above every observed batch leaves the cost per decoding
+    request past it unmeasured (a light-load trace would put it at the largest k and predict heavy load
+    badly)."""
+    sizes = sorted({int(d) for st in steps if _is_decode_medians(st) for d in st.features["D"]})
+    top = sizes[-FLOOR_SUPPORT] if len(sizes) >= FLOOR_SUPPORT else 0
+    return tuple(k for k in FLOORS if k < top) or (0,)
 
 
 def _solve_columns(
