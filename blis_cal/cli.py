@@ -879,6 +879,7 @@ def calibrate_cmd(
                 progress=lambda msg: status.update(f"fitting: {msg}"),
             )
         reports = [fit_result.reports[t.name] for t in named]
+        print_notes(fit_result.notes)
         if action:
             stderr.print(f"{action} entry ({model}, {gpu}, TP {tp}, {vllm_version or 'no version'}) in {out}")
     else:

@@ -15,7 +15,7 @@ from blis_cal.calibrate.features import (
     idle_prefill_rows,
     window_rows,
 )
-from blis_cal.calibrate.fit import floor_of
+from blis_cal.calibrate.fit import LIGHT_LOAD_BATCH, floor_of
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -111,6 +111,15 @@ def test_floor_is_not_placed_above_the_batches_seen():
     assert sizes[-1] < 8  # never past the true floor
     fitted = direct_estimate([NamedTrace("light", trace)], model_forms.get("blackbox-floor"))[1]
     assert floor_of(fitted) < sizes[-2]
+
+
+def test_a_light_load_fit_says_larger_batches_are_extrapolated():
+    trace = simulated_trace(poisson_requests(150, 1.0, seed=10), CONFIG, BlackboxModel(ALPHA, BETA))
+    result = fit([NamedTrace("light", trace)], bootstrap=0, max_evaluations=0)
+    seen = int(decode_step_rows(decode_steps(trace)).features["D"].max())
+    assert result.decode_batch_max == seen == result.metadata()["decode_batch_max"]
+    assert seen < LIGHT_LOAD_BATCH
+    assert any(f"decoded at most {seen} requests at once" in note for note in result.notes)
 
 
 def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():

@@ -33,6 +33,7 @@ from blis_cal.calibrate.compare import (
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
+    DECODE_STEPS_MIN,
     FLOORS,
     Column,
     PrefillRows,
@@ -104,6 +105,7 @@ DEFAULT_MODEL_FORM = "blackbox-floor"  # the CLI's: it predicted held-out real t
 # A simulator run for calibration: (trace, form, alpha, beta) -> per-request results.
 Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], Sequence[ResultLike]]
 METRIC_WEIGHTS = {"ttft": 1.0, "itl": 1.0, "e2e": 1.0}
+LIGHT_LOAD_BATCH = 16  # fits whose traces never decoded this many requests at once get a note
 ALPHA0_STEP_US = 10_000.0  # the refinement's unit for moving α0
 PREFILL_COLUMNS = ("P", "Pctx", "Np")  # step terms paid by prefills (scaled together by the refinement)
 
@@ -132,6 +134,7 @@ class FitResult:
     direct_loss: float
     traces: list[str]
     num_requests: int
+    decode_batch_max: int = 0  # the most decoding requests in a batch size seen DECODE_STEPS_MIN times
     alpha_ci: list[tuple[float, float]] = field(default_factory=list)
     beta_ci: list[tuple[float, float]] = field(default_factory=list)
     evaluations: int = 0
@@ -148,6 +151,7 @@ class FitResult:
             "method": self.method,
             "traces": list(self.traces),
             "requests": self.num_requests,
+            "decode_batch_max": self.decode_batch_max,
             "loss": round(self.loss, 6),
             "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "alpha_ci95": [[_round(lo), _round(hi)] for lo, hi in self.alpha_ci],
@@ -167,6 +171,7 @@ class FitResult:
             "beta_ci95": [list(x) for x in self.beta_ci],
             "traces": self.traces,
             "num_requests": self.num_requests,
+            "decode_batch_max": self.decode_batch_max,
             "evaluations": self.evaluations,
             "fit_seconds": round(self.fit_seconds, 3),
             "method": self.method,
@@ -568,10 +573,20 @@ def fit(
         direct_loss=float(direct_loss),
         traces=[nt.name for nt in traces],
         num_requests=sum(r.trace_info["compared"] for r in reports),
+        decode_batch_max=max(
+            (int(d.features["D"].max()) for d in rows.decodes if len(d.duration_us)), default=0
+        ),
         evaluations=evaluations,
         method=method,
         reports={nt.name: rep for nt, rep in zip(traces, reports, strict=True)},
     )
+    if result.decode_batch_max < LIGHT_LOAD_BATCH:
+        result.notes.append(
+            f"the fit's traces decoded at most {result.decode_batch_max} requests at once (batch sizes seen in "
+            f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated (see the "
+            "β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
+            "higher rate or a closed loop)"
+        )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
