@@ -242,18 +242,26 @@ def _solve_beta(
     n = len(form.beta_columns)
     if not form.floor:
         return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
-    floors = _supported_floors(steps) if start is None else (floor_of(start),)
     warm = None if start is None else start[:n]
-    fits = {k: _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm) for k in floors}
-    k = min(fits, key=lambda f: fits[f][1])
-    if 0 in fits and fits[k][1] > (1 - FLOOR_MIN_GAIN) * fits[0][1]:
-        k = 0
+    if start is None:
+        fits = {
+            k: _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks)
+            for k in _supported_floors(steps)
+        }
+        k = min(fits, key=lambda f: fits[f][1])
+        if fits[k][1] > (1 - FLOOR_MIN_GAIN) * fits[0][1]:
+            k = 0
+    else:
+        k = floor_of(start)
     if k == 0:  # no floor: blackbox-ctx, fitted without the decode medians that were there to locate one
         rows = [i for i, st in enumerate(steps) if not _is_decode_medians(st)]
         kept = None if step_picks is None else [step_picks[i] for i in rows]
         beta = _solve_columns(form.beta_columns, windows, [steps[i] for i in rows], picks, kept, warm)[0]
         return (*beta, 0.0, 0.0, 0.0)
-    beta = fits[k][0]
+    if start is None:
+        beta = fits[k][0]
+    else:
+        beta = _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm)[0]
     per_request = beta[form.beta_columns.index("D")]
     return (*beta, 0.0, per_request, _clean(k * per_request))
 
