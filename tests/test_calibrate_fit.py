@@ -118,6 +118,7 @@ def test_a_light_load_fit_says_larger_batches_are_extrapolated():
     result = fit([NamedTrace("light", trace)], bootstrap=0, max_evaluations=0)
     seen = int(decode_step_rows(decode_steps(trace)).features["D"].max())
     assert result.decode_batch_max == seen == result.metadata()["decode_batch_max"]
+    assert max(n for n, _, _ in result.decode_medians["light"]) == seen
     assert seen < LIGHT_LOAD_BATCH
     assert any(f"decoded at most {seen} requests at once" in note for note in result.notes)
 
@@ -224,6 +225,7 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     assert data["calibration"]["model_form"] == "blackbox-floor"
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert "data:image/png;base64," in page.read_text()
+    assert "Pure-decode step time by batch size" in page.read_text()
     # The entry is usable by the simulator's lookup and by `blis validate`.
     proc = CliRunner().invoke(
         app, ["validate", str(trace_a), "--coeffs", str(out), "--model", "tiny", "--gpu", "cpu", "--tp", "1"]

@@ -143,6 +143,9 @@ class FitResult:
     reports: dict[str, ComparisonReport] = field(default_factory=dict)  # per trace, with fitted coefficients
     prediction_intervals: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # Per fit trace, (decoding requests, median pure-decode step µs, mean context per request) for every
+    # batch size seen DECODE_STEPS_MIN times: the step shape the form was fitted to (the report plots it).
+    decode_medians: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
 
     def metadata(self) -> dict[str, Any]:
         """The `fit:` block written into the defaults.yaml entry and the report."""
@@ -584,6 +587,13 @@ def fit(
         decode_batch_max=max(
             (int(d.features["D"].max()) for d in rows.decodes if len(d.duration_us)), default=0
         ),
+        decode_medians={
+            nt.name: [
+                (int(n), float(us), float(ctx / n))
+                for n, us, ctx in zip(d.features["D"], d.duration_us, d.features["Dctx"], strict=True)
+            ]
+            for nt, d in zip(traces, rows.decodes, strict=True)
+        },
         evaluations=evaluations,
         method=method,
         reports={nt.name: rep for nt, rep in zip(traces, reports, strict=True)},

@@ -161,6 +161,35 @@ def _coefficient_table(fit: FitResult) -> str:
     return f"<table>{head}{''.join(rows)}</table>{meta}"
 
 
+def _decode_step_figure(fit: FitResult) -> str | None:
+    """Median pure-decode step per batch size in the fit's traces against the fitted step model (its context
+    at the traces' mean per request); the shaded part is beyond the batches the fit saw."""
+    if not any(fit.decode_medians.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from blis_cal.simulate.latency import BlackboxModel
+
+    model = BlackboxModel(fit.alpha, fit.beta)
+    rows = [row for medians in fit.decode_medians.values() for row in medians]
+    context = float(np.mean([ctx for _, _, ctx in rows]))
+    top = max(n for n, _, _ in rows)
+    sizes = np.arange(1, max(2 * top, 16) + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, medians in fit.decode_medians.items():
+        if medians:
+            ax.plot([n for n, _, _ in medians], [us / 1000 for _, us, _ in medians], "o", ms=4, label=name)
+    model_ms = [model.decode_only_step_us(int(n), int(n * context)) / 1000 for n in sizes]
+    ax.plot(sizes, model_ms, "k-", lw=1.2, label=f"fitted ({fit.model_form})")
+    ax.axvspan(top, sizes[-1], color="#eee", zorder=0, label="extrapolated")
+    ax.set(xlabel="decoding requests in the step", ylabel="step time (ms)", ylim=(0, None))
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
 def _intervals_table(intervals: dict[str, Any]) -> str:
     rows = []
     for trace, block in intervals.items():
@@ -193,6 +222,10 @@ def render_html(
     )
     if fit is not None:
         parts.append("<h2>Coefficients</h2>" + _coefficient_table(fit))
+        steps_uri = _decode_step_figure(fit)
+        if steps_uri:
+            caption = "Pure-decode step time by batch size: medians observed vs the fitted model"
+            parts.append(f"<h3>{caption}</h3><img alt='{caption}' src='{steps_uri}'>")
         if fit.prediction_intervals:
             parts.append("<h2>Prediction intervals (95 %)</h2>" + _intervals_table(fit.prediction_intervals))
     for rep in reports:
