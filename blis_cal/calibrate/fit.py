@@ -134,7 +134,6 @@ class FitResult:
     direct_loss: float
     traces: list[str]
     num_requests: int
-    decode_batch_max: int = 0  # the most decoding requests in a batch size seen DECODE_STEPS_MIN times
     alpha_ci: list[tuple[float, float]] = field(default_factory=list)
     beta_ci: list[tuple[float, float]] = field(default_factory=list)
     evaluations: int = 0
@@ -146,6 +145,11 @@ class FitResult:
     # Per fit trace, (decoding requests, median pure-decode step µs, mean context per request) for every
     # batch size seen DECODE_STEPS_MIN times: the step shape the form was fitted to (the report plots it).
     decode_medians: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
+
+    @property
+    def decode_batch_max(self) -> int:
+        """The most decoding requests in a batch size seen DECODE_STEPS_MIN times in the fit's traces."""
+        return max((n for medians in self.decode_medians.values() for n, _, _ in medians), default=0)
 
     def metadata(self) -> dict[str, Any]:
         """The `fit:` block written into the defaults.yaml entry and the report."""
@@ -235,43 +239,42 @@ def _solve_beta(
     form: ModelForm,
     windows: Sequence[WindowRows],
     steps: Sequence[StepRows],
+    decodes: Sequence[StepRows],
     picks: Sequence[np.ndarray] | None = None,
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
 ) -> tuple[float, ...]:
-    """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows and keeps the
-    one that fits best if it beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap
-    replicates)."""
+    """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows, fitting the
+    `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
+    beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
     n = len(form.beta_columns)
+    warm = None if start is None else start[:n]
     if not form.floor:
         return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
-    warm = None if start is None else start[:n]
+    # The medians are aggregates already: kept whole in bootstrap replicates.
+    with_medians = [*steps, *decodes]
+    median_picks = (
+        None if step_picks is None else [*step_picks, *(np.arange(len(d.duration_us)) for d in decodes)]
+    )
     if start is None:
         fits = {
-            k: _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks)
-            for k in _supported_floors(steps)
+            k: _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks)
+            for k in _supported_floors(decodes)
         }
         k = min(fits, key=lambda f: fits[f][1])
         if fits[k][1] > (1 - FLOOR_MIN_GAIN) * fits[0][1]:
             k = 0
     else:
         k = floor_of(start)
-    if k == 0:  # no floor: blackbox-ctx, fitted without the decode medians that were there to locate one
-        rows = [i for i, st in enumerate(steps) if not _is_decode_medians(st)]
-        kept = None if step_picks is None else [step_picks[i] for i in rows]
-        beta = _solve_columns(form.beta_columns, windows, [steps[i] for i in rows], picks, kept, warm)[0]
+    if k == 0:  # no floor: blackbox-ctx, fitted without the medians that were there to locate one
+        beta = _solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0]
         return (*beta, 0.0, 0.0, 0.0)
     if start is None:
         beta = fits[k][0]
     else:
-        beta = _solve_columns(form.floor_columns(k), windows, steps, picks, step_picks, warm)[0]
+        beta = _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm)[0]
     per_request = beta[form.beta_columns.index("D")]
     return (*beta, 0.0, per_request, _clean(k * per_request))
-
-
-def _is_decode_medians(rows: StepRows) -> bool:
-    """`decode_step_rows` (no prefill in any row), as against observed prefill steps."""
-    return len(rows.duration_us) > 0 and not rows.features["P"].any()
 
 
 FLOOR_SUPPORT = 2  # batch sizes above a floor with a median pure-decode step, for the slope past it
@@ -281,12 +284,12 @@ FLOOR_SUPPORT = 2  # batch sizes above a floor with a median pure-decode step, f
 FLOOR_MIN_GAIN = 0.005
 
 
-def _supported_floors(steps: Sequence[StepRows]) -> tuple[int, ...]:
+def _supported_floors(decodes: Sequence[StepRows]) -> tuple[int, ...]:
     """The floors a fit may pick: those with at least FLOOR_SUPPORT batch sizes above them among the median
-    pure-decode steps (rows without prefill); a floor above every observed batch leaves the cost per decoding
+    pure-decode steps (`decodes`); a floor above every observed batch leaves the cost per decoding
     request past it unmeasured (a light-load trace would put it at the largest k and predict heavy load
     badly)."""
-    sizes = sorted({int(d) for st in steps if _is_decode_medians(st) for d in st.features["D"]})
+    sizes = sorted({int(n) for rows in decodes for n in rows.features["D"]})
     top = sizes[-FLOOR_SUPPORT] if len(sizes) >= FLOOR_SUPPORT else 0
     return tuple(k for k in FLOORS if k < top) or (0,)
 
@@ -341,12 +344,6 @@ def _solve_columns(
     return tuple(_clean(v) for v in beta), float(sol.cost)
 
 
-def _steps_of(form: ModelForm, steps: list[StepRows], decodes: list[StepRows]) -> list[StepRows]:
-    """The step rows a form's β is fitted on: observed prefill steps, and for a floor form the medians of
-    pure-decode steps per batch size (request windows average the floor away)."""
-    return [*steps, *decodes] if form.floor else steps
-
-
 def _solve_alpha(
     form: ModelForm,
     beta: Sequence[float],
@@ -396,7 +393,7 @@ def direct_estimate(
 
 
 def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
-    beta = _solve_beta(form, rows.windows, _steps_of(form, rows.steps, rows.decodes))
+    beta = _solve_beta(form, rows.windows, rows.steps, rows.decodes)
     return _solve_alpha(form, beta, rows.prefills, rows.rtts), beta
 
 
@@ -440,15 +437,14 @@ def _bootstrap(
     for _ in range(replicates):
         chosen = rng.integers(0, n, size=n) if n > 1 else np.zeros(1, dtype=int)
         windows = [rows.windows[c] for c in chosen]
-        steps = _steps_of(form, [rows.steps[c] for c in chosen], [rows.decodes[c] for c in chosen])
+        steps = [rows.steps[c] for c in chosen]
+        decodes = [rows.decodes[c] for c in chosen]
         prefills = [rows.prefills[c] for c in chosen]
         rtts = [rows.rtts[c] for c in chosen]
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
-        if form.floor:  # the decode medians are aggregates already: kept whole with their trace
-            step_picks += [np.arange(len(rows.decodes[c].duration_us)) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
-        beta = _solve_beta(form, windows, steps, picks, step_picks, start)
+        beta = _solve_beta(form, windows, steps, decodes, picks, step_picks, start)
         alpha = _solve_alpha(form, beta, prefills, rtts, pre_picks)
         out.append((*alpha, *beta))
     return np.asarray(out, dtype=float)
@@ -584,9 +580,6 @@ def fit(
         direct_loss=float(direct_loss),
         traces=[nt.name for nt in traces],
         num_requests=sum(r.trace_info["compared"] for r in reports),
-        decode_batch_max=max(
-            (int(d.features["D"].max()) for d in rows.decodes if len(d.duration_us)), default=0
-        ),
         decode_medians={
             nt.name: [
                 (int(n), float(us), float(ctx / n))
