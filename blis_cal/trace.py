@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -803,12 +803,14 @@ def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
 @dataclass(frozen=True, slots=True)
 class DecodeStep:
     """A pure-decode engine step seen by the client: when its events arrived, how long after the previous
-    step's, how many requests it decoded (one token each) and their context (Σ tokens in their KV cache)."""
+    step's, how many requests it decoded (one token each) and their context (Σ tokens in their KV cache, the
+    blocks of a prefix several of them share counted once: `duplicated_prefix_tokens`)."""
 
     time_us: int
     duration_us: int
     num_decode: int
     context_tokens: int
+    shared_tokens: int = 0  # the tokens left out of context_tokens
 
 
 DEFAULT_TOKEN_BUDGET = 2048  # max_num_batched_tokens when the header does not say (vLLM's serving default)
@@ -822,6 +824,77 @@ def token_budget(trace: Trace) -> int:
         if server and server.max_num_batched_tokens > 0
         else DEFAULT_TOKEN_BUDGET
     )
+
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+def block_size_of(trace: Trace) -> int:
+    server = trace.header.server
+    return server.block_size if server and server.block_size > 0 else DEFAULT_BLOCK_SIZE
+
+
+def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, int]:
+    """Prompt tokens served from vLLM's prefix cache, per request.
+
+    The recorded `cached_tokens` when the trace has it; else full blocks of a shared prefix already computed
+    by an earlier request of the same prefix group (vLLM caches full blocks only, and only once a request's
+    prefill has run), or of the previous round of the same session.
+    """
+    block = block_size_of(trace)
+    first_token: dict[str, int] = {}
+    session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
+    out: dict[int, int] = {}
+    for rec in sorted(records, key=lambda r: r.send_time_us):
+        total = rec.total_input_tokens
+        if rec.cached_tokens is not None:
+            out[rec.request_id] = rec.cached_tokens
+        else:
+            cached = 0
+            group_first = first_token.get(rec.prefix_group) if rec.prefix_group else None
+            if group_first is not None and group_first <= rec.send_time_us:
+                cached = rec.prefix_length // block * block
+            prev = session_ctx.get(rec.session_id) if rec.session_id else None
+            if prev is not None and prev[1] <= rec.send_time_us:
+                cached = max(cached, min(prev[0], total) // block * block)
+            # vLLM always recomputes at least the last prompt token (it needs its logits).
+            out[rec.request_id] = min(cached, max(total - 1, 0) // block * block)
+        if rec.prefix_group and rec.prefix_group not in first_token:
+            first_token[rec.prefix_group] = rec.first_chunk_time_us
+        if rec.session_id:
+            session_ctx[rec.session_id] = (total + rec.output_tokens, rec.first_chunk_time_us)
+    return out
+
+
+def shared_prefix_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, tuple[str, int]]:
+    """Requests holding the KV blocks of a shared prefix: request id -> (prefix group, tokens of the prefix in
+    those blocks). The group's first request computed the blocks (its full blocks of the prefix); a later one
+    holds them when it hit the cache (its cached tokens, at most the prefix's)."""
+    block = block_size_of(trace)
+    cached = estimate_cached_tokens(trace, records)
+    out: dict[int, tuple[str, int]] = {}
+    first: set[str] = set()
+    for rec in sorted(records, key=lambda r: r.send_time_us):
+        if not rec.prefix_group:
+            continue
+        aligned = min(rec.prefix_length, max(rec.total_input_tokens - 1, 0)) // block * block
+        tokens = aligned if rec.prefix_group not in first else min(cached.get(rec.request_id, 0), aligned)
+        first.add(rec.prefix_group)
+        if tokens > 0:
+            out[rec.request_id] = (rec.prefix_group, tokens)
+    return out
+
+
+def duplicated_prefix_tokens(request_ids: Iterable[int], shares: dict[int, tuple[str, int]]) -> int:
+    """Tokens of shared prefix blocks that several of `request_ids` hold, counted past their first holder
+    (`shares` from `shared_prefix_tokens`): vLLM keeps one copy of such a block, so a step's requests read
+    it once between them."""
+    by_group: dict[str, list[int]] = {}
+    for rid in request_ids:
+        share = shares.get(rid)
+        if share is not None:
+            by_group.setdefault(share[0], []).append(share[1])
+    return sum(sum(tokens) - max(tokens) for tokens in by_group.values())
 
 
 def decode_steps(trace: Trace) -> list[DecodeStep]:
@@ -841,11 +914,14 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
                 other_chunks = -(-uncached.get(e[1], 0) // max(budget - len(burst), 1)) - 1
                 if other_chunks > 0:
                     chunked.update(range(max(i - other_chunks - 1, 0), i))
-    return [
-        DecodeStep(b[0][0], b[0][0] - a[0][0], len(b), sum(prompts.get(e[1], 0) + e[3] for e in b))
-        for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1)
-        if i not in chunked and all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b)
-    ]
+    shares = shared_prefix_tokens(trace, trace.records)
+    steps = []
+    for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1):
+        if i not in chunked and all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b):
+            shared = duplicated_prefix_tokens((e[1] for e in b), shares)
+            context = sum(prompts.get(e[1], 0) + e[3] for e in b)
+            steps.append(DecodeStep(b[0][0], b[0][0] - a[0][0], len(b), context - shared, shared))
+    return steps
 
 
 DRIFT_PARTS = 4  # the run is cut into this many parts (quarters) of equal step counts

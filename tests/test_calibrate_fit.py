@@ -55,7 +55,8 @@ def test_parameter_recovery_3_plus_3(synthetic):
 
 
 def test_parameter_recovery_extended_form_with_prefix_caching():
-    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0)
+    """Cached prefixes (β3) and decoding requests sharing a prefix's blocks, read at β9 instead of β4."""
+    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.1)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace("plain", simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, model)),
@@ -71,11 +72,25 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     assert_within(fitted, beta)
 
 
+def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_runs_faster():
+    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0)
+    requests = poisson_requests(120, 6.0, seed=4, prefix_groups=3, prefix_length=512)
+    plain = simulated_trace(requests, CONFIG, BlackboxModel(ALPHA, beta)).records
+    tied = simulated_trace(requests, CONFIG, BlackboxModel(ALPHA, (*beta, 0.0, 0.0, 0.0, 0.5))).records
+    assert tied == plain
+    free = simulated_trace(requests, CONFIG, BlackboxModel(ALPHA, (*beta, 0.0, 0.0, 0.0, 0.0))).records
+
+    def total_e2e(records):
+        return sum(r.last_chunk_time_us - r.send_time_us for r in records)
+
+    assert total_e2e(free) < total_e2e(plain)  # steps over a shared prefix cost less: faster on the whole
+
+
 def test_parameter_recovery_floor_form():
     """Pure-decode steps cost at least as much as 4 decoding requests (1.5 ms each), steps with a prefill pay
     every decode; the fit finds the floor among features.FLOORS, helped by the medians of pure-decode steps
     per batch size."""
-    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0)
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0)  # no shared prefix: β9 unmeasured
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))
@@ -87,7 +102,7 @@ def test_parameter_recovery_floor_form():
     for got, want in zip(fitted, beta, strict=True):
         assert got == pytest.approx(want, rel=0.02, abs=1.0)  # µs: β5 may take a fraction of a µs
     plain = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
-    assert len(plain) == 6
+    assert plain[6:9] == (0.0, 0.0, 0.0)
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():
@@ -98,7 +113,7 @@ def test_floor_form_without_a_floor_is_the_ctx_fit():
     traces = [NamedTrace("linear", simulated_trace(poisson_requests(200, 8.0, seed=8), CONFIG, model))]
     floor = direct_estimate(traces, model_forms.get("blackbox-floor"))[1]
     ctx = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
-    assert floor == (*ctx, 0.0, 0.0, 0.0)
+    assert floor == ctx and floor[6:9] == (0.0, 0.0, 0.0)
 
 
 def test_floor_is_not_placed_above_the_batches_seen():
@@ -217,9 +232,9 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    # The default form is blackbox-floor (nine betas); the plain 3+3 fit is reported beside it.
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 9
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 9
+    # The default form is blackbox-floor (ten betas); the plain 3+3 fit is reported beside it.
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 10
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 10
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
     assert data["calibration"]["model_form"] == "blackbox-floor"
@@ -285,7 +300,7 @@ def test_cli_extended_form_is_reported_beside_3_plus_3(tmp_path, trace_c):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    assert len(entry["beta_coeffs"]) == 6 and entry["fit"]["model_form"] == "blackbox-ctx"
+    assert len(entry["beta_coeffs"]) == 10 and entry["fit"]["model_form"] == "blackbox-ctx"
     data = json.loads(rep.read_text())
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert data["baseline_3plus3"]["summary_rows"][0]["trace"] == "C_prefix_1.0"

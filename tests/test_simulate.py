@@ -325,6 +325,39 @@ def test_free_queue_order_matches_vllm():
     assert kv.num_free == 0 and kv.num_used == 5
 
 
+def test_blocks_of_a_shared_prefix_count_once_per_holder_past_the_first():
+    from blis_cal.simulate.kv_cache import KVCacheManager
+    from blis_cal.simulate.request import ReqState
+
+    kv = KVCacheManager(num_gpu_blocks=10, block_size=16, enable_caching=True, max_model_len=1000)
+    states = [ReqState(req(i, 0, 40, 1, (("system", 32), (f"own:{i}", 8)))) for i in range(3)]
+    assert kv.allocate_slots(states[0], 40)
+    assert kv.shared_tokens == 0
+    for s in states[1:]:
+        hit = kv.get_computed_blocks(s)
+        assert len(hit) == 2  # the two full blocks of the 32-token prefix
+        assert kv.allocate_slots(s, 8, hit, full_sequence_must_fit=True)
+        kv.check()
+    assert kv.shared_tokens == 2 * 32  # three holders: counted past the first
+    kv.free(states[0])
+    kv.check()
+    assert kv.shared_tokens == 32
+    for s in states[1:]:
+        kv.free(s)
+    kv.check()
+    assert kv.shared_tokens == 0
+
+
+def test_shared_context_costs_beta9_and_entries_without_it_cost_beta4():
+    from blis_cal.simulate import StepBatch
+
+    batch = StepBatch(0, 2, 0, 2, 0, 100, 0, 40)  # 2 decodes over 100 context tokens, 40 of them shared
+    assert BlackboxModel((0, 0, 0), (0, 0, 0, 0, 1.0)).step_time_us(batch) == 100
+    with_beta9 = BlackboxModel((0, 0, 0), (0, 0, 0, 0, 1.0, 0, 0, 0, 0, 0.25))
+    assert with_beta9.step_time_us(batch) == 60 + 10
+    assert with_beta9.decode_only_step_us(2, 100, 40) == 70
+
+
 def test_warm_blocks_are_free_cached_and_evicted_oldest_first():
     # A cache warm from before the run: its blocks are free (nothing holds them) yet hit until reused.
     from blis_cal.simulate.kv_cache import KVCacheManager

@@ -21,6 +21,7 @@ from blis_cal.trace import (
     TraceWriter,
     decode_speed_drift,
     decode_steps,
+    duplicated_prefix_tokens,
     itl_means_us,
     read_trace,
     single_decode_step_us,
@@ -383,3 +384,10 @@ def test_cli_info_json_on_sample(trace_a):
     summary = json.loads(proc.stdout)
     assert summary["requests"] == 150 and summary["by_status"] == {"ok": 150}
     assert summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
+
+
+def test_duplicated_prefix_tokens_counts_each_shared_prefix_past_its_first_holder():
+    shares = {1: ("g", 256), 2: ("g", 256), 3: ("g", 128), 4: ("h", 512), 5: ("h", 512)}
+    assert duplicated_prefix_tokens([1, 2, 3, 4, 5, 6], shares) == (256 + 256 + 128 - 256) + (512 + 512 - 512)
+    assert duplicated_prefix_tokens([1, 4, 6], shares) == 0
+    assert duplicated_prefix_tokens([], shares) == 0

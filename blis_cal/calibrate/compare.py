@@ -222,7 +222,9 @@ def trace_diagnostics(trace: Trace) -> TraceDiagnostics:
 class DecodeStepModel(Protocol):
     """What the speed check needs of a step-time model (blis_cal.simulate.LatencyModel)."""
 
-    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int: ...
+    def decode_only_step_us(
+        self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
+    ) -> int: ...
 
 
 def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) -> str | None:
@@ -234,7 +236,16 @@ def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) 
         return None
     ratio = float(
         np.median(
-            [s.duration_us / max(model.decode_only_step_us(s.num_decode, s.context_tokens), 1) for s in steps]
+            [
+                s.duration_us
+                / max(
+                    model.decode_only_step_us(
+                        s.num_decode, s.context_tokens + s.shared_tokens, s.shared_tokens
+                    ),
+                    1,
+                )
+                for s in steps
+            ]
         )
     )
     if abs(ratio - 1) <= SPEED_NOTE_TOLERANCE:

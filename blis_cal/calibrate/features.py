@@ -22,15 +22,21 @@ from blis_cal.trace import (
     DecodeStep,
     Trace,
     TraceRecord,
+    duplicated_prefix_tokens,
+    estimate_cached_tokens,
     itl_means_us,
     ok_records,
+    shared_prefix_tokens,
     token_budget,
 )
 
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
-# before each prefill (cached prefix), Dctx Σ context of decoding requests, Np prefill requests.
-EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
+# before each prefill (cached prefix), Dctx Σ context of decoding requests (a shared prefix's blocks counted
+# once per step), Np prefill requests.
+EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np", "Dshared")
+DCTX = EVENT_COLUMNS.index("Dctx")
+DSHARED = EVENT_COLUMNS.index("Dshared")
 # Per step without prefill, the decode requests short of a floor of k: max(0, k − D), for every k a fit may
 # pick (`floor_column`).
 FLOORS = tuple(range(33))
@@ -41,44 +47,6 @@ def floor_column(floor: int) -> str:
 
 
 FLOOR_COLUMNS = tuple(floor_column(k) for k in FLOORS)
-DEFAULT_BLOCK_SIZE = 16
-
-
-def block_size_of(trace: Trace) -> int:
-    server = trace.header.server
-    return server.block_size if server and server.block_size > 0 else DEFAULT_BLOCK_SIZE
-
-
-def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, int]:
-    """Prompt tokens served from vLLM's prefix cache, per request.
-
-    The recorded `cached_tokens` when the trace has it; else full blocks of a shared prefix already computed
-    by an earlier request of the same prefix group (vLLM caches full blocks only, and only once a request's
-    prefill has run), or of the previous round of the same session.
-    """
-    block = block_size_of(trace)
-    first_token: dict[str, int] = {}
-    session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
-    out: dict[int, int] = {}
-    for rec in sorted(records, key=lambda r: r.send_time_us):
-        total = rec.total_input_tokens
-        if rec.cached_tokens is not None:
-            out[rec.request_id] = rec.cached_tokens
-        else:
-            cached = 0
-            group_first = first_token.get(rec.prefix_group) if rec.prefix_group else None
-            if group_first is not None and group_first <= rec.send_time_us:
-                cached = rec.prefix_length // block * block
-            prev = session_ctx.get(rec.session_id) if rec.session_id else None
-            if prev is not None and prev[1] <= rec.send_time_us:
-                cached = max(cached, min(prev[0], total) // block * block)
-            # vLLM always recomputes at least the last prompt token (it needs its logits).
-            out[rec.request_id] = min(cached, max(total - 1, 0) // block * block)
-        if rec.prefix_group and rec.prefix_group not in first_token:
-            first_token[rec.prefix_group] = rec.first_chunk_time_us
-        if rec.session_id:
-            session_ctx[rec.session_id] = (total + rec.output_tokens, rec.first_chunk_time_us)
-    return out
 
 
 def chunks_of(trace: Trace, rec: TraceRecord) -> list[Chunk]:
@@ -130,16 +98,17 @@ class PrefillRows(FeatureMatrix):
 
 
 def _prefill_event(total: int, hit: int) -> tuple[float, ...]:
-    return (float(total - hit), 0.0, float(hit), 0.0, 1.0)
+    return (float(total - hit), 0.0, float(hit), 0.0, 1.0, 0.0)
 
 
 def _decode_event(tokens: int, context: int) -> tuple[float, ...]:
     # A decode step for output token k reads the prompt plus the k−1 tokens before it.
-    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0)
+    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0, 0.0)
 
 
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
     times: list[int] = []
+    owners: list[int] = []
     values: list[tuple[float, ...]] = []
     for rec in records:
         chunks = chunks_of(trace, rec)
@@ -152,18 +121,43 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
             produced += chunk.tokens
             values.append(_decode_event(chunk.tokens, total + produced - 1))
             times.append(chunk.timestamp_us)
+        owners += [rec.request_id] * len(chunks)
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     t = np.asarray(times, dtype=np.int64)[order]
     v = np.asarray(values)[order]
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
+    v[starts, DSHARED] = _burst_duplicates(
+        np.asarray(owners)[order],
+        starts,
+        shared_prefix_tokens(trace, records),
+        np.add.reduceat(v[:, DCTX], starts),
+    )
+    v[starts, DCTX] -= v[starts, DSHARED]
     short = np.zeros((len(t), len(FLOORS)))
     short[starts] = _short_of_floors(
         np.add.reduceat((v[:, 1] > 0).astype(float), starts), np.add.reduceat(v[:, 4], starts) == 0
     )
     cum = np.vstack([np.zeros((1, v.shape[1] + len(FLOORS))), np.cumsum(np.hstack([v, short]), axis=0)])
     return t, cum
+
+
+def _burst_duplicates(
+    owners: np.ndarray, starts: np.ndarray, shares: dict[int, tuple[str, int]], context: np.ndarray
+) -> np.ndarray:
+    """Per burst of events (one step; `starts` its first events), the shared prefix tokens its requests hold
+    more than once (`duplicated_prefix_tokens`, as the simulator's KV cache counts them), at most the
+    burst's decode `context`."""
+    out = np.zeros(len(starts))
+    if not shares:
+        return out
+    holds = np.fromiter((rid in shares for rid in owners.tolist()), bool, len(owners))
+    held = np.add.reduceat(holds.astype(int), starts)
+    ends = np.r_[starts[1:], len(owners)]
+    for i in np.nonzero(held > 1)[0]:
+        out[i] = duplicated_prefix_tokens(owners[starts[i] : ends[i]].tolist(), shares)
+    return np.minimum(out, context)
 
 
 def _short_of_floors(decodes: np.ndarray, pure: np.ndarray) -> np.ndarray:
@@ -244,6 +238,7 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         "Pctx": steps * np.asarray(p_ctx, dtype=float) + budget * steps * (steps - 1) / 2,
         "Dctx": np.zeros(n),
         "Np": steps,
+        "Dshared": np.zeros(n),
     }
     return PrefillRows(
         ttft_us=np.asarray(ttft, dtype=float),
@@ -272,6 +267,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     records = ok_records(trace)
     cached = estimate_cached_tokens(trace, records)
     ev_t: list[int] = []
+    ev_owner: list[int] = []
     ev_v: list[tuple[float, ...]] = []  # EVENT_COLUMNS, then the send time of a prefilled request
     for rec in records:
         chunks = chunks_of(trace, rec)
@@ -283,6 +279,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
             produced += chunk.tokens
             ev_t.append(chunk.timestamp_us)
             ev_v.append((*_decode_event(chunk.tokens, total + produced - 1), 0.0))
+        ev_owner += [rec.request_id] * len(chunks)
     if not ev_t:
         return StepRows(
             np.zeros(0),
@@ -294,6 +291,10 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     v = np.asarray(ev_v, dtype=float)[order]
     starts = np.r_[0, np.nonzero(np.diff(t) > burst_gap_us)[0] + 1]
     sums = np.add.reduceat(v, starts, axis=0)
+    sums[:, DSHARED] = _burst_duplicates(
+        np.asarray(ev_owner)[order], starts, shared_prefix_tokens(trace, records), sums[:, DCTX]
+    )
+    sums[:, DCTX] -= sums[:, DSHARED]
     latest_send = np.maximum.reduceat(v[:, -1], starts)
     begin = t[starts]
     durations = np.diff(begin)
@@ -316,9 +317,11 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
     (`trace.decode_steps`): their median duration and mean context. Medians over many steps are robust to
     events of one step split over two network reads, and show how a step's cost grows with the number of
     decoding requests."""
-    by_size: dict[int, list[tuple[int, int, int]]] = {}
+    by_size: dict[int, list[tuple[int, int, int, int]]] = {}
     for step in steps:
-        by_size.setdefault(step.num_decode, []).append((step.duration_us, step.context_tokens, step.time_us))
+        by_size.setdefault(step.num_decode, []).append(
+            (step.duration_us, step.context_tokens, step.time_us, step.shared_tokens)
+        )
     sizes = sorted(n for n, steps in by_size.items() if len(steps) >= DECODE_STEPS_MIN)
     n = np.asarray(sizes, dtype=float)
     zeros = np.zeros(len(sizes))
@@ -327,12 +330,13 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
         "P": zeros,
         "D": n,
         "Pctx": zeros,
-        "Dctx": np.asarray([np.mean([c for _, c, _ in by_size[k]]) for k in sizes]),
+        "Dctx": np.asarray([np.mean([c for _, c, _, _ in by_size[k]]) for k in sizes]),
         "Np": zeros,
+        "Dshared": np.asarray([np.mean([s for _, _, _, s in by_size[k]]) for k in sizes]),
     }
     features.update(zip(FLOOR_COLUMNS, _short_of_floors(n, np.ones(len(sizes), bool)).T, strict=True))
     return StepRows(
-        np.asarray([np.median([d for d, _, _ in by_size[k]]) for k in sizes]),
-        np.asarray([int(np.median([t for _, _, t in by_size[k]])) for k in sizes], dtype=np.int64),
+        np.asarray([np.median([d for d, _, _, _ in by_size[k]]) for k in sizes]),
+        np.asarray([int(np.median([t for _, _, t, _ in by_size[k]])) for k in sizes], dtype=np.int64),
         features,
     )

@@ -48,8 +48,12 @@ from blis_cal.calibrate.features import (
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
+from blis_cal.simulate.latency import BETA_TERMS
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
+
+# Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
+TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, "Dshared": 9}
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,21 @@ class ModelForm:
         """The columns solved for with the floor at k requests: the missing requests count as decode tokens."""
         return tuple(("D", floor_column(k)) if c == "D" else c for c in self.beta_columns)
 
+    @property
+    def terms(self) -> tuple[int, ...]:
+        """Where each column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order)."""
+        return tuple(TERM_OF_COLUMN[c] for c in self.beta_columns)
+
+    def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
+        """The β tuple from the solved column coefficients (and the floor in decoding requests)."""
+        beta = [0.0] * (max(self.terms) + 1 if not self.floor else len(BETA_TERMS))
+        for term, value in zip(self.terms, solved, strict=True):
+            beta[term] = value
+        if self.floor:
+            per_request = beta[TERM_OF_COLUMN["D"]]
+            beta[7:9] = [per_request, _clean(floor * per_request)] if floor else [0.0, 0.0]
+        return tuple(beta)
+
 
 model_forms: Registry[ModelForm] = Registry("model form")
 model_forms.register("blackbox")(
@@ -78,21 +97,22 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 9 betas in simulate.latency.BETA_TERMS order; this form uses six
-# (the seventh, decode requests, equals decode tokens without speculative decoding; the last two: the floor).
+# The simulator's blackbox model takes up to 10 betas in simulate.latency.BETA_TERMS order; this form fits β0-β5
+# and β9 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the floor).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np"),
-        "3+3 plus β3·cached context of prefills + β4·Σ decode context + β5·prefill requests",
+        ("const", "P", "D", "Pctx", "Dctx", "Np", "Dshared"),
+        "3+3 plus β3·cached context of prefills + β4·Σ decode context + β5·prefill requests, with β9 instead "
+        "of β4 for prefix blocks several decoding requests share (held once in the KV cache)",
     )
 )
 model_forms.register("blackbox-floor")(
     ModelForm(
         "blackbox-floor",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np"),
+        ("const", "P", "D", "Pctx", "Dctx", "Np", "Dshared"),
         "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests) with "
         "β7 = β2: a pure-decode step costs at least as much as β8/β7 decoding requests (bound by reading the "
         "weights; steps with a prefill pay every decode in full); the fit finds that number",
@@ -247,10 +267,9 @@ def _solve_beta(
     """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows, fitting the
     `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
     beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
-    n = len(form.beta_columns)
-    warm = None if start is None else start[:n]
+    warm = None if start is None else [start[t] for t in form.terms]
     if not form.floor:
-        return _solve_columns(form.beta_columns, windows, steps, picks, step_picks, start)[0]
+        return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     # The medians are aggregates already: kept whole in bootstrap replicates.
     with_medians = [*steps, *decodes]
     median_picks = (
@@ -267,14 +286,12 @@ def _solve_beta(
     else:
         k = floor_of(start)
     if k == 0:  # no floor: blackbox-ctx, fitted without the medians that were there to locate one
-        beta = _solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0]
-        return (*beta, 0.0, 0.0, 0.0)
+        return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     if start is None:
-        beta = fits[k][0]
-    else:
-        beta = _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm)[0]
-    per_request = beta[form.beta_columns.index("D")]
-    return (*beta, 0.0, per_request, _clean(k * per_request))
+        return form.full_beta(fits[k][0], k)
+    return form.full_beta(
+        _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm)[0], k
+    )
 
 
 FLOOR_SUPPORT = 2  # batch sizes above a floor with a median pure-decode step, for the slope past it
@@ -357,7 +374,7 @@ def _solve_alpha(
     ls, ys = [], []
     for i, pr in enumerate(prefills):
         idx = picks[i] if picks is not None else slice(None)
-        step = pr.matrix(form.beta_columns)[idx] @ np.asarray(beta[: len(form.beta_columns)])  # no decodes
+        step = pr.matrix(form.beta_columns)[idx] @ np.asarray([beta[t] for t in form.terms])  # no decodes
         modelled = pr.ttft_us[idx] - rtts[i] - step
         measured = pr.outside_us[idx] - rtts[i]
         ys.append(np.where(np.isnan(measured), modelled, measured))
@@ -530,7 +547,7 @@ def fit(
     evaluations = 0
     best: dict[str, Any] = {}
 
-    prefill_terms = [3 + k for k, col in enumerate(form.beta_columns) if col in PREFILL_COLUMNS]
+    prefill_terms = [3 + TERM_OF_COLUMN[col] for col in form.beta_columns if col in PREFILL_COLUMNS]
 
     def coeffs(theta: np.ndarray) -> np.ndarray:
         c = base.copy()

@@ -263,7 +263,7 @@ class Instance:
                 p_pairs += num_new * state.num_computed + num_new * (num_new - 1) // 2
             state.num_computed += num_new  # vLLM _update_after_schedule
         self._scheduled = scheduled
-        batch = StepBatch(p_tokens, d_reqs, p_reqs, d_reqs, p_ctx, d_ctx, p_pairs)
+        batch = StepBatch(p_tokens, d_reqs, p_reqs, d_reqs, p_ctx, d_ctx, p_pairs, self.kv.shared_tokens)
         self.last_batch = batch
         self._record_step(now_us, batch)
         return max(0, self.model.step_time_us(batch))
@@ -396,6 +396,7 @@ class Instance:
         owed = 0
         g = self.round
         ctx = self._ctx_sum
+        shared = kv.shared_tokens
         while True:
             if rounds and t >= horizon_us:
                 break
@@ -405,7 +406,7 @@ class Instance:
             due = crossings[g % bs]
             if due > free:
                 break
-            duration = decode_step_us(num_dec, ctx)
+            duration = decode_step_us(num_dec, ctx, shared)
             if duration < 0:
                 duration = 0
             if t + duration > limit_us:
@@ -426,7 +427,7 @@ class Instance:
                 pending = used_sum = 0
                 self.round = g
                 self._ctx_sum = ctx
-                batch = StepBatch(0, num_dec, 0, num_dec, 0, ctx)
+                batch = StepBatch(0, num_dec, 0, num_dec, 0, ctx, 0, shared)
                 self.last_batch = batch
                 step_cb(self.index, t, batch, capacity - free, free)
             t += duration
@@ -449,6 +450,7 @@ class Instance:
                 self._retire(finishing)
                 self.jump_finished += [(state, t) for state in finishing]
                 ctx = self._ctx_sum
+                shared = kv.shared_tokens
                 num_dec = len(self.decoders)
                 free = kv.num_free
                 if not num_dec or len(self.waiting):

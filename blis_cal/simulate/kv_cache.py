@@ -131,6 +131,8 @@ class KVCacheManager:
         self.num_stale = 0  # Σ stale: while 0, every entry from lru_head on is live
         self.num_lru = num_gpu_blocks - 1
         self.ref_cnt = [0] * num_gpu_blocks  # requests holding the block (kept for hashed blocks only)
+        # Σ (holders − 1) × block size over held blocks: tokens several running requests share (read once).
+        self.shared_tokens = 0
         self.block_hash: list[int | tuple[int, int] | None] = [None] * num_gpu_blocks  # hash or marker
         self.num_marked = 0  # blocks carrying a private marker
         self.cached: dict[int, int] = {}  # hash -> the block lookups return (the first one cached)
@@ -236,6 +238,8 @@ class KVCacheManager:
             for b in shared_hits:
                 if ref[b] == 0:
                     self._unqueue(b)
+                else:
+                    self.shared_tokens += bs
                 ref[b] += 1
             for b in new_computed_blocks[len(shared_hits) :]:
                 self._unqueue(b)
@@ -411,6 +415,8 @@ class KVCacheManager:
             ref[b] = r
             if not r:
                 lru.append(b)
+            else:
+                self.shared_tokens -= self.block_size
         self.num_lru += len(lru) - size
 
     def _evict(self, block: int, h: int) -> None:
@@ -452,5 +458,8 @@ class KVCacheManager:
             for b in [block, *self.duplicates.get(h, ())]:
                 if self.block_hash[b] != h:
                     raise AssertionError(f"block {b} indexed under a hash it does not hold")
+        held = Counter(b for blocks in self.req_blocks.values() for b in blocks)
+        if self.shared_tokens != sum(c - 1 for c in held.values()) * self.block_size:
+            raise AssertionError("shared tokens miscounted")
         if not self.duplicates.keys() <= self.cached.keys():
             raise AssertionError("duplicate blocks of a hash that is not cached")

@@ -10,14 +10,18 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 "blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
-    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·Cd + β5·Np + β6·Nd + [P = 0]·max(0, β8 − β7·Nd))
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
+                      + [P = 0]·max(0, β8 − β7·Nd))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
-Np / Nd = number of prefill / decode requests (per-sequence overheads); the last term is a floor under
-pure-decode steps: with no prefill and fewer than β8/β7 decoding requests a step costs as if that many decoded
-(it is bound by reading the weights, not by computing its tokens; the roofline's knee), while a step with a
-prefill is compute-bound and pays every decode in full.
+Cs = shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the
+first holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
+decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill
+and fewer than β8/β7 decoding requests a step costs as if that many decoded (it is bound by reading the
+weights, not by computing its tokens; the roofline's knee), while a step with a prefill is compute-bound and
+pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared tokens then cost
+what any context token does, as before the term existed).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ BETA_TERMS = (
     "decode_requests",
     "decode_requests_under_floor",
     "pure_decode_floor",
+    "shared_context_tokens",
 )
 
 
@@ -55,6 +60,8 @@ class StepBatch:
     decode_context_tokens: int  # Σ context length (tokens in KV) of decoding requests
     # Σ over prefill chunks of n·c + n(n−1)/2 (n new tokens after c in KV): attention (query, key) pairs.
     prefill_attention_pairs: int = 0
+    # KV tokens in blocks several running requests hold (prefix-cache hits), counted past the first holder.
+    shared_context_tokens: int = 0
 
 
 @dataclass
@@ -86,9 +93,13 @@ class LatencyModel:
     def output_delay_us(self) -> int:
         raise NotImplementedError
 
-    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
+    def decode_only_step_us(
+        self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
+    ) -> int:
         """Step time of a pure-decode batch (hot path when jumping over decode steps)."""
-        return self.step_time_us(StepBatch(0, num_decode, 0, num_decode, 0, decode_context_tokens))
+        return self.step_time_us(
+            StepBatch(0, num_decode, 0, num_decode, 0, decode_context_tokens, 0, shared_context_tokens)
+        )
 
     def describe(self) -> dict:
         """JSON-able description for run summaries."""
@@ -124,7 +135,9 @@ class BlackboxModel(LatencyModel):
     def __init__(self, alpha: tuple[float, ...] | list[float], beta: tuple[float, ...] | list[float]) -> None:
         self.alpha = check_coefficients("alpha", alpha, 3, 3)
         self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS))
-        self._b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
+        b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
+        # Without β9 a shared prefix token costs what any context token does (β4): entries from before it.
+        self._b = b if len(self.beta) == len(BETA_TERMS) else (*b[:-1], b[4])
         self._out = int(self.alpha[2])
 
     def queue_delay_us(self, input_len: int) -> int:
@@ -137,21 +150,28 @@ class BlackboxModel(LatencyModel):
             + b[1] * batch.num_prefill_tokens
             + b[2] * batch.num_decode_tokens
             + b[3] * batch.prefill_context_tokens
-            + b[4] * batch.decode_context_tokens
+            + self._context_us(batch.decode_context_tokens, batch.shared_context_tokens)
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs
             + (max(0.0, b[8] - b[7] * batch.num_decode_reqs) if batch.num_prefill_tokens == 0 else 0.0)
         )
 
-    def decode_only_step_us(self, num_decode: int, decode_context_tokens: int) -> int:
+    def decode_only_step_us(
+        self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
+    ) -> int:
         b = self._b
         return int(
             b[0]
             + b[2] * num_decode
-            + b[4] * decode_context_tokens
+            + self._context_us(decode_context_tokens, shared_context_tokens)
             + b[6] * num_decode
             + max(0.0, b[8] - b[7] * num_decode)
         )
+
+    def _context_us(self, context: int, shared: int) -> float:
+        """β4 per context token of the decoding requests, β9 instead for the shared ones past their first."""
+        shared = min(shared, context)
+        return self._b[4] * (context - shared) + self._b[9] * shared
 
     def output_delay_us(self) -> int:
         return self._out
