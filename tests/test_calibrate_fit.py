@@ -55,8 +55,8 @@ def test_parameter_recovery_3_plus_3(synthetic):
 
 
 def test_parameter_recovery_extended_form_with_prefix_caching():
-    """Cached prefixes (β3) and decoding requests sharing a prefix's blocks, read at β9 instead of β4."""
-    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.1)
+    """Cached prefixes (β3), and decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0)."""
+    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace("plain", simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, model)),
@@ -90,7 +90,7 @@ def test_parameter_recovery_floor_form():
     """Pure-decode steps cost at least as much as 4 decoding requests (1.5 ms each), steps with a prefill pay
     every decode; the fit finds the floor among features.FLOORS, helped by the medians of pure-decode steps
     per batch size."""
-    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0)  # no shared prefix: β9 unmeasured
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))

@@ -34,9 +34,8 @@ from blis_cal.trace import (
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
 # before each prefill (cached prefix), Dctx Σ context of decoding requests (a shared prefix's blocks counted
 # once per step), Np prefill requests.
-EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np", "Dshared")
+EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
 DCTX = EVENT_COLUMNS.index("Dctx")
-DSHARED = EVENT_COLUMNS.index("Dshared")
 # Per step without prefill, the decode requests short of a floor of k: max(0, k − D), for every k a fit may
 # pick (`floor_column`).
 FLOORS = tuple(range(33))
@@ -98,12 +97,12 @@ class PrefillRows(FeatureMatrix):
 
 
 def _prefill_event(total: int, hit: int) -> tuple[float, ...]:
-    return (float(total - hit), 0.0, float(hit), 0.0, 1.0, 0.0)
+    return (float(total - hit), 0.0, float(hit), 0.0, 1.0)
 
 
 def _decode_event(tokens: int, context: int) -> tuple[float, ...]:
     # A decode step for output token k reads the prompt plus the k−1 tokens before it.
-    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0, 0.0)
+    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0)
 
 
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
@@ -128,13 +127,12 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
-    v[starts, DSHARED] = _burst_duplicates(
+    v[starts, DCTX] -= _burst_duplicates(
         np.asarray(owners)[order],
         starts,
         shared_prefix_tokens(trace, records),
         np.add.reduceat(v[:, DCTX], starts),
     )
-    v[starts, DCTX] -= v[starts, DSHARED]
     short = np.zeros((len(t), len(FLOORS)))
     short[starts] = _short_of_floors(
         np.add.reduceat((v[:, 1] > 0).astype(float), starts), np.add.reduceat(v[:, 4], starts) == 0
@@ -238,7 +236,6 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         "Pctx": steps * np.asarray(p_ctx, dtype=float) + budget * steps * (steps - 1) / 2,
         "Dctx": np.zeros(n),
         "Np": steps,
-        "Dshared": np.zeros(n),
     }
     return PrefillRows(
         ttft_us=np.asarray(ttft, dtype=float),
@@ -291,10 +288,9 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     v = np.asarray(ev_v, dtype=float)[order]
     starts = np.r_[0, np.nonzero(np.diff(t) > burst_gap_us)[0] + 1]
     sums = np.add.reduceat(v, starts, axis=0)
-    sums[:, DSHARED] = _burst_duplicates(
+    sums[:, DCTX] -= _burst_duplicates(
         np.asarray(ev_owner)[order], starts, shared_prefix_tokens(trace, records), sums[:, DCTX]
     )
-    sums[:, DCTX] -= sums[:, DSHARED]
     latest_send = np.maximum.reduceat(v[:, -1], starts)
     begin = t[starts]
     durations = np.diff(begin)
@@ -317,11 +313,9 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
     (`trace.decode_steps`): their median duration and mean context. Medians over many steps are robust to
     events of one step split over two network reads, and show how a step's cost grows with the number of
     decoding requests."""
-    by_size: dict[int, list[tuple[int, int, int, int]]] = {}
+    by_size: dict[int, list[tuple[int, int, int]]] = {}
     for step in steps:
-        by_size.setdefault(step.num_decode, []).append(
-            (step.duration_us, step.context_tokens, step.time_us, step.shared_tokens)
-        )
+        by_size.setdefault(step.num_decode, []).append((step.duration_us, step.context_tokens, step.time_us))
     sizes = sorted(n for n, steps in by_size.items() if len(steps) >= DECODE_STEPS_MIN)
     n = np.asarray(sizes, dtype=float)
     zeros = np.zeros(len(sizes))
@@ -330,13 +324,12 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
         "P": zeros,
         "D": n,
         "Pctx": zeros,
-        "Dctx": np.asarray([np.mean([c for _, c, _, _ in by_size[k]]) for k in sizes]),
+        "Dctx": np.asarray([np.mean([c for _, c, _ in by_size[k]]) for k in sizes]),
         "Np": zeros,
-        "Dshared": np.asarray([np.mean([s for _, _, _, s in by_size[k]]) for k in sizes]),
     }
     features.update(zip(FLOOR_COLUMNS, _short_of_floors(n, np.ones(len(sizes), bool)).T, strict=True))
     return StepRows(
-        np.asarray([np.median([d for d, _, _, _ in by_size[k]]) for k in sizes]),
-        np.asarray([int(np.median([t for _, _, t, _ in by_size[k]])) for k in sizes], dtype=np.int64),
+        np.asarray([np.median([d for d, _, _ in by_size[k]]) for k in sizes]),
+        np.asarray([int(np.median([t for _, _, t in by_size[k]])) for k in sizes], dtype=np.int64),
         features,
     )

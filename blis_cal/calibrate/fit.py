@@ -53,7 +53,7 @@ from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
-TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, "Dshared": 9}
+TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5}
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,10 @@ class ModelForm:
         return tuple(TERM_OF_COLUMN[c] for c in self.beta_columns)
 
     def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
-        """The β tuple from the solved column coefficients (and the floor in decoding requests)."""
-        beta = [0.0] * (max(self.terms) + 1 if not self.floor else len(BETA_TERMS))
+        """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
+        decode context write all of BETA_TERMS, β9 = 0: a prefix block several decoding requests share is
+        read once per step (the features count it once, as the simulator's KV cache holds it once)."""
+        beta = [0.0] * (len(BETA_TERMS) if "Dctx" in self.beta_columns else max(self.terms) + 1)
         for term, value in zip(self.terms, solved, strict=True):
             beta[term] = value
         if self.floor:
@@ -98,21 +100,21 @@ model_forms.register("blackbox")(
     )
 )
 # The simulator's blackbox model takes up to 10 betas in simulate.latency.BETA_TERMS order; this form fits β0-β5
-# and β9 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the floor).
+# (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the floor; β9: 0).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np", "Dshared"),
-        "3+3 plus β3·cached context of prefills + β4·Σ decode context + β5·prefill requests, with β9 instead "
-        "of β4 for prefix blocks several decoding requests share (held once in the KV cache)",
+        ("const", "P", "D", "Pctx", "Dctx", "Np"),
+        "3+3 plus β3·cached context of prefills + β4·Σ decode context (a prefix block several running "
+        "requests share counted once: β9 = 0) + β5·prefill requests",
     )
 )
 model_forms.register("blackbox-floor")(
     ModelForm(
         "blackbox-floor",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np", "Dshared"),
+        ("const", "P", "D", "Pctx", "Dctx", "Np"),
         "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests) with "
         "β7 = β2: a pure-decode step costs at least as much as β8/β7 decoding requests (bound by reading the "
         "weights; steps with a prefill pay every decode in full); the fit finds that number",
