@@ -866,12 +866,14 @@ def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict
     return out
 
 
-def shared_prefix_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, tuple[str, int]]:
+def shared_prefix_tokens(
+    trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
+) -> dict[int, tuple[str, int]]:
     """Requests holding the KV blocks of a shared prefix: request id -> (prefix group, tokens of the prefix in
     those blocks). The group's first request computed the blocks (its full blocks of the prefix); a later one
-    holds them when it hit the cache (its cached tokens, at most the prefix's)."""
+    holds them when it hit the cache (its `cached` tokens, from `estimate_cached_tokens`, at most the
+    prefix's)."""
     block = block_size_of(trace)
-    cached = estimate_cached_tokens(trace, records)
     out: dict[int, tuple[str, int]] = {}
     first: set[str] = set()
     for rec in sorted(records, key=lambda r: r.send_time_us):
@@ -914,7 +916,7 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
                 other_chunks = -(-uncached.get(e[1], 0) // max(budget - len(burst), 1)) - 1
                 if other_chunks > 0:
                     chunked.update(range(max(i - other_chunks - 1, 0), i))
-    shares = shared_prefix_tokens(trace, trace.records)
+    shares = shared_prefix_tokens(trace, trace.records, estimate_cached_tokens(trace, trace.records))
     steps = []
     for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1):
         if i not in chunked and all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b):

@@ -130,7 +130,7 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     v[starts, DCTX] -= _burst_duplicates(
         np.asarray(owners)[order],
         starts,
-        shared_prefix_tokens(trace, records),
+        shared_prefix_tokens(trace, records, cached),
         np.add.reduceat(v[:, DCTX], starts),
     )
     short = np.zeros((len(t), len(FLOORS)))
@@ -289,7 +289,7 @@ def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> St
     starts = np.r_[0, np.nonzero(np.diff(t) > burst_gap_us)[0] + 1]
     sums = np.add.reduceat(v, starts, axis=0)
     sums[:, DCTX] -= _burst_duplicates(
-        np.asarray(ev_owner)[order], starts, shared_prefix_tokens(trace, records), sums[:, DCTX]
+        np.asarray(ev_owner)[order], starts, shared_prefix_tokens(trace, records, cached), sums[:, DCTX]
     )
     latest_send = np.maximum.reduceat(v[:, -1], starts)
     begin = t[starts]
