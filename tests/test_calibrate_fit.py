@@ -15,7 +15,7 @@ from blis_cal.calibrate.features import (
     idle_prefill_rows,
     window_rows,
 )
-from blis_cal.calibrate.fit import LIGHT_LOAD_BATCH, floor_of
+from blis_cal.calibrate.fit import FLOOR_SUPPORT, LIGHT_LOAD_BATCH, floor_of
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -118,14 +118,14 @@ def test_floor_form_without_a_floor_is_the_ctx_fit():
 
 def test_floor_is_not_placed_above_the_batches_seen():
     """A light load never decodes more than a few requests at once: a floor there leaves the cost past it
-    unmeasured, so the fit may only place one below the second-largest batch with a median step."""
+    unmeasured, so the fit may only place one below the FLOOR_SUPPORT-th largest batch with a median step."""
     beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 12000.0)  # floor at 8 requests
     model = BlackboxModel(ALPHA, beta)
     trace = simulated_trace(poisson_requests(200, 1.0, seed=9), CONFIG, model)
     sizes = sorted(decode_step_rows(decode_steps(trace)).features["D"])
     assert sizes[-1] < 8  # never past the true floor
     fitted = direct_estimate([NamedTrace("light", trace)], model_forms.get("blackbox-floor"))[1]
-    assert floor_of(fitted) < sizes[-2]
+    assert floor_of(fitted) < sizes[-FLOOR_SUPPORT]
 
 
 def test_a_light_load_fit_says_larger_batches_are_extrapolated():

@@ -296,7 +296,10 @@ def _solve_beta(
     )
 
 
-FLOOR_SUPPORT = 2  # batch sizes above a floor with a median pure-decode step, for the slope past it
+# Batch sizes above a floor with a median pure-decode step, for the slope past it: with two, one noisy step at
+# a light-load pair's largest batch set the slope (day 11: 1.9 ms per request, ~1.3 measured past it; its
+# 2 req/s replay 107 % off); with three, days 8-12's pairs that find a floor give 7.7-9.6 % E2E (README).
+FLOOR_SUPPORT = 3
 # A floor must lower the fit's robust cost by this fraction against none: on hosts whose steps grow from the
 # first request the best floor gains less (days 1, 3, 6, 7 and their leave-one-out folds: the fit stays
 # blackbox-ctx's); real floors gained 0.8-11 % (a light-load pair has few steps past its floor).
