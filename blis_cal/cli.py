@@ -769,6 +769,16 @@ def _replay_fn(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version,
     return sim_model, lambda named: replay_model(named.trace, sim_model, session_mode)
 
 
+def _fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version) -> int | None:
+    """The most decoding requests at once in the looked-up entry's fit traces (None with --alpha and --beta,
+    or for an entry without a `fit:` block)."""
+    if alpha and beta:
+        return None
+    from blis_cal.simulate import load_coefficients
+
+    return load_coefficients(coeffs, model or "", gpu or "", tp, vllm_version).fitted_batch_max
+
+
 @app.command("calibrate")
 def calibrate_cmd(
     traces: list[Path] = typer.Argument(..., help="Trace data CSVs (headers are the sibling .yaml files)."),
@@ -900,7 +910,14 @@ def calibrate_cmd(
             sim_model, replay = _replay_fn(
                 "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
             )
-            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup, latency_model=sim_model)
+            reports, data = run_compare(
+                named,
+                replay,
+                rtt_us=rtt_us,
+                warmup=warmup,
+                latency_model=sim_model,
+                fitted_batch_max=_fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version),
+            )
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
@@ -1002,7 +1019,13 @@ def validate_cmd(
     sim_model, replay = _replay_fn(
         "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
     )
-    reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model)
+    reports, _ = run_compare(
+        named,
+        replay,
+        rtt_us=rtt_us,
+        latency_model=sim_model,
+        fitted_batch_max=_fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version),
+    )
     coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp, "session_mode": session_mode}
     _validation_output(
         reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"

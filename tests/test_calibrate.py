@@ -231,6 +231,62 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
     assert not [n for n in compare(trace, replay_with(trace, "blackbox", alpha, beta)).notes if phrase in n]
 
 
+def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_covered_steps_set_the_speed():
+    from blis_cal.calibrate.compare import coverage_note
+    from blis_cal.calibrate.features import DECODE_STEPS_MIN
+    from blis_cal.calibrate.sim_bridge import replay_with
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, SimConfig
+    from blis_cal.trace import decode_steps
+
+    # The server's pure-decode step is flat up to 3 requests and then 1 ms more per request; coefficients
+    # fitted where it never decoded more than 3 are flat everywhere.
+    server = BlackboxModel((1000.0, 0.0, 0.0), (6000.0, 20.0, 1000.0, 0.0, 2.0, 0.0, 0.0, 1000.0, 3000.0))
+    alpha, beta = (1000.0, 0.0, 0.0), (9000.0, 20.0, 0.0, 0.0, 2.0)
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    trace = simulated_trace(poisson_requests(200, 8.0, seed=3), config, server)
+    steps = decode_steps(trace)
+    counts = np.bincount([s.num_decode for s in steps])
+    seen = max(n for n, c in enumerate(counts) if c >= DECODE_STEPS_MIN)
+    assert seen > 6
+    note = coverage_note("t", steps, 3)
+    assert note and f"up to {seen} requests" in note and "reached 3" in note and "extrapolated" in note
+    assert coverage_note("t", steps, seen) is None  # the fit saw batches as large: nothing to note
+    model = BlackboxModel(alpha, beta)
+    replay = replay_with(trace, "blackbox", alpha, beta)
+    speed = "what the coefficients say"
+    assert any(speed in n for n in compare(trace, replay, trace_name="t", latency_model=model).notes)
+    covered = compare(trace, replay, trace_name="t", latency_model=model, fitted_batch_max=3).notes
+    assert not any(speed in n for n in covered)  # where the fit saw, the server runs as the coefficients say
+    assert any("extrapolated" in n for n in covered)
+
+
+def test_a_bad_decode_batch_max_in_an_entry_is_a_clear_error(tmp_path):
+    from blis_cal.errors import ConfigError
+    from blis_cal.simulate import load_coefficients
+
+    entry = make_entry(
+        model="m",
+        gpu="g",
+        tp=1,
+        vllm_version="0.1",
+        alpha=(1.0, 0.0, 0.0),
+        beta=(1.0, 2.0, 3.0),
+        loss=0.0,
+        fit={"decode_batch_max": 7},
+    )
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump({"models": [entry]}))
+    assert load_coefficients(path, "m", "g", 1).fitted_batch_max == 7
+    path.write_text(yaml.safe_dump({"models": [{k: v for k, v in entry.items() if k != "fit"}]}))
+    assert load_coefficients(path, "m", "g", 1).fitted_batch_max is None  # BLIS's entries have no fit block
+    for bad in ("7", -1, True, 2.5):
+        path.write_text(yaml.safe_dump({"models": [entry | {"fit": {"decode_batch_max": bad}}]}))
+        coeffs = load_coefficients(path, "m", "g", 1)
+        with pytest.raises(ConfigError, match=r"fit\.decode_batch_max must be an integer >= 0"):
+            _ = coeffs.fitted_batch_max
+
+
 def test_empty_trace_is_a_clear_error():
     with pytest.raises(CalibrationError, match="no requests"):
         compare(Trace(header=TraceHeader(), records=[]), [result(0, 1, 2)])
@@ -308,6 +364,22 @@ def test_merge_replaces_matching_entry_only(tmp_path):
     text = path.read_text(encoding="utf-8")
     merge_defaults_entry(path, entry)
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_cli_validate_says_when_a_trace_decodes_larger_batches_than_the_entry_was_fitted_on(tmp_path):
+    shipped = yaml.safe_load((REPO / "defaults.yaml").read_text(encoding="utf-8"))
+    tiny = next(m for m in shipped["models"] if m["id"] == "tiny" and m["GPU"] == "cpu")
+    trace = str(REPO / "traces" / "real_day11" / "r20_s1103.csv")  # up to 28 requests decoding at once
+    for batch_max, noted in ((4, True), (28, False)):
+        path = tmp_path / f"d{batch_max}.yaml"
+        path.write_text(
+            yaml.safe_dump({"models": [tiny | {"fit": tiny["fit"] | {"decode_batch_max": batch_max}}]})
+        )
+        args = ["validate", trace, "--coeffs", str(path), "--model", "tiny", "--gpu", "cpu", "--tp", "1"]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        flat = " ".join(res.output.split())
+        assert ("fit traces reached 4" in flat and "extrapolated" in flat) == noted
 
 
 def test_merge_creates_missing_file_and_section(tmp_path):

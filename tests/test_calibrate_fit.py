@@ -320,5 +320,9 @@ def test_leave_one_out_validates_each_trace_on_a_fit_without_it(synthetic):
     # Both traces come from the same engine, so each one's fit predicts the other.
     for rep in reports:
         assert rep.mape("e2e") < 0.02
+    # The heavier trace decodes larger batches than the lighter one its fold was fitted on: noted.
+    assert fits[0].decode_batch_max < fits[1].decode_batch_max
+    assert any("extrapolated" in n for n in reports[0].notes)
+    assert not any("extrapolated" in n for n in reports[1].notes)
     with pytest.raises(CalibrationError, match="at least two"):
         leave_one_out(synthetic[:1])

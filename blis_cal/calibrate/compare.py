@@ -10,6 +10,7 @@ extra fields alongside (readers of BLIS's layout ignore them).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import stats as sstats
 
+from blis_cal.calibrate.features import DECODE_STEPS_MIN
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
 from blis_cal.trace import (
@@ -227,11 +229,17 @@ class DecodeStepModel(Protocol):
     ) -> int: ...
 
 
-def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) -> str | None:
+def speed_note(
+    where: str, steps: Sequence[DecodeStep], model: DecodeStepModel, fitted_batch_max: int | None = None
+) -> str | None:
     """A note when a trace's pure-decode `steps` (`decode_steps`: every batch size, so loaded traces count
-    too) differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE
-    (median ratio): the server was not the one the coefficients describe (another machine, other work on
-    it, another time), which no fit on other traces can know."""
+    too; only those the coefficients' fit covered, up to `fitted_batch_max` requests, when known and enough)
+    differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE (median
+    ratio): the server was not the one the coefficients describe (another machine, other work on it, another
+    time), which no fit on other traces can know."""
+    if fitted_batch_max is not None:
+        covered = [s for s in steps if s.num_decode <= fitted_batch_max]
+        steps = covered if len(covered) >= SPEED_NOTE_MIN_STEPS else steps  # larger batches: coverage_note
     if len(steps) < SPEED_NOTE_MIN_STEPS:
         return None
     ratio = float(
@@ -258,6 +266,20 @@ def speed_note(where: str, steps: Sequence[DecodeStep], model: DecodeStepModel) 
     )
 
 
+def coverage_note(where: str, steps: Sequence[DecodeStep], fitted_batch_max: int) -> str | None:
+    """A note when a trace decodes more requests at once (in DECODE_STEPS_MIN or more pure-decode steps, as
+    the fit counts them) than the traces the coefficients were fitted on: their step cost is extrapolated."""
+    counts = Counter(s.num_decode for s in steps)
+    seen = max((n for n, c in counts.items() if c >= DECODE_STEPS_MIN), default=0)
+    if seen <= fitted_batch_max:
+        return None
+    return (
+        f"{where}: decodes up to {seen} requests at once (batch sizes seen in {DECODE_STEPS_MIN}+ pure-decode "
+        f"steps) where the coefficients' fit traces reached {fitted_batch_max}: the step cost of the larger "
+        "batches is extrapolated; to predict such loads, fit with a trace that keeps as many requests in flight"
+    )
+
+
 def resolve_rtt_us(trace: Trace, rtt_us: int | None) -> int:
     """The flag when given, else the header's measured_rtt_ms × 1000 truncated (BLIS), else 0."""
     if rtt_us is not None:
@@ -276,11 +298,13 @@ def compare(
     trace_name: str = "",
     latency_model: DecodeStepModel | None = None,
     diagnostics: TraceDiagnostics | None = None,
+    fitted_batch_max: int | None = None,
 ) -> ComparisonReport:
     """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
 
     `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
-    that produced the results, a note says when the server ran at another speed (`speed_note`).
+    that produced the results, a note says when the server ran at another speed (`speed_note`); with the
+    largest batch its coefficients were fitted on, when the trace decoded larger ones (`coverage_note`).
     `diagnostics` are `trace_diagnostics(trace)` when already known (a fit compares each trace many times).
     Raises CalibrationError when nothing can be compared.
     """
@@ -411,9 +435,18 @@ def compare(
                 f"{', '.join(f'{p:.2f}' for p in drift.parts)} of the run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
-    speed = speed_note(where, diagnostics.steps, latency_model) if latency_model is not None else None
+    speed = (
+        speed_note(where, diagnostics.steps, latency_model, fitted_batch_max)
+        if latency_model is not None
+        else None
+    )
     if speed:
         notes.append(speed)
+    coverage = (
+        coverage_note(where, diagnostics.steps, fitted_batch_max) if fitted_batch_max is not None else None
+    )
+    if coverage:
+        notes.append(coverage)
     return ComparisonReport(
         trace_info=trace_info,
         metrics=metrics,

@@ -505,8 +505,10 @@ def evaluate(
     beta: Sequence[float],
     simulator: Simulator,
     rtt_us: int | None = None,
+    fitted_batch_max: int | None = None,
 ) -> list[ComparisonReport]:
-    """Replay every trace with the coefficients and compare with what was observed."""
+    """Replay every trace with the coefficients and compare with what was observed (noting traces that decode
+    larger batches than `fitted_batch_max`, the coefficients' fit saw, when given)."""
     return [
         compare(
             nt.trace,
@@ -514,6 +516,7 @@ def evaluate(
             rtt_us=rtt_us,
             trace_name=nt.name,
             diagnostics=nt.diagnostics(),
+            fitted_batch_max=fitted_batch_max,
         )
         for nt in traces
     ]

@@ -151,9 +151,11 @@ def run_compare(
     rtt_us: int | None = None,
     warmup: int | None = None,
     latency_model: DecodeStepModel | None = None,
+    fitted_batch_max: int | None = None,
 ) -> tuple[list[ComparisonReport], dict[str, Any]]:
-    """Compare each trace with its simulated results (`simulate(trace)`, from `latency_model` when known);
-    the pooled JSON report."""
+    """Compare each trace with its simulated results (`simulate(trace)`, from `latency_model` when known,
+    whose coefficients were fitted on batches of up to `fitted_batch_max` requests when known); the pooled
+    JSON report."""
     reports = [
         compare(
             t.trace,
@@ -163,6 +165,7 @@ def run_compare(
             trace_name=t.name,
             latency_model=latency_model,
             diagnostics=t.diagnostics(),
+            fitted_batch_max=fitted_batch_max,
         )
         for t in traces
     ]
@@ -224,6 +227,8 @@ def leave_one_out(
             rtt_us=rtt_us,
             simulator=simulator,
         )
-        reports.append(evaluate([held], form, result.alpha, result.beta, simulator, rtt_us)[0])
+        reports.append(
+            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.decode_batch_max)[0]
+        )
         fits.append(result)
     return reports, fits

@@ -19,6 +19,21 @@ class Coefficients:
     beta: tuple[float, ...]
     entry: dict[str, Any]  # the matching `models:` entry as written
 
+    @property
+    def fitted_batch_max(self) -> int | None:
+        """The most decoding requests at once in the traces the entry was fitted on (our `fit:` block's
+        `decode_batch_max`); None for entries without one (BLIS's, hand-written)."""
+        fit = self.entry.get("fit")
+        value = fit.get("decode_batch_max") if isinstance(fit, dict) else None
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(
+                f"entry {self.entry.get('id')} {_describe(self.entry)}: fit.decode_batch_max must be an "
+                f"integer >= 0, got {value!r}"
+            )
+        return value
+
 
 def _load(path: str | Path | None) -> tuple[Path, dict[str, Any]]:
     file = Path(path) if path is not None else data_path("defaults.yaml")
