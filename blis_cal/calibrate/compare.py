@@ -10,7 +10,6 @@ extra fields alongside (readers of BLIS's layout ignore them).
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -18,7 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 from scipy import stats as sstats
 
-from blis_cal.calibrate.features import DECODE_STEPS_MIN
+from blis_cal.calibrate.features import DECODE_STEPS_MIN, decode_step_rows
 from blis_cal.errors import BlisError
 from blis_cal.stats import percentile
 from blis_cal.trace import (
@@ -269,8 +268,8 @@ def speed_note(
 def coverage_note(where: str, steps: Sequence[DecodeStep], fitted_batch_max: int) -> str | None:
     """A note when a trace decodes more requests at once (in DECODE_STEPS_MIN or more pure-decode steps, as
     the fit counts them) than the traces the coefficients were fitted on: their step cost is extrapolated."""
-    counts = Counter(s.num_decode for s in steps)
-    seen = max((n for n, c in counts.items() if c >= DECODE_STEPS_MIN), default=0)
+    sizes = decode_step_rows(steps).features["D"]
+    seen = int(sizes.max()) if len(sizes) else 0
     if seen <= fitted_batch_max:
         return None
     return (
