@@ -769,16 +769,6 @@ def _replay_fn(latency_model, alpha, beta, model, gpu, tp, coeffs, vllm_version,
     return sim_model, lambda named: replay_model(named.trace, sim_model, session_mode)
 
 
-def _fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version) -> int | None:
-    """The most decoding requests at once in the looked-up entry's fit traces (None with --alpha and --beta,
-    or for an entry without a `fit:` block)."""
-    if alpha and beta:
-        return None
-    from blis_cal.simulate import load_coefficients
-
-    return load_coefficients(coeffs, model or "", gpu or "", tp, vllm_version).fitted_batch_max
-
-
 @app.command("calibrate")
 def calibrate_cmd(
     traces: list[Path] = typer.Argument(..., help="Trace data CSVs (headers are the sibling .yaml files)."),
@@ -916,7 +906,7 @@ def calibrate_cmd(
                 rtt_us=rtt_us,
                 warmup=warmup,
                 latency_model=sim_model,
-                fitted_batch_max=_fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version),
+                fitted_batch_max=sim_model.fitted_batch_max,
             )
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
@@ -1024,7 +1014,7 @@ def validate_cmd(
         replay,
         rtt_us=rtt_us,
         latency_model=sim_model,
-        fitted_batch_max=_fitted_batch_max(alpha, beta, model, gpu, tp, coeffs, vllm_version),
+        fitted_batch_max=sim_model.fitted_batch_max,
     )
     coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp, "session_mode": session_mode}
     _validation_output(

@@ -83,6 +83,9 @@ class LatencyModel:
     """Interface of every step-time model."""
 
     name = ""
+    # The most decoding requests at once in the traces the coefficients were fitted on, when their entry says
+    # (calibrate notes traces beyond it); None when unknown.
+    fitted_batch_max: int | None = None
 
     def queue_delay_us(self, input_len: int) -> int:
         raise NotImplementedError
@@ -190,10 +193,12 @@ class BlackboxModel(LatencyModel):
                 "the blackbox model needs --alpha and --beta, or --model/--gpu/--tp to look them up"
             )
         coeffs = load_coefficients(opts.coeffs_path, opts.model, opts.gpu, opts.tp, opts.vllm_version)
-        return cls(
+        model = cls(
             opts.alpha if opts.alpha is not None else coeffs.alpha,
             opts.beta if opts.beta is not None else coeffs.beta,
         )
+        model.fitted_batch_max = coeffs.fitted_batch_max
+        return model
 
 
 def build_latency_model(name: str, opts: LatencyOptions) -> LatencyModel:
