@@ -86,11 +86,13 @@ def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_r
     assert total_e2e(free) < total_e2e(plain)  # steps over a shared prefix cost less: faster on the whole
 
 
-def test_parameter_recovery_floor_form():
-    """Pure-decode steps cost at least as much as 4 decoding requests (1.5 ms each), steps with a prefill pay
-    every decode; the fit finds the floor among features.FLOORS, helped by the medians of pure-decode steps
-    per batch size."""
-    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0)
+@pytest.mark.parametrize("per_short", [1500.0, 2500.0])
+def test_parameter_recovery_floor_form(per_short):
+    """Pure-decode steps of fewer than 4 decoding requests cost `per_short` more for each one short (1.5 ms:
+    flat, as costly as 4 requests of 1.5 ms; 2.5 ms: cheaper as requests join, the shape vLLM's CPU build
+    measures at a fixed context), steps with a prefill pay every decode; the fit finds the floor among
+    features.FLOORS, helped by the medians of pure-decode steps per batch size, and its price."""
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, per_short, 4 * per_short, 0.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))
@@ -106,8 +108,9 @@ def test_parameter_recovery_floor_form():
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():
-    """Steps that grow from the first decoding request: no floor gains FLOOR_MIN_GAIN, so blackbox-floor
-    gives blackbox-ctx's betas exactly (and zeros for the floor terms)."""
+    """Steps that grow from the first decoding request: no floor both gains FLOOR_MIN_GAIN and lifts a step
+    by FLOOR_MIN_LIFT (a floor priced freely fits the solver's dust), so blackbox-floor gives blackbox-ctx's
+    betas exactly (and zeros for the floor terms)."""
     beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [NamedTrace("linear", simulated_trace(poisson_requests(200, 8.0, seed=8), CONFIG, model))]

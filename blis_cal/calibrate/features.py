@@ -60,18 +60,13 @@ def chunks_of(trace: Trace, rec: TraceRecord) -> list[Chunk]:
     return [Chunk(int(t), k) for t, k in zip(times, tokens, strict=True)]
 
 
-Column = str | tuple[str, ...]  # a feature, or features that share one coefficient (summed)
-
-
 class FeatureMatrix:
     """Rows with named feature columns (`features`), stacked into a matrix in a given column order."""
 
     features: dict[str, np.ndarray]
 
-    def matrix(self, columns: Sequence[Column]) -> np.ndarray:
-        return np.column_stack(
-            [self.features[c] if isinstance(c, str) else sum(self.features[k] for k in c) for c in columns]
-        )
+    def matrix(self, columns: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.features[c] for c in columns])
 
 
 @dataclass

@@ -35,7 +35,6 @@ from blis_cal.calibrate.compare import (
 from blis_cal.calibrate.features import (
     DECODE_STEPS_MIN,
     FLOORS,
-    Column,
     PrefillRows,
     StepRows,
     WindowRows,
@@ -64,13 +63,13 @@ class ModelForm:
     latency_model: str  # name in blis_cal.simulate's `latency_models` registry
     beta_columns: tuple[str, ...]
     description: str
-    # Also the floor under pure-decode steps (β7/β8): as costly as k decoding requests (each missing one at the
-    # decode cost β2, so such steps are flat up to k), for the k in features.FLOORS that fits best.
+    # Also the floor under pure-decode steps (β7/β8): β7 for each decoding request short of k, for the k in
+    # features.FLOORS that fits best (β7 is its own coefficient: see FLOOR_SUPPORT).
     floor: bool = False
 
-    def floor_columns(self, k: int) -> tuple[Column, ...]:
-        """The columns solved for with the floor at k requests: the missing requests count as decode tokens."""
-        return tuple(("D", floor_column(k)) if c == "D" else c for c in self.beta_columns)
+    def floor_columns(self, k: int) -> tuple[str, ...]:
+        """The columns solved for with the floor at k requests: the form's, then the requests short of k."""
+        return (*self.beta_columns, floor_column(k))
 
     @property
     def terms(self) -> tuple[int, ...]:
@@ -82,11 +81,11 @@ class ModelForm:
         decode context write all of BETA_TERMS, β9 = 0: a prefix block several decoding requests share is
         read once per step (the features count it once, as the simulator's KV cache holds it once)."""
         beta = [0.0] * (len(BETA_TERMS) if "Dctx" in self.beta_columns else max(self.terms) + 1)
-        for term, value in zip(self.terms, solved, strict=True):
+        for term, value in zip(self.terms, solved[: len(self.terms)], strict=True):
             beta[term] = value
         if self.floor:
-            per_request = beta[TERM_OF_COLUMN["D"]]
-            beta[7:9] = [per_request, _clean(floor * per_request)] if floor else [0.0, 0.0]
+            per_request = solved[len(self.terms)] if floor else 0.0  # floor_columns' last column
+            beta[7:9] = [per_request, _clean(floor * per_request)]
         return tuple(beta)
 
 
@@ -115,9 +114,9 @@ model_forms.register("blackbox-floor")(
         "blackbox-floor",
         "blackbox",
         ("const", "P", "D", "Pctx", "Dctx", "Np"),
-        "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests) with "
-        "β7 = β2: a pure-decode step costs at least as much as β8/β7 decoding requests (bound by reading the "
-        "weights; steps with a prefill pay every decode in full); the fit finds that number",
+        "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests): each "
+        "decoding request short of k = β8/β7 adds β7, so a pure-decode step of few requests costs about the "
+        "same however many decode (steps with a prefill pay every decode in full); the fit finds k and β7",
         floor=True,
     )
 )
@@ -253,7 +252,7 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
 
 
 def floor_of(beta: Sequence[float]) -> int:
-    """The number of decoding requests a pure-decode step costs at least (β8/β7; 0 without a floor)."""
+    """The k of the floor under pure-decode steps (β8/β7; 0 without a floor)."""
     return round(beta[8] / beta[7]) if len(beta) > 8 and beta[7] > 0 else 0
 
 
@@ -282,6 +281,7 @@ def _solve_beta(
             k: _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks)
             for k in _supported_floors(decodes)
         }
+        fits = {k: fit for k, fit in fits.items() if k == 0 or _lifts(decodes, k, fit[0][-1])}
         k = min(fits, key=lambda f: fits[f][1])
         if fits[k][1] > (1 - FLOOR_MIN_GAIN) * fits[0][1]:
             k = 0
@@ -291,19 +291,33 @@ def _solve_beta(
         return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     if start is None:
         return form.full_beta(fits[k][0], k)
+    warm_floor = [*warm, start[7]]  # β7, the floor column's coefficient
     return form.full_beta(
-        _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm)[0], k
+        _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm_floor)[0], k
     )
 
 
-# Batch sizes above a floor with a median pure-decode step, for the slope past it: with two, one noisy step at
-# a light-load pair's largest batch set the slope (day 11: 1.9 ms per request, ~1.3 measured past it; its
-# 2 req/s replay 107 % off); with three, days 8-12's pairs that find a floor give 7.7-9.6 % E2E (README).
-FLOOR_SUPPORT = 3
+# Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the
+# twelfth session) two let one noisy step set it (day 11's pair: 1.9 ms per request, ~1.3 measured; 2 req/s
+# replayed 107 % off) and three sufficed; with β7 free, three let day 11's pair read the step's jump from 6
+# to 7 requests as the slope (r20 50 % off), four keep days 8-12's pairs within 7.9-9.2 % E2E (README).
+FLOOR_SUPPORT = 4
 # A floor must lower the fit's robust cost by this fraction against none: on hosts whose steps grow from the
 # first request the best floor gains less (days 1, 3, 6, 7 and their leave-one-out folds: the fit stays
 # blackbox-ctx's); real floors gained 0.8-11 % (a light-load pair has few steps past its floor).
 FLOOR_MIN_GAIN = 0.005
+# A floor must add this fraction to the median pure-decode step of the fewest requests: β7 is free, and a floor
+# of a few µs per request fits noise (a simulated linear host: 12 µs against 1.5 ms per decoding request).
+FLOOR_MIN_LIFT = 0.02
+
+
+def _lifts(decodes: Sequence[StepRows], k: int, per_request: float) -> bool:
+    """Whether a floor at `k` requests costing `per_request` (β7) for each one short of it adds FLOOR_MIN_LIFT
+    to the median pure-decode step of the fewest decoding requests in `decodes`."""
+    n, step = min(
+        (int(n), us) for rows in decodes for n, us in zip(rows.features["D"], rows.duration_us, strict=True)
+    )
+    return per_request * max(k - n, 0) >= FLOOR_MIN_LIFT * step
 
 
 def _supported_floors(decodes: Sequence[StepRows]) -> tuple[int, ...]:
@@ -317,7 +331,7 @@ def _supported_floors(decodes: Sequence[StepRows]) -> tuple[int, ...]:
 
 
 def _solve_columns(
-    columns: Sequence[Column],
+    columns: Sequence[str],
     windows: Sequence[WindowRows],
     steps: Sequence[StepRows],
     picks: Sequence[np.ndarray] | None = None,

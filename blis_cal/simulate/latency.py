@@ -17,10 +17,10 @@ Cp = prefill_context_tokens (tokens already in the KV cache before each prefill 
 cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
 Cs = shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the
 first holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
-decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill
-and fewer than β8/β7 decoding requests a step costs as if that many decoded (it is bound by reading the
-weights, not by computing its tokens; the roofline's knee), while a step with a prefill is compute-bound and
-pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared tokens then cost
+decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
+each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
+by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
+compute-bound and pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared tokens then cost
 what any context token does, as before the term existed).
 """
 
