@@ -300,7 +300,8 @@ def _solve_beta(
 # Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the
 # twelfth session) two let one noisy step set it (day 11's pair: 1.9 ms per request, ~1.3 measured; 2 req/s
 # replayed 107 % off) and three sufficed; with β7 free, three let day 11's pair read the step's jump from 6
-# to 7 requests as the slope (r20 50 % off), four keep days 8-12's pairs within 7.9-9.2 % E2E (README).
+# to 7 requests as the slope (r20 50 % off), four keep days 8-12's pairs within 7.9-9.2 % E2E (day 13's,
+# captured after: 10.1 %; README).
 FLOOR_SUPPORT = 4
 # A floor must lower the fit's robust cost by this fraction against none: on hosts whose steps grow from the
 # first request the best floor gains less (days 1, 3, 6, 7 and their leave-one-out folds: the fit stays
@@ -313,7 +314,7 @@ FLOOR_MIN_LIFT = 0.02
 
 def _lifts(decodes: Sequence[StepRows], k: int, per_request: float) -> bool:
     """Whether a floor at `k` requests costing `per_request` (β7) for each one short of it adds FLOOR_MIN_LIFT
-    to the median pure-decode step of the fewest decoding requests in `decodes`."""
+    to the median pure-decode step of the fewest decoding requests in `decodes` (the least over traces)."""
     n, step = min(
         (int(n), us) for rows in decodes for n, us in zip(rows.features["D"], rows.duration_us, strict=True)
     )

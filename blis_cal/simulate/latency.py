@@ -20,8 +20,8 @@ first holder; vLLM keeps one copy, which a step may read at another price), Np /
 decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
-compute-bound and pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared tokens then cost
-what any context token does, as before the term existed).
+compute-bound and pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared
+tokens then cost what any context token does, as before the term existed).
 """
 
 from __future__ import annotations
