@@ -900,14 +900,7 @@ def calibrate_cmd(
             sim_model, replay = _replay_fn(
                 "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
             )
-            reports, data = run_compare(
-                named,
-                replay,
-                rtt_us=rtt_us,
-                warmup=warmup,
-                latency_model=sim_model,
-                fitted_batch_max=sim_model.fitted_batch_max,
-            )
+            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup, latency_model=sim_model)
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
@@ -1009,13 +1002,7 @@ def validate_cmd(
     sim_model, replay = _replay_fn(
         "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
     )
-    reports, _ = run_compare(
-        named,
-        replay,
-        rtt_us=rtt_us,
-        latency_model=sim_model,
-        fitted_batch_max=sim_model.fitted_batch_max,
-    )
+    reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model)
     coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp, "session_mode": session_mode}
     _validation_output(
         reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"

@@ -223,6 +223,8 @@ def trace_diagnostics(trace: Trace) -> TraceDiagnostics:
 class DecodeStepModel(Protocol):
     """What the speed check needs of a step-time model (blis_cal.simulate.LatencyModel)."""
 
+    fitted_batch_max: int | None  # the largest batch its coefficients' fit saw, when known
+
     def decode_only_step_us(
         self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
     ) -> int: ...

@@ -151,11 +151,9 @@ def run_compare(
     rtt_us: int | None = None,
     warmup: int | None = None,
     latency_model: DecodeStepModel | None = None,
-    fitted_batch_max: int | None = None,
 ) -> tuple[list[ComparisonReport], dict[str, Any]]:
     """Compare each trace with its simulated results (`simulate(trace)`, from `latency_model` when known,
-    whose coefficients were fitted on batches of up to `fitted_batch_max` requests when known); the pooled
-    JSON report."""
+    noting batches beyond its coefficients' fit when that is known too); the pooled JSON report."""
     reports = [
         compare(
             t.trace,
@@ -165,7 +163,7 @@ def run_compare(
             trace_name=t.name,
             latency_model=latency_model,
             diagnostics=t.diagnostics(),
-            fitted_batch_max=fitted_batch_max,
+            fitted_batch_max=latency_model.fitted_batch_max if latency_model is not None else None,
         )
         for t in traces
     ]
