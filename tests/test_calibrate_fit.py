@@ -15,7 +15,14 @@ from blis_cal.calibrate.features import (
     idle_prefill_rows,
     window_rows,
 )
-from blis_cal.calibrate.fit import FLOOR_SUPPORT, LIGHT_LOAD_BATCH, floor_of
+from blis_cal.calibrate.fit import (
+    FLOOR_SUPPORT,
+    LIGHT_LOAD_BATCH,
+    PAIRS_MAX_SHIFT,
+    _collect,
+    _solve_columns,
+    floor_of,
+)
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
@@ -55,8 +62,9 @@ def test_parameter_recovery_3_plus_3(synthetic):
 
 
 def test_parameter_recovery_extended_form_with_prefix_caching():
-    """Cached prefixes (β3), and decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0)."""
-    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0)
+    """Cached prefixes (β3), decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0), and
+    the prefills' attention pairs (β10: ~6 % of a 512-token prompt's price, as on vLLM's CPU build)."""
+    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.005)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace("plain", simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, model)),
@@ -70,6 +78,20 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
     assert_within(fitted, beta)
+
+
+def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):
+    """Shared A alone (prompts of 43-497 tokens, no cached prefix): priced freely, the pairs would take more
+    than PAIRS_MAX_SHIFT off β1; the fit keeps the linear prefill price instead."""
+    traces = [NamedTrace("A", read_trace(trace_a))]
+    rows = _collect(traces, None)
+    columns = model_forms.get("blackbox-ctx").beta_columns
+    free = _solve_columns(columns, rows.windows, rows.steps)[0]
+    linear = _solve_columns(columns[:-1], rows.windows, rows.steps)[0]
+    assert free[-1] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
+    for form in ("blackbox-ctx", "blackbox-floor"):
+        fitted = direct_estimate(traces, model_forms.get(form))[1]
+        assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
 
 
 def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_runs_faster():
@@ -92,7 +114,7 @@ def test_parameter_recovery_floor_form(per_short):
     flat, as costly as 4 requests of 1.5 ms; 2.5 ms: cheaper as requests join, the shape vLLM's CPU build
     measures at a fixed context), steps with a prefill pay every decode; the fit finds the floor among
     features.FLOORS, helped by the medians of pure-decode steps per batch size, and its price."""
-    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, per_short, 4 * per_short, 0.0)
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, per_short, 4 * per_short, 0.0, 0.0)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model))
@@ -235,9 +257,9 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    # The default form is blackbox-floor (ten betas); the plain 3+3 fit is reported beside it.
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 10
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 10
+    # The default form is blackbox-floor (eleven betas); the plain 3+3 fit is reported beside it.
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 11
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 11
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
     assert data["calibration"]["model_form"] == "blackbox-floor"
@@ -303,7 +325,7 @@ def test_cli_extended_form_is_reported_beside_3_plus_3(tmp_path, trace_c):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    assert len(entry["beta_coeffs"]) == 10 and entry["fit"]["model_form"] == "blackbox-ctx"
+    assert len(entry["beta_coeffs"]) == 11 and entry["fit"]["model_form"] == "blackbox-ctx"
     data = json.loads(rep.read_text())
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert data["baseline_3plus3"]["summary_rows"][0]["trace"] == "C_prefix_1.0"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from blis_cal.simulate.latency import attention_pairs
 from blis_cal.trace import (
     STEP_BURST_GAP_US,
     Chunk,
@@ -33,8 +34,9 @@ from blis_cal.trace import (
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
 # before each prefill (cached prefix), Dctx Σ context of decoding requests (a shared prefix's blocks counted
-# once per step), Np prefill requests.
-EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np")
+# once per step), Np prefill requests, Ppairs the prefills' attention pairs (the same sum however vLLM chunked
+# a prompt, so a window counts a whole prompt's).
+EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np", "Ppairs")
 DCTX = EVENT_COLUMNS.index("Dctx")
 # Per step without prefill, the decode requests short of a floor of k: max(0, k − D), for every k a fit may
 # pick (`floor_column`).
@@ -92,12 +94,12 @@ class PrefillRows(FeatureMatrix):
 
 
 def _prefill_event(total: int, hit: int) -> tuple[float, ...]:
-    return (float(total - hit), 0.0, float(hit), 0.0, 1.0)
+    return (float(total - hit), 0.0, float(hit), 0.0, 1.0, float(attention_pairs(total - hit, hit)))
 
 
 def _decode_event(tokens: int, context: int) -> tuple[float, ...]:
     # A decode step for output token k reads the prompt plus the k−1 tokens before it.
-    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0)
+    return (0.0, float(tokens), 0.0, float(tokens * context), 0.0, 0.0)
 
 
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
@@ -231,6 +233,9 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         "Pctx": steps * np.asarray(p_ctx, dtype=float) + budget * steps * (steps - 1) / 2,
         "Dctx": np.zeros(n),
         "Np": steps,
+        "Ppairs": np.asarray(
+            [attention_pairs(new, hit) for new, hit in zip(p_new, p_ctx, strict=True)], dtype=float
+        ),
     }
     return PrefillRows(
         ttft_us=np.asarray(ttft, dtype=float),
@@ -321,6 +326,7 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
         "Pctx": zeros,
         "Dctx": np.asarray([np.mean([c for _, c, _ in by_size[k]]) for k in sizes]),
         "Np": zeros,
+        "Ppairs": zeros,
     }
     features.update(zip(FLOOR_COLUMNS, _short_of_floors(n, np.ones(len(sizes), bool)).T, strict=True))
     return StepRows(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -51,8 +51,9 @@ from blis_cal.simulate.latency import BETA_TERMS
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
+PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
-TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5}
+TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: 10}
 
 
 @dataclass(frozen=True)
@@ -98,22 +99,24 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 10 betas in simulate.latency.BETA_TERMS order; this form fits β0-β5
-# (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the floor; β9: 0).
+# The simulator's blackbox model takes up to 11 betas in simulate.latency.BETA_TERMS order; this form fits
+# β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
+# floor; β9: 0).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np"),
+        ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (a prefix block several running "
-        "requests share counted once: β9 = 0) + β5·prefill requests",
+        "requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
+        "traces measure it: PAIRS_MAX_SHIFT)",
     )
 )
 model_forms.register("blackbox-floor")(
     ModelForm(
         "blackbox-floor",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np"),
+        ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests): each "
         "decoding request short of k = β8/β7 adds β7, so a pure-decode step of few requests costs about the "
         "same however many decode (steps with a prefill pay every decode in full); the fit finds k and β7",
@@ -128,7 +131,12 @@ Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], S
 METRIC_WEIGHTS = {"ttft": 1.0, "itl": 1.0, "e2e": 1.0}
 LIGHT_LOAD_BATCH = 16  # fits whose traces never decoded this many requests at once get a note
 ALPHA0_STEP_US = 10_000.0  # the refinement's unit for moving α0
-PREFILL_COLUMNS = ("P", "Pctx", "Np")  # step terms paid by prefills (scaled together by the refinement)
+PREFILL_COLUMNS = (
+    "P",
+    "Pctx",
+    "Np",
+    PAIRS,
+)  # step terms paid by prefills (scaled together by the refinement)
 
 
 @dataclass
@@ -268,6 +276,9 @@ def _solve_beta(
     """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows, fitting the
     `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
     beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
+    if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
+        plain = replace(form, beta_columns=tuple(c for c in form.beta_columns if c != PAIRS))
+        return _solve_beta(plain, windows, steps, decodes, picks, step_picks, start)
     warm = None if start is None else [start[t] for t in form.terms]
     if not form.floor:
         return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
@@ -310,6 +321,32 @@ FLOOR_MIN_GAIN = 0.005
 # A floor must add this fraction to the median pure-decode step of the fewest requests: β7 is free, and a floor
 # of a few µs per request fits noise (a simulated linear host: 12 µs against 1.5 ms per decoding request).
 FLOOR_MIN_LIFT = 0.02
+
+
+# The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
+# fit without it. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary
+# widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
+# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). The days' captures moved β1 4-10 %.
+PAIRS_MAX_SHIFT = 0.15
+
+
+def _prices_pairs(
+    form: ModelForm,
+    windows: Sequence[WindowRows],
+    steps: Sequence[StepRows],
+    picks: Sequence[np.ndarray] | None,
+    step_picks: Sequence[np.ndarray] | None,
+    start: Sequence[float] | None,
+) -> bool:
+    """Whether the fit prices prefill attention pairs (β10): as `start` did (bootstrap replicates), else when
+    pricing them moves β1 by at most PAIRS_MAX_SHIFT."""
+    if start is not None:
+        return start[TERM_OF_COLUMN[PAIRS]] > 0
+    plain = tuple(c for c in form.beta_columns if c != PAIRS)
+    p = form.beta_columns.index("P")
+    with_pairs = _solve_columns(form.beta_columns, windows, steps, picks, step_picks)[0][p]
+    without = _solve_columns(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
+    return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
 
 
 def _lifts(decodes: Sequence[StepRows], k: int, per_request: float) -> bool:

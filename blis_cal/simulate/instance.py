@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from blis_cal.simulate.kv_cache import KVCacheManager, cdiv
-from blis_cal.simulate.latency import LatencyModel, StepBatch
+from blis_cal.simulate.latency import LatencyModel, StepBatch, attention_pairs
 from blis_cal.simulate.metrics import EngineStats
 from blis_cal.simulate.request import ReqState
 from blis_cal.simulate.scheduler import WaitingQueue, scheduler_policies
@@ -260,7 +260,7 @@ class Instance:
                 p_tokens += num_new
                 p_reqs += 1
                 p_ctx += state.num_computed
-                p_pairs += num_new * state.num_computed + num_new * (num_new - 1) // 2
+                p_pairs += attention_pairs(num_new, state.num_computed)
             state.num_computed += num_new  # vLLM _update_after_schedule
         self._scheduled = scheduled
         batch = StepBatch(p_tokens, d_reqs, p_reqs, d_reqs, p_ctx, d_ctx, p_pairs, self.kv.shared_tokens)

@@ -10,18 +10,20 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 "blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
-    step time   = int(β0 + β1·P + β2·D + β3·Cp + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·Pa + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
                       + [P = 0]·max(0, β8 − β7·Nd))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
-cached prefix), Cd = decode_context_tokens (Σ context length of the decoding requests: attention reads),
-Cs = shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the
+cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
+attention computes, `attention_pairs`: the cost growing with the square of a prompt), Cd =
+decode_context_tokens (Σ context length of the decoding requests: attention reads), Cs = shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the
 first holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
 decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
 compute-bound and pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared
-tokens then cost what any context token does, as before the term existed).
+tokens then cost what any context token does, as before the term existed); β10 is 0 when an entry has fewer
+than eleven.
 """
 
 from __future__ import annotations
@@ -45,7 +47,13 @@ BETA_TERMS = (
     "decode_requests_under_floor",
     "pure_decode_floor",
     "shared_context_tokens",
+    "prefill_attention_pairs",
 )
+
+
+def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
+    """(query, key) pairs of causal attention for `new_tokens` computed after `cached_tokens` already in KV."""
+    return new_tokens * cached_tokens + new_tokens * (new_tokens - 1) // 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +66,9 @@ class StepBatch:
     num_decode_reqs: int
     prefill_context_tokens: int  # Σ tokens already in KV before each prefill chunk
     decode_context_tokens: int  # Σ context length (tokens in KV) of decoding requests
-    # Σ over prefill chunks of n·c + n(n−1)/2 (n new tokens after c in KV): attention (query, key) pairs.
-    prefill_attention_pairs: int = 0
+    prefill_attention_pairs: int = (
+        0  # Σ over prefill chunks of attention_pairs(chunk, tokens in KV before it)
+    )
     # KV tokens in blocks several running requests hold (prefix-cache hits), counted past the first holder.
     shared_context_tokens: int = 0
 
@@ -140,7 +149,7 @@ class BlackboxModel(LatencyModel):
         self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS))
         b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
         # Without β9 a shared prefix token costs what any context token does (β4): entries from before it.
-        self._b = b if len(self.beta) == len(BETA_TERMS) else (*b[:-1], b[4])
+        self._b = b if len(self.beta) > 9 else (*b[:9], b[4], *b[10:])
         self._out = int(self.alpha[2])
 
     def queue_delay_us(self, input_len: int) -> int:
@@ -153,6 +162,7 @@ class BlackboxModel(LatencyModel):
             + b[1] * batch.num_prefill_tokens
             + b[2] * batch.num_decode_tokens
             + b[3] * batch.prefill_context_tokens
+            + b[10] * batch.prefill_attention_pairs
             + self._context_us(batch.decode_context_tokens, batch.shared_context_tokens)
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs
