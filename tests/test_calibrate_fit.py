@@ -78,6 +78,8 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
     assert_within(fitted, beta)
+    result = fit(traces, model_form="blackbox-ctx", bootstrap=0, max_evaluations=0)
+    assert not any("prefill attention" in note for note in result.notes)
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):
@@ -92,6 +94,8 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
+    result = fit(traces, model_form="blackbox-floor", bootstrap=0, max_evaluations=0)
+    assert any("prefill attention is not priced" in note for note in result.notes)
 
 
 def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_runs_faster():

@@ -675,6 +675,13 @@ def fit(
             "β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
             "higher rate or a closed loop)"
         )
+    if PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] == 0:
+        result.notes.append(
+            "prefill attention is not priced (β10 = 0): the traces' prompt lengths and cached prefixes did not "
+            "measure it apart from the per-token price (PAIRS_MAX_SHIFT), so prompts much longer than the "
+            "fit's are predicted at their per-token price; to price it, fit with prompts of widely different "
+            "lengths too"
+        )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
