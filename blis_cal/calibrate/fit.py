@@ -326,7 +326,7 @@ FLOOR_MIN_LIFT = 0.02
 # The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
 # fit without it. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary
 # widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
-# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). The days' captures moved β1 4-10 %.
+# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). Each of days 8-13 moved β1 3-10 %.
 PAIRS_MAX_SHIFT = 0.15
 
 
