@@ -52,6 +52,11 @@ from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
 PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
+# The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
+# fit without it. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary
+# widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
+# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). Each of days 8-13 moved β1 3-10 %.
+PAIRS_MAX_SHIFT = 0.15
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
 TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: 10}
 
@@ -109,7 +114,7 @@ model_forms.register("blackbox-ctx")(
         ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (a prefix block several running "
         "requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
-        "traces measure it: PAIRS_MAX_SHIFT)",
+        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%})",
     )
 )
 model_forms.register("blackbox-floor")(
@@ -321,13 +326,6 @@ FLOOR_MIN_GAIN = 0.005
 # A floor must add this fraction to the median pure-decode step of the fewest requests: β7 is free, and a floor
 # of a few µs per request fits noise (a simulated linear host: 12 µs against 1.5 ms per decoding request).
 FLOOR_MIN_LIFT = 0.02
-
-
-# The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
-# fit without it. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary
-# widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
-# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). Each of days 8-13 moved β1 3-10 %.
-PAIRS_MAX_SHIFT = 0.15
 
 
 def _prices_pairs(
@@ -677,10 +675,10 @@ def fit(
         )
     if PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] == 0:
         result.notes.append(
-            "prefill attention is not priced (β10 = 0): the traces' prompt lengths and cached prefixes did not "
-            "measure it apart from the per-token price (PAIRS_MAX_SHIFT), so prompts much longer than the "
-            "fit's are predicted at their per-token price; to price it, fit with prompts of widely different "
-            "lengths too"
+            "prefill attention is not priced (β10 = 0): the traces show none, or their prompt lengths and cached "
+            "prefixes did not measure it apart from the per-token price (pricing it moved β1 by more than "
+            f"{PAIRS_MAX_SHIFT:.0%}); prompts much longer than the fit's are predicted at their per-token price, "
+            "so to price it, fit with prompts of widely different lengths too"
         )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
