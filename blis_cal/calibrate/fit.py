@@ -77,6 +77,10 @@ class ModelForm:
         """The columns solved for with the floor at k requests: the form's, then the requests short of k."""
         return (*self.beta_columns, floor_column(k))
 
+    def without(self, column: str) -> ModelForm:
+        """The same form without `column` (its coefficient stays 0)."""
+        return replace(self, beta_columns=tuple(c for c in self.beta_columns if c != column))
+
     @property
     def terms(self) -> tuple[int, ...]:
         """Where each column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order)."""
@@ -136,12 +140,8 @@ Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], S
 METRIC_WEIGHTS = {"ttft": 1.0, "itl": 1.0, "e2e": 1.0}
 LIGHT_LOAD_BATCH = 16  # fits whose traces never decoded this many requests at once get a note
 ALPHA0_STEP_US = 10_000.0  # the refinement's unit for moving α0
-PREFILL_COLUMNS = (
-    "P",
-    "Pctx",
-    "Np",
-    PAIRS,
-)  # step terms paid by prefills (scaled together by the refinement)
+# Step terms paid by prefills (scaled together by the refinement).
+PREFILL_COLUMNS = ("P", "Pctx", "Np", PAIRS)
 
 
 @dataclass
@@ -282,8 +282,7 @@ def _solve_beta(
     `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
     beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
     if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
-        plain = replace(form, beta_columns=tuple(c for c in form.beta_columns if c != PAIRS))
-        return _solve_beta(plain, windows, steps, decodes, picks, step_picks, start)
+        return _solve_beta(form.without(PAIRS), windows, steps, decodes, picks, step_picks, start)
     warm = None if start is None else [start[t] for t in form.terms]
     if not form.floor:
         return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
@@ -337,10 +336,10 @@ def _prices_pairs(
     start: Sequence[float] | None,
 ) -> bool:
     """Whether the fit prices prefill attention pairs (β10): as `start` did (bootstrap replicates), else when
-    pricing them moves β1 by at most PAIRS_MAX_SHIFT."""
+    pricing them moves β1 by at most PAIRS_MAX_SHIFT (fitted on the form's columns, without a floor)."""
     if start is not None:
         return start[TERM_OF_COLUMN[PAIRS]] > 0
-    plain = tuple(c for c in form.beta_columns if c != PAIRS)
+    plain = form.without(PAIRS).beta_columns
     p = form.beta_columns.index("P")
     with_pairs = _solve_columns(form.beta_columns, windows, steps, picks, step_picks)[0][p]
     without = _solve_columns(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
