@@ -16,8 +16,9 @@ where the terms beyond β2 are ours (BLIS's published entries have three betas a
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
 attention computes, `attention_pairs`: the cost growing with the square of a prompt), Cd =
-decode_context_tokens (Σ context length of the decoding requests: attention reads), Cs = shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the
-first holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
+decode_context_tokens (Σ context length of the decoding requests: attention reads), Cs =
+shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the first
+holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
 decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
@@ -66,9 +67,8 @@ class StepBatch:
     num_decode_reqs: int
     prefill_context_tokens: int  # Σ tokens already in KV before each prefill chunk
     decode_context_tokens: int  # Σ context length (tokens in KV) of decoding requests
-    prefill_attention_pairs: int = (
-        0  # Σ over prefill chunks of attention_pairs(chunk, tokens in KV before it)
-    )
+    # Σ over prefill chunks of attention_pairs(chunk tokens, tokens in KV before the chunk).
+    prefill_attention_pairs: int = 0
     # KV tokens in blocks several running requests hold (prefix-cache hits), counted past the first holder.
     shared_context_tokens: int = 0
 
