@@ -44,6 +44,16 @@ def test_chunked_prefill_and_budget_hand_computed():
     assert r1.e2e_us == 6001 + 1001
 
 
+def test_attention_pairs_of_a_chunked_prompt_sum_to_the_whole_prompts():
+    # β10 = 1 µs per pair. Budget 64: chunks 64 (64·63/2 = 2016 pairs) + 36 after 64 (36·64 + 36·35/2 = 2934),
+    # steps 1000 + 640 + 2016 and 1000 + 360 + 2934; unchunked: 1000 + 1000 + 100·99/2, one β0 less.
+    model = BlackboxModel((0, 0, 0), (1000, 10, 1, 0, 0, 0, 0, 0, 0, 0, 1.0))
+    (chunked,) = simulate([req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64), model).results
+    (whole,) = simulate([req(0, 0, 100, 1)], SimConfig(), model).results
+    assert chunked.ttft_us == 3656 + 4294
+    assert whole.ttft_us == 1000 + 1000 + 4950 == chunked.ttft_us - 1000
+
+
 def test_prefix_hit_only_full_blocks():
     shared = (("prefix:g", 40),)
     a = req(0, 0, 50, 2, (*shared, ("req:0", 10)))
