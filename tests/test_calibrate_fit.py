@@ -18,6 +18,7 @@ from blis_cal.calibrate.features import (
 from blis_cal.calibrate.fit import (
     FLOOR_SUPPORT,
     LIGHT_LOAD_BATCH,
+    PAIRS,
     PAIRS_MAX_SHIFT,
     _collect,
     _solve_columns,
@@ -87,10 +88,10 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     than PAIRS_MAX_SHIFT off β1; the fit keeps the linear prefill price instead."""
     traces = [NamedTrace("A", read_trace(trace_a))]
     rows = _collect(traces, None)
-    columns = model_forms.get("blackbox-ctx").beta_columns
-    free = _solve_columns(columns, rows.windows, rows.steps)[0]
-    linear = _solve_columns(columns[:-1], rows.windows, rows.steps)[0]
-    assert free[-1] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
+    ctx = model_forms.get("blackbox-ctx")
+    free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps)[0]
+    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps)[0]
+    assert free[ctx.beta_columns.index(PAIRS)] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
