@@ -305,10 +305,13 @@ def compare(
 
     `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
     that produced the results, a note says when the server ran at another speed (`speed_note`); with the
-    largest batch its coefficients were fitted on, when the trace decoded larger ones (`coverage_note`).
+    largest batch its coefficients were fitted on (`fitted_batch_max`, else the model's own when it knows it),
+    when the trace decoded larger ones (`coverage_note`).
     `diagnostics` are `trace_diagnostics(trace)` when already known (a fit compares each trace many times).
     Raises CalibrationError when nothing can be compared.
     """
+    if fitted_batch_max is None and latency_model is not None:
+        fitted_batch_max = latency_model.fitted_batch_max
     warm = trace.header.warm_up_requests if warmup is None else warmup
     if warm < 0:
         raise CalibrationError(f"warm-up request count must be >= 0, got {warm}")

@@ -163,7 +163,6 @@ def run_compare(
             trace_name=t.name,
             latency_model=latency_model,
             diagnostics=t.diagnostics(),
-            fitted_batch_max=latency_model.fitted_batch_max if latency_model is not None else None,
         )
         for t in traces
     ]
