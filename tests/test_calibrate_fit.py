@@ -89,14 +89,33 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     traces = [NamedTrace("A", read_trace(trace_a))]
     rows = _collect(traces, None)
     ctx = model_forms.get("blackbox-ctx")
-    free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps)[0]
-    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps)[0]
+    tie = ctx.decode_pays_prefill
+    free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=tie)[0]
+    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie)[0]
     assert free[ctx.beta_columns.index(PAIRS)] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
     result = fit(traces, model_form="blackbox-floor", bootstrap=0, max_evaluations=0)
     assert any("prefill attention is not priced" in note for note in result.notes)
+
+
+def test_a_decode_token_costs_at_least_a_prompt_token_in_forms_that_price_attention_apart():
+    """Steps whose decode tokens cost less than prompt tokens (β2 < β1, as in BLIS's published GPU entries,
+    where the 3+3 β1 carries prefill attention too): the 3+3 form recovers them; blackbox-ctx and
+    blackbox-floor, whose β1 is the linear layers' price only, never put β2 below β1."""
+    beta = (6000.0, 150.0, 20.0)
+    traces = [
+        NamedTrace(
+            f"rate{rate:g}",
+            simulated_trace(poisson_requests(150, rate, seed=seed), CONFIG, BlackboxModel(ALPHA, beta)),
+        )
+        for seed, rate in ((7, 3.0), (8, 6.0))
+    ]
+    assert_within(direct_estimate(traces, model_forms.get("blackbox"))[1], beta)
+    for form in ("blackbox-ctx", "blackbox-floor"):
+        fitted = direct_estimate(traces, model_forms.get(form))[1]
+        assert fitted[2] >= fitted[1] > 0, (form, fitted)
 
 
 def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_runs_faster():

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,9 @@ class ModelForm:
     # Also the floor under pure-decode steps (β7/β8): β7 for each decoding request short of k, for the k in
     # features.FLOORS that fits best (β7 is its own coefficient: see FLOOR_SUPPORT).
     floor: bool = False
+    # β2 ≥ β1 (solved as β1 and β2 − β1 ≥ 0) in forms that price attention apart: vLLM batches a step's prompt
+    # and decode tokens through the same linear layers, and a decode token adds its logits and sampling.
+    decode_pays_prefill: bool = False
 
     def floor_columns(self, k: int) -> tuple[str, ...]:
         """The columns solved for with the floor at k requests: the form's, then the requests short of k."""
@@ -118,7 +122,9 @@ model_forms.register("blackbox-ctx")(
         ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (a prefix block several running "
         "requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
-        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%})",
+        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%}); "
+        "β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
+        decode_pays_prefill=True,
     )
 )
 model_forms.register("blackbox-floor")(
@@ -130,6 +136,7 @@ model_forms.register("blackbox-floor")(
         "decoding request short of k = β8/β7 adds β7, so a pure-decode step of few requests costs about the "
         "same however many decode (steps with a prefill pay every decode in full); the fit finds k and β7",
         floor=True,
+        decode_pays_prefill=True,
     )
 )
 
@@ -284,8 +291,9 @@ def _solve_beta(
     if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
         return _solve_beta(form.without(PAIRS), windows, steps, decodes, picks, step_picks, start)
     warm = None if start is None else [start[t] for t in form.terms]
+    solve = partial(_solve_columns, tie=form.decode_pays_prefill)
     if not form.floor:
-        return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
+        return form.full_beta(solve(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     # The medians are aggregates already: kept whole in bootstrap replicates.
     with_medians = [*steps, *decodes]
     median_picks = (
@@ -293,7 +301,7 @@ def _solve_beta(
     )
     if start is None:
         fits = {
-            k: _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks)
+            k: solve(form.floor_columns(k), windows, with_medians, picks, median_picks)
             for k in _supported_floors(decodes)
         }
         fits = {k: fit for k, fit in fits.items() if k == 0 or _lifts(decodes, k, fit[0][-1])}
@@ -303,12 +311,12 @@ def _solve_beta(
     else:
         k = floor_of(start)
     if k == 0:  # no floor: blackbox-ctx, fitted without the medians that were there to locate one
-        return form.full_beta(_solve_columns(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
+        return form.full_beta(solve(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     if start is None:
         return form.full_beta(fits[k][0], k)
     warm_floor = [*warm, start[7]]  # β7, the floor column's coefficient
     return form.full_beta(
-        _solve_columns(form.floor_columns(k), windows, with_medians, picks, median_picks, warm_floor)[0], k
+        solve(form.floor_columns(k), windows, with_medians, picks, median_picks, warm_floor)[0], k
     )
 
 
@@ -341,8 +349,9 @@ def _prices_pairs(
         return start[TERM_OF_COLUMN[PAIRS]] > 0
     plain = form.without(PAIRS).beta_columns
     p = form.beta_columns.index("P")
-    with_pairs = _solve_columns(form.beta_columns, windows, steps, picks, step_picks)[0][p]
-    without = _solve_columns(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
+    tie = form.decode_pays_prefill
+    with_pairs = _solve_columns(form.beta_columns, windows, steps, picks, step_picks, tie=tie)[0][p]
+    without = _solve_columns(plain, windows, steps, picks, step_picks, tie=tie)[0][plain.index("P")]
     return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
 
 
@@ -372,9 +381,11 @@ def _solve_columns(
     picks: Sequence[np.ndarray] | None = None,
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
+    tie: bool = False,
 ) -> tuple[tuple[float, ...], float]:
     """Coefficients ≥ 0 of `columns` minimising relative errors of every request's mean ITL and of every
-    observed prefill step, and the robust cost they reach.
+    observed prefill step, and the robust cost they reach; with `tie`, the "D" coefficient is at least the
+    "P" one (solved as "P" on prompt + decode tokens and "D" for the rest: ModelForm.decode_pays_prefill).
 
     Robust (soft-L1 on log ratios): a step whose burst boundary was misread (events of one step split across
     two network reads) gives a wild relative error that must not steer the fit.
@@ -391,6 +402,11 @@ def _solve_columns(
     x, y = np.vstack(mats), np.concatenate(ys)
     keep = y > 0
     a = x[keep] / y[keep, None]
+    if tie:
+        ip, idd = columns.index("P"), columns.index("D")
+        a[:, ip] += a[:, idd]
+        if start is not None:
+            start = [*start[:idd], max(start[idd] - start[ip], 0.0), *start[idd + 1 :]]
     scale = np.abs(a).max(axis=0)
     used = scale > 0
     if start is None:
@@ -412,6 +428,8 @@ def _solve_columns(
     )
     beta = np.zeros(a.shape[1])
     beta[used] = sol.x
+    if tie:
+        beta[idd] += beta[ip]
     return tuple(_clean(v) for v in beta), float(sol.cost)
 
 
