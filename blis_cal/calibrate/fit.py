@@ -4,8 +4,8 @@
    of the mean step features over the window, `features.window_rows`), by bounded linear least squares on
    relative errors (β2 ≥ β1 in the extended forms: ModelForm.decode_pays_prefill); α0/α1 from requests
    that arrived to an idle engine (TTFT = queue delay + one prefill step), after subtracting the prefill
-   step predicted by β. α2 (delay of every token after its step) is
-   not separable from α0 by TTFT/E2E, so it stays 0 and α0 carries the fixed overhead.
+   step predicted by β. α2 (delay of every token after its step) is not separable from α0 by TTFT/E2E,
+   so it stays 0 and α0 carries the fixed overhead.
 2. Simulation in the loop: replay every trace with candidate coefficients and minimise the mean of TTFT,
    ITL and E2E MAPE over all traces (Nelder-Mead on the overall β scale, the prefill terms' scale and α0).
 3. Bootstrap (whole traces when there are several, then time blocks of requests): a confidence interval
