@@ -350,9 +350,9 @@ def _prices_pairs(
         return start[TERM_OF_COLUMN[PAIRS]] > 0
     plain = form.without(PAIRS).beta_columns
     p = form.beta_columns.index("P")
-    tie = form.decode_pays_prefill
-    with_pairs = _solve_columns(form.beta_columns, windows, steps, picks, step_picks, tie=tie)[0][p]
-    without = _solve_columns(plain, windows, steps, picks, step_picks, tie=tie)[0][plain.index("P")]
+    solve = partial(_solve_columns, tie=form.decode_pays_prefill)
+    with_pairs = solve(form.beta_columns, windows, steps, picks, step_picks)[0][p]
+    without = solve(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
     return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
 
 
