@@ -786,7 +786,8 @@ def calibrate_cmd(
     model_form: str | None = typer.Option(
         None,
         "--model-form",
-        help="Fit: step-time form. blackbox-floor (default; the 3+3 fit is reported beside it) adds to "
+        help="Fit: step-time form. blackbox-table (default; the 3+3 fit is reported beside it) adds to "
+        "blackbox-floor an offset per batch size of pure-decode steps of 1-8 requests; blackbox-floor adds to "
         "blackbox-ctx a floor under pure-decode steps at a batch size it finds (none when steps grow from one "
         "request); blackbox-ctx predicted held-out real traces 4x better than blackbox, which gives BLIS's plain "
         "3+3 entry. " + _MODEL_FORMS_SEE,
@@ -950,7 +951,7 @@ def validate_cmd(
     model_form: str | None = typer.Option(
         None,
         "--model-form",
-        help="--leave-one-out: the step-time form to fit (default: blackbox-floor). " + _MODEL_FORMS_SEE,
+        help="--leave-one-out: the step-time form to fit (default: calibrate's). " + _MODEL_FORMS_SEE,
     ),
     session_mode: str | None = _OPT_SESSION_MODE,
 ) -> None:

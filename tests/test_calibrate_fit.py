@@ -153,6 +153,36 @@ def test_parameter_recovery_floor_form(per_short):
     assert plain[6:9] == (0.0, 0.0, 0.0)
 
 
+def test_parameter_recovery_batch_table_form():
+    """Pure-decode steps with an offset per batch size on top of a floor (the CPU build's shape: a step of 2
+    decoding requests slower than one of 1 or 3): blackbox-table gives every pure-decode step of 1-8 requests
+    within 2 %, where blackbox-floor, a line and a floor, misses the step of 2 by more than 5 %; and a
+    trace without offsets gets none (each within 1 % of its step)."""
+    floor = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0, 0.0)
+    table = (-800.0, 1400.0, -300.0, 0.0, 600.0, 0.0, 0.0, 0.0)
+    truth = BlackboxModel(ALPHA, (*floor, *table))
+    traces = [
+        NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, truth))
+        for seed, rate in ((5, 4.0), (6, 10.0))
+    ]
+    context = 600  # per decoding request
+
+    def steps(model):
+        return np.array([model.decode_only_step_us(n, n * context) for n in range(1, 9)], dtype=float)
+
+    fitted = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-table")))
+    np.testing.assert_allclose(steps(fitted), steps(truth), rtol=0.02)
+    line = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-floor")))
+    assert abs(steps(line)[1] / steps(truth)[1] - 1) > 0.05
+    plain = BlackboxModel(ALPHA, floor)
+    untabled = [
+        NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, plain))
+        for seed, rate in ((5, 4.0), (6, 10.0))
+    ]
+    offsets = np.array(direct_estimate(untabled, model_forms.get("blackbox-table"))[1][11:])
+    assert np.all(np.abs(offsets) < 0.01 * steps(plain))
+
+
 def test_floor_form_without_a_floor_is_the_ctx_fit():
     """Steps that grow from the first decoding request: no floor both gains FLOOR_MIN_GAIN and lifts a step
     by FLOOR_MIN_LIFT (a floor priced freely fits the solver's dust), so blackbox-floor gives blackbox-ctx's
@@ -281,12 +311,12 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    # The default form is blackbox-floor (eleven betas); the plain 3+3 fit is reported beside it.
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 11
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 11
+    # The default form is blackbox-table (nineteen betas); the plain 3+3 fit is reported beside it.
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 19
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 19
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
-    assert data["calibration"]["model_form"] == "blackbox-floor"
+    assert data["calibration"]["model_form"] == "blackbox-table"
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert "data:image/png;base64," in page.read_text()
     assert "Pure-decode step time by batch size" in page.read_text()

@@ -169,6 +169,11 @@ def test_unknown_scheduler_lists_allowed():
         ((1, 2), (1, 2, 3), "3 coefficients"),
         ((1, 2, float("nan")), (1, 2, 3), "finite"),
         ((1, 2, 3), (1, -2, 3), ">= 0"),
+        (
+            (1, 2, 3),
+            (1, 2, 3, *[0] * 7, -1),
+            r"beta\[10\] is -1.0; .*only beta\[11:\], offsets, may be negative",
+        ),
     ],
 )
 def test_bad_coefficients(alpha, beta, match):
@@ -191,6 +196,24 @@ def test_pure_decode_steps_cost_at_least_the_floor_steps_with_a_prefill_pay_ever
     assert steps == [2200, 2200, 2200, 2200, 2500, 2800, 3100]
     assert steps == [model.step_time_us(StepBatch(0, n, 0, n, 0, 0)) for n in range(1, 8)]
     assert model.step_time_us(StepBatch(100, 2, 1, 2, 0, 0)) == 1600  # a prefill: no floor
+
+
+def test_batch_size_offsets_move_pure_decode_steps_of_that_size_only_and_never_below_zero():
+    from blis_cal.simulate import StepBatch
+
+    line = (1000, 0, 300)
+    table = (-200, 500, 0, 0, 0, 0, 0, 80)  # β11-β18: steps of 1, 2 and 8 decoding requests
+    model = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table))
+    plain = BlackboxModel((0, 0, 0), line)
+    moved = [model.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) for n in range(1, 10)]
+    assert moved == [-200, 500, 0, 0, 0, 0, 0, 80, 0]
+    assert [model.step_time_us(StepBatch(0, n, 0, n, 0, 0)) for n in range(1, 10)] == [
+        model.decode_only_step_us(n, 0) for n in range(1, 10)
+    ]
+    assert model.step_time_us(StepBatch(100, 2, 1, 2, 0, 0)) == plain.step_time_us(
+        StepBatch(100, 2, 1, 2, 0, 0)
+    )
+    assert BlackboxModel((0, 0, 0), (*line, *[0] * 8, -5000)).decode_only_step_us(1, 0) == 0
 
 
 def test_coefficients_lookup_and_missing_triple():

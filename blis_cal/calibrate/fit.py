@@ -4,7 +4,8 @@
    of the mean step features over the window, `features.window_rows`), by bounded linear least squares on
    relative errors (β2 ≥ β1 in the extended forms: ModelForm.decode_pays_prefill); α0/α1 from requests
    that arrived to an idle engine (TTFT = queue delay + one prefill step), after subtracting the prefill
-   step predicted by β. α2 (delay of every token after its step) is not separable from α0 by TTFT/E2E,
+   step predicted by β. blackbox-table then sets an offset per batch size of pure-decode steps from their
+   medians (`with_batch_table`). α2 (delay of every token after its step) is not separable from α0 by TTFT/E2E,
    so it stays 0 and α0 carries the fixed overhead.
 2. Simulation in the loop: replay every trace with candidate coefficients and minimise the mean of TTFT,
    ITL and E2E MAPE over all traces (Nelder-Mead on the overall β scale, the prefill terms' scale and α0).
@@ -49,7 +50,7 @@ from blis_cal.calibrate.features import (
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
-from blis_cal.simulate.latency import BETA_TERMS
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, BlackboxModel
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
@@ -77,6 +78,9 @@ class ModelForm:
     # β2 ≥ β1 (solved as β1 and β2 − β1 ≥ 0) in forms that price attention apart: vLLM batches a step's prompt
     # and decode tokens through the same linear layers, and a decode token adds its logits and sampling.
     decode_pays_prefill: bool = False
+    # Also an offset per batch size of pure-decode steps of 1..BATCH_TABLE_SIZES requests (β11-β18): each one's
+    # median pure-decode step over the form's (`with_batch_table`).
+    batch_table: bool = False
 
     def floor_columns(self, k: int) -> tuple[str, ...]:
         """The columns solved for with the floor at k requests: the form's, then the requests short of k."""
@@ -95,7 +99,8 @@ class ModelForm:
         """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
         decode context write all of BETA_TERMS, β9 = 0: a prefix block several decoding requests share is
         read once per step (the features count it once, as the simulator's KV cache holds it once)."""
-        beta = [0.0] * (len(BETA_TERMS) if "Dctx" in self.beta_columns else max(self.terms) + 1)
+        size = len(BETA_TERMS) if self.batch_table else BATCH_TABLE if "Dctx" in self.beta_columns else None
+        beta = [0.0] * (size or max(self.terms) + 1)
         for term, value in zip(self.terms, solved[: len(self.terms)], strict=True):
             beta[term] = value
         if self.floor:
@@ -140,8 +145,19 @@ model_forms.register("blackbox-floor")(
         decode_pays_prefill=True,
     )
 )
+model_forms.register("blackbox-table")(
+    replace(
+        model_forms.get("blackbox-floor"),
+        name="blackbox-table",
+        description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
+        f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
+        "that size over the floor form's), for what a line and a floor cannot follow (vLLM's CPU build runs "
+        "2 decoding requests slower than 1 or 3; GPU builds pad decode batches to CUDA-graph sizes)",
+        batch_table=True,
+    )
+)
 
-DEFAULT_MODEL_FORM = "blackbox-floor"  # the CLI's: it predicted held-out real traces best (README)
+DEFAULT_MODEL_FORM = "blackbox-table"  # the CLI's: it predicted held-out real traces best (README)
 
 # A simulator run for calibration: (trace, form, alpha, beta) -> per-request results.
 Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], Sequence[ResultLike]]
@@ -289,6 +305,11 @@ def _solve_beta(
     """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows, fitting the
     `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
     beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
+    if form.batch_table:
+        plain = replace(form, batch_table=False)
+        return with_batch_table(
+            _solve_beta(plain, windows, steps, decodes, picks, step_picks, start), decodes
+        )
     if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
         return _solve_beta(form.without(PAIRS), windows, steps, decodes, picks, step_picks, start)
     warm = None if start is None else [start[t] for t in form.terms]
@@ -319,6 +340,23 @@ def _solve_beta(
     return form.full_beta(
         solve(form.floor_columns(k), windows, with_medians, picks, median_picks, warm_floor)[0], k
     )
+
+
+def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tuple[float, ...]:
+    """`beta` with β11-β18 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
+    `decodes`, the median over traces of how much the median step exceeds what `beta` predicts (signed). Not
+    centred: the medians sit below the mean steps a request's ITL averages, and the refinement's β scale
+    moves both (centring them cost held-out accuracy on days 9b, 10 and 12; README)."""
+    model = BlackboxModel((0.0, 0.0, 0.0), beta)
+    excess: dict[int, list[float]] = {}
+    for rows in decodes:
+        for n, us, context in zip(rows.features["D"], rows.duration_us, rows.features["Dctx"], strict=True):
+            if 1 <= n <= BATCH_TABLE_SIZES:
+                excess.setdefault(int(n), []).append(us - model.decode_only_step_us(int(n), int(context)))
+    table = [0.0] * BATCH_TABLE_SIZES
+    for n, values in excess.items():
+        table[n - 1] = _clean(float(np.median(values)))
+    return (*beta[:BATCH_TABLE], *table)
 
 
 # Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the
@@ -648,6 +686,8 @@ def fit(
     if form.floor:
         method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
         method += f", floor {floor_of(beta0)} requests of 0-{FLOORS[-1]}"
+    if form.batch_table:
+        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (median over the line)"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.
@@ -703,7 +743,7 @@ def fit(
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)
-        scaled[:, 3:] *= final[3:] / np.where(base[3:] > 0, base[3:], 1.0)
+        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # > 0: β11-β18 may be < 0
         lo, hi = np.percentile(scaled, 2.5, axis=0), np.percentile(scaled, 97.5, axis=0)
         result.alpha_ci = [(float(lo[i]), float(hi[i])) for i in range(3)]
         result.beta_ci = [(float(lo[i]), float(hi[i])) for i in range(3, len(base))]

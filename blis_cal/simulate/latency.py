@@ -11,7 +11,7 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
     step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·Pa + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
-                      + [P = 0]·max(0, β8 − β7·Nd))
+                      + [P = 0]·(max(0, β8 − β7·Nd) + β(10+Nd) for 1 ≤ Nd ≤ 8))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
@@ -22,9 +22,12 @@ holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = 
 decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
-compute-bound and pays every decode in full. β9 defaults to β4 when an entry has fewer than ten betas (shared
+compute-bound and pays every decode in full. β11–β18, the only terms that may be negative, are offsets of
+pure-decode steps of 1–8 requests: what a line and a floor cannot follow (vLLM's CPU build runs a step of 2
+decoding requests ~1.4 ms slower than one of 1 or 3; on GPUs vLLM pads decode batches to CUDA-graph sizes).
+β9 defaults to β4 when an entry has fewer than ten betas (shared
 tokens then cost what any context token does, as before the term existed); β10 is 0 when an entry has fewer
-than eleven.
+than eleven, β11–β18 are 0 when it has fewer than nineteen.
 """
 
 from __future__ import annotations
@@ -49,7 +52,10 @@ BETA_TERMS = (
     "pure_decode_floor",
     "shared_context_tokens",
     "prefill_attention_pairs",
+    *(f"pure_decode_step_of_{n}" for n in range(1, 9)),
 )
+BATCH_TABLE = 11  # β11-β18: signed offsets of pure-decode steps of 1..BATCH_TABLE_SIZES decoding requests
+BATCH_TABLE_SIZES = 8
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -123,9 +129,14 @@ class LatencyModel:
 
 
 def check_coefficients(
-    name: str, values: tuple[float, ...] | list[float], min_len: int, max_len: int
+    name: str,
+    values: tuple[float, ...] | list[float],
+    min_len: int,
+    max_len: int,
+    signed_from: int | None = None,
 ) -> tuple[float, ...]:
-    """Finite, non-negative, right count; raises ConfigError naming the offending value."""
+    """Finite, non-negative (but those from index `signed_from` on), right count; raises ConfigError naming
+    the offending value."""
     values = tuple(float(v) for v in values)
     if not min_len <= len(values) <= max_len:
         want = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
@@ -133,8 +144,13 @@ def check_coefficients(
     for i, v in enumerate(values):
         if not math.isfinite(v):
             raise ConfigError(f"{name}[{i}] is {v}; coefficients must be finite numbers")
-        if v < 0:
-            raise ConfigError(f"{name}[{i}] is {v}; coefficients must be >= 0 (times cannot be negative)")
+        if v < 0 and (signed_from is None or i < signed_from):
+            signed = (
+                "" if signed_from is None else f" (only {name}[{signed_from}:], offsets, may be negative)"
+            )
+            raise ConfigError(
+                f"{name}[{i}] is {v}; coefficients must be >= 0{signed}: times cannot be negative"
+            )
     return values
 
 
@@ -146,7 +162,7 @@ class BlackboxModel(LatencyModel):
 
     def __init__(self, alpha: tuple[float, ...] | list[float], beta: tuple[float, ...] | list[float]) -> None:
         self.alpha = check_coefficients("alpha", alpha, 3, 3)
-        self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS))
+        self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS), signed_from=BATCH_TABLE)
         b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
         # Without β9 a shared prefix token costs what any context token does (β4): entries from before it.
         self._b = b if len(self.beta) > 9 else (*b[:9], b[4], *b[10:])
@@ -157,7 +173,7 @@ class BlackboxModel(LatencyModel):
 
     def step_time_us(self, batch: StepBatch) -> int:
         b = self._b
-        return int(
+        step = int(
             b[0]
             + b[1] * batch.num_prefill_tokens
             + b[2] * batch.num_decode_tokens
@@ -166,20 +182,27 @@ class BlackboxModel(LatencyModel):
             + self._context_us(batch.decode_context_tokens, batch.shared_context_tokens)
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs
-            + (max(0.0, b[8] - b[7] * batch.num_decode_reqs) if batch.num_prefill_tokens == 0 else 0.0)
+            + (self._pure_decode_us(batch.num_decode_reqs) if batch.num_prefill_tokens == 0 else 0.0)
         )
+        return max(step, 0)  # a negative batch-size offset never makes a step take negative time
 
     def decode_only_step_us(
         self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
     ) -> int:
         b = self._b
-        return int(
+        step = int(
             b[0]
             + b[2] * num_decode
             + self._context_us(decode_context_tokens, shared_context_tokens)
             + b[6] * num_decode
-            + max(0.0, b[8] - b[7] * num_decode)
+            + self._pure_decode_us(num_decode)
         )
+        return max(step, 0)
+
+    def _pure_decode_us(self, num_decode: int) -> float:
+        """What a step without prefill adds: the floor, and the offset of its batch size."""
+        offset = self._b[BATCH_TABLE + num_decode - 1] if 1 <= num_decode <= BATCH_TABLE_SIZES else 0.0
+        return max(0.0, self._b[8] - self._b[7] * num_decode) + offset
 
     def _context_us(self, context: int, shared: int) -> float:
         """β4 per context token of the decoding requests, β9 instead for the shared ones past their first."""
