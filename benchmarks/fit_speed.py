@@ -16,8 +16,6 @@ import argparse
 import json
 import time
 
-import numpy as np
-
 from blis_cal.calibrate.fit import (
     DEFAULT_MODEL_FORM,
     NamedTrace,
@@ -26,24 +24,11 @@ from blis_cal.calibrate.fit import (
     fit,
     model_forms,
 )
-from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+from blis_cal.calibrate.synthetic import jitter_chunks, poisson_requests, simulated_trace
 from blis_cal.simulate import BlackboxModel, SimConfig
 
 ALPHA = (8000.0, 0.0, 0.0)
 BETA = (16500.0, 1130.0, 2500.0)
-
-
-def jitter(trace, mean_us: float, seed: int) -> None:
-    """Client-side delivery noise (exponential per event, as a loaded client reads late), so the direct
-    estimate is not exact and the refinement runs its whole evaluation budget, as on real traces."""
-    rng = np.random.default_rng(seed)
-    for rec in trace.records:
-        chunks = trace.itl[rec.request_id]
-        delays = rng.exponential(mean_us, size=len(chunks)) if mean_us > 0 else np.zeros(len(chunks))
-        times = np.maximum.accumulate([c.timestamp_us + int(d) for c, d in zip(chunks, delays, strict=True)])
-        for chunk, t in zip(chunks, times, strict=True):
-            chunk.timestamp_us = int(t)
-        rec.first_chunk_time_us, rec.last_chunk_time_us = int(times[0]), int(times[-1])
 
 
 def main() -> None:
@@ -61,7 +46,7 @@ def main() -> None:
     )
     requests = poisson_requests(args.requests, 0.8, seed=11, input_mean=256, output_mean=128)
     trace = simulated_trace(requests, config, BlackboxModel(ALPHA, BETA))
-    jitter(trace, args.jitter_us, seed=3)
+    jitter_chunks(trace, args.jitter_us, seed=3)
     named = [NamedTrace("synthetic", trace)]
     form = model_forms.get(args.model_form)
     t0 = time.perf_counter()

@@ -901,10 +901,12 @@ def duplicated_prefix_tokens(request_ids: Iterable[int], shares: dict[int, tuple
 
 def decode_steps(trace: Trace) -> list[DecodeStep]:
     """Every step whose events are one-token decode events of distinct requests, timed from the previous
-    step's events. A step may still have computed a chunk of a prompt too long for one step's token budget
-    (vLLM chunked prefill: only the last chunk's step streams a first token), so the steps just before each
-    long prompt's first token are left out: as many as its other chunks, plus one for the budget the
-    decoding requests take."""
+    step's events, and streamed to exactly the requests of that step that had tokens still to come (every
+    running request decodes in every step): the events of one step that reached the client more than
+    STEP_BURST_GAP_US apart read as two short steps of fewer requests, which this leaves out. A step may still
+    have computed a chunk of a prompt too long for one step's token budget (vLLM chunked prefill: only the last
+    chunk's step streams a first token), so the steps just before each long prompt's first token are left out:
+    as many as its other chunks, plus one for the budget the decoding requests take."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
     uncached = {r.request_id: r.total_input_tokens - (r.cached_tokens or 0) for r in trace.records}
     budget = token_budget(trace)
@@ -917,9 +919,15 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
                 if other_chunks > 0:
                     chunked.update(range(max(i - other_chunks - 1, 0), i))
     shares = shared_prefix_tokens(trace, trace.records, estimate_cached_tokens(trace, trace.records))
+    last = {rid: len(chunks) - 1 for rid, chunks in trace.itl.items()}
     steps = []
     for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1):
-        if i not in chunked and all(e[2] == 1 for e in b) and len({e[1] for e in b}) == len(b):
+        if (
+            i not in chunked
+            and all(e[2] == 1 for e in b)
+            and len({e[1] for e in b}) == len(b)
+            and {e[1] for e in b} == {e[1] for e in a if e[3] != last[e[1]]}
+        ):
             shared = duplicated_prefix_tokens((e[1] for e in b), shares)
             context = sum(prompts.get(e[1], 0) + e[3] for e in b)
             steps.append(DecodeStep(b[0][0], b[0][0] - a[0][0], len(b), context - shared, shared))

@@ -202,6 +202,24 @@ def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
     assert speed_note("t", steps, model) is None  # the server is the model: nothing to note
 
 
+def test_a_step_whose_events_reached_the_client_apart_is_not_read_as_two_short_steps():
+    from blis_cal.calibrate.synthetic import jitter_chunks, poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, SimConfig
+    from blis_cal.trace import STEP_BURST_GAP_US, decode_steps
+
+    # Client delays of 2 ms on average split many steps of several requests into bursts more than
+    # STEP_BURST_GAP_US apart; read as steps, those halves would pull the median step of one request down.
+    model = BlackboxModel((1000.0, 0.0, 0.0), (16500.0, 1130.0, 2500.0))
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    trace = simulated_trace(poisson_requests(300, 0.8, seed=4, output_mean=128), config, model)
+    exact = {n: model.decode_only_step_us(n, 0) for n in range(1, 5)}
+    jitter_chunks(trace, 2 * STEP_BURST_GAP_US / 3, seed=5)
+    steps = decode_steps(trace)
+    for n, step_us in exact.items():
+        durations = [s.duration_us for s in steps if s.num_decode == n]
+        assert len(durations) > 100 and np.median(durations) == pytest.approx(step_us, rel=0.01), n
+
+
 @pytest.mark.parametrize("rate", [2.0, 40.0])
 @pytest.mark.parametrize("slowdown, noted", [(1.0, False), (1.3, True), (0.75, True)])
 def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown, noted):

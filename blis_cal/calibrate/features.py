@@ -252,6 +252,7 @@ class StepRows(FeatureMatrix):
     duration_us: np.ndarray
     send_us: np.ndarray
     features: dict[str, np.ndarray]
+    counts: np.ndarray | None = None  # rows that are medians: how many steps each is the median of
 
 
 def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> StepRows:
@@ -333,4 +334,5 @@ def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
         np.asarray([np.median([d for d, _, _ in by_size[k]]) for k in sizes]),
         np.asarray([int(np.median([t for _, _, t in by_size[k]])) for k in sizes], dtype=np.int64),
         features,
+        np.asarray([len(by_size[k]) for k in sizes], dtype=np.int64),
     )

@@ -4,9 +4,9 @@
    of the mean step features over the window, `features.window_rows`), by bounded linear least squares on
    relative errors (β2 ≥ β1 in the extended forms: ModelForm.decode_pays_prefill); α0/α1 from requests
    that arrived to an idle engine (TTFT = queue delay + one prefill step), after subtracting the prefill
-   step predicted by β. blackbox-table then sets an offset per batch size of pure-decode steps from their
-   medians (`with_batch_table`). α2 (delay of every token after its step) is not separable from α0 by TTFT/E2E,
-   so it stays 0 and α0 carries the fixed overhead.
+   step predicted by β (blackbox-table then sets an offset per batch size of pure-decode steps from their
+   medians: `with_batch_table`). α2 (delay of every token after its step) is not separable from α0 by
+   TTFT/E2E, so it stays 0 and α0 carries the fixed overhead.
 2. Simulation in the loop: replay every trace with candidate coefficients and minimise the mean of TTFT,
    ITL and E2E MAPE over all traces (Nelder-Mead on the overall β scale, the prefill terms' scale and α0).
 3. Bootstrap (whole traces when there are several, then time blocks of requests): a confidence interval
@@ -344,18 +344,28 @@ def _solve_beta(
 
 def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tuple[float, ...]:
     """`beta` with β11-β18 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
-    `decodes`, the median over traces of how much the median step exceeds what `beta` predicts (signed). Not
-    centred: the medians sit below the mean steps a request's ITL averages, and the refinement's β scale
-    moves both (centring them cost held-out accuracy on days 9b, 10 and 12; README)."""
+    `decodes`, the median over traces of how much the median step exceeds what `beta` predicts, less the
+    mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
+    level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
+    light loads had the refinement scale every β up, over-predicting heavier loads (README)."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
+    steps: dict[int, int] = {}
     for rows in decodes:
-        for n, us, context in zip(rows.features["D"], rows.duration_us, rows.features["Dctx"], strict=True):
+        assert rows.counts is not None  # decode_step_rows: medians
+        for n, us, context, count in zip(
+            rows.features["D"], rows.duration_us, rows.features["Dctx"], rows.counts, strict=True
+        ):
             if 1 <= n <= BATCH_TABLE_SIZES:
                 excess.setdefault(int(n), []).append(us - model.decode_only_step_us(int(n), int(context)))
+                steps[int(n)] = steps.get(int(n), 0) + int(count)
+    if not excess:
+        return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES)
+    median = {n: float(np.median(values)) for n, values in excess.items()}
+    centre = sum(median[n] * steps[n] for n in median) / sum(steps.values())
     table = [0.0] * BATCH_TABLE_SIZES
-    for n, values in excess.items():
-        table[n - 1] = _clean(float(np.median(values)))
+    for n, value in median.items():
+        table[n - 1] = _clean(value - centre)
     return (*beta[:BATCH_TABLE], *table)
 
 

@@ -76,3 +76,17 @@ def simulated_trace(requests: list[SimRequest], config: SimConfig, model: Latenc
             rec.input_tokens = rec.server_input_tokens - length
     trace.itl = {rid: c for rid, c in chunks.items() if rid in {r.request_id for r in trace.records}}
     return trace
+
+
+def jitter_chunks(trace: Trace, mean_us: float, seed: int) -> None:
+    """Client-side delivery noise on `trace`'s streamed events (exponential per event with mean `mean_us`, as
+    a loaded client reads late; times stay in order per request): the direct estimate is then not exact,
+    and one step's events may reach the client apart, as on real traces."""
+    rng = np.random.default_rng(seed)
+    for rec in trace.records:
+        chunks = trace.itl[rec.request_id]
+        delays = rng.exponential(mean_us, size=len(chunks)) if mean_us > 0 else np.zeros(len(chunks))
+        times = np.maximum.accumulate([c.timestamp_us + int(d) for c, d in zip(chunks, delays, strict=True)])
+        for chunk, t in zip(chunks, times, strict=True):
+            chunk.timestamp_us = int(t)
+        rec.first_chunk_time_us, rec.last_chunk_time_us = int(times[0]), int(times[-1])

@@ -40,6 +40,8 @@ from blis_cal.registry import Registry
 
 latency_models: Registry[type[LatencyModel]] = Registry("latency model")
 
+BATCH_TABLE = 11  # β11-β18: signed offsets of pure-decode steps of 1..BATCH_TABLE_SIZES decoding requests
+BATCH_TABLE_SIZES = 8
 BETA_TERMS = (
     "constant",
     "prefill_tokens",
@@ -52,10 +54,8 @@ BETA_TERMS = (
     "pure_decode_floor",
     "shared_context_tokens",
     "prefill_attention_pairs",
-    *(f"pure_decode_step_of_{n}" for n in range(1, 9)),
+    *(f"pure_decode_step_of_{n}" for n in range(1, BATCH_TABLE_SIZES + 1)),
 )
-BATCH_TABLE = 11  # β11-β18: signed offsets of pure-decode steps of 1..BATCH_TABLE_SIZES decoding requests
-BATCH_TABLE_SIZES = 8
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
