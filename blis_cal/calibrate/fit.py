@@ -79,7 +79,7 @@ class ModelForm:
     # and decode tokens through the same linear layers, and a decode token adds its logits and sampling.
     decode_pays_prefill: bool = False
     # Also an offset per batch size of pure-decode steps of 1..BATCH_TABLE_SIZES requests (β11-β18): each one's
-    # median pure-decode step over the form's (`with_batch_table`).
+    # median pure-decode step over the form's, centred on those steps (`with_batch_table`).
     batch_table: bool = False
 
     def floor_columns(self, k: int) -> tuple[str, ...]:
@@ -151,7 +151,7 @@ model_forms.register("blackbox-table")(
         name="blackbox-table",
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
-        "that size over the floor form's), for what a line and a floor cannot follow (vLLM's CPU build runs "
+        "that size over the floor form's, centred on the steps), for what a line and a floor cannot follow (vLLM's CPU build runs "
         "2 decoding requests slower than 1 or 3; GPU builds pad decode batches to CUDA-graph sizes)",
         batch_table=True,
     )
@@ -697,7 +697,7 @@ def fit(
         method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
         method += f", floor {floor_of(beta0)} requests of 0-{FLOORS[-1]}"
     if form.batch_table:
-        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (median over the line)"
+        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred)"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.
