@@ -40,8 +40,7 @@ from blis_cal.registry import Registry
 
 latency_models: Registry[type[LatencyModel]] = Registry("latency model")
 
-BATCH_TABLE = 11  # β11-β18: signed offsets of pure-decode steps of 1..BATCH_TABLE_SIZES decoding requests
-BATCH_TABLE_SIZES = 8
+BATCH_TABLE_SIZES = 8  # batch sizes of the pure-decode steps with an offset of their own
 BETA_TERMS = (
     "constant",
     "prefill_tokens",
@@ -56,6 +55,7 @@ BETA_TERMS = (
     "prefill_attention_pairs",
     *(f"pure_decode_step_of_{n}" for n in range(1, BATCH_TABLE_SIZES + 1)),
 )
+BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β18: the only signed coefficients
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
