@@ -922,11 +922,12 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
     last = {rid: len(chunks) - 1 for rid, chunks in trace.itl.items()}
     steps = []
     for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1):
+        requests = {e[1] for e in b}
         if (
             i not in chunked
             and all(e[2] == 1 for e in b)
-            and len({e[1] for e in b}) == len(b)
-            and {e[1] for e in b} == {e[1] for e in a if e[3] != last[e[1]]}
+            and len(requests) == len(b)
+            and requests == {e[1] for e in a if e[3] != last[e[1]]}
         ):
             shared = duplicated_prefix_tokens((e[1] for e in b), shares)
             context = sum(prompts.get(e[1], 0) + e[3] for e in b)

@@ -161,10 +161,16 @@ def test_parameter_recovery_batch_table_form():
     floor = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0, 0.0)
     table = (-800.0, 1400.0, -300.0, 0.0, 600.0, 0.0, 0.0, 0.0)
     truth = BlackboxModel(ALPHA, (*floor, *table))
-    traces = [
-        NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, truth))
-        for seed, rate in ((5, 4.0), (6, 10.0))
-    ]
+
+    def traces_of(model):
+        return [
+            NamedTrace(
+                f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, model)
+            )
+            for seed, rate in ((5, 4.0), (6, 10.0))
+        ]
+
+    traces = traces_of(truth)
     context = 600  # per decoding request
 
     def steps(model):
@@ -175,11 +181,7 @@ def test_parameter_recovery_batch_table_form():
     line = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-floor")))
     assert abs(steps(line)[1] / steps(truth)[1] - 1) > 0.05
     plain = BlackboxModel(ALPHA, floor)
-    untabled = [
-        NamedTrace(f"rate{rate:g}", simulated_trace(poisson_requests(200, rate, seed=seed), CONFIG, plain))
-        for seed, rate in ((5, 4.0), (6, 10.0))
-    ]
-    offsets = np.array(direct_estimate(untabled, model_forms.get("blackbox-table"))[1][11:])
+    offsets = np.array(direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][11:])
     assert np.all(np.abs(offsets) < 0.01 * steps(plain))
 
 

@@ -50,7 +50,7 @@ from blis_cal.calibrate.features import (
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
-from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, BlackboxModel
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BlackboxModel
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
@@ -97,10 +97,9 @@ class ModelForm:
 
     def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
         """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
-        decode context write all of BETA_TERMS, β9 = 0: a prefix block several decoding requests share is
+        decode context write β0-β10 (the offsets β11-β18: `with_batch_table`), β9 = 0: a prefix block several decoding requests share is
         read once per step (the features count it once, as the simulator's KV cache holds it once)."""
-        size = len(BETA_TERMS) if self.batch_table else BATCH_TABLE if "Dctx" in self.beta_columns else None
-        beta = [0.0] * (size or max(self.terms) + 1)
+        beta = [0.0] * (BATCH_TABLE if "Dctx" in self.beta_columns else max(self.terms) + 1)
         for term, value in zip(self.terms, solved[: len(self.terms)], strict=True):
             beta[term] = value
         if self.floor:
@@ -118,9 +117,9 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 11 betas in simulate.latency.BETA_TERMS order; this form fits
+# The simulator's blackbox model takes up to 19 betas in simulate.latency.BETA_TERMS order; this form fits
 # β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
-# floor; β9: 0).
+# floor; β9: 0; β11-β18: blackbox-table).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
@@ -151,8 +150,9 @@ model_forms.register("blackbox-table")(
         name="blackbox-table",
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
-        "that size over the floor form's, centred on the steps), for what a line and a floor cannot follow (vLLM's CPU build runs "
-        "2 decoding requests slower than 1 or 3; GPU builds pad decode batches to CUDA-graph sizes)",
+        "that size over the floor form's, centred on the steps), for what a line and a floor cannot follow "
+        "(vLLM's CPU build runs 2 decoding requests slower than 1 or 3; GPU builds pad decode batches to "
+        "CUDA-graph sizes)",
         batch_table=True,
     )
 )
