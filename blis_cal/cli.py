@@ -798,7 +798,11 @@ def calibrate_cmd(
     ),
     html_path: Path | None = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
     sim_results: Path | None = typer.Option(
-        None, "--sim-results", help="No fit: compare with this results JSON from `blis replay --results`."
+        None,
+        "--sim-results",
+        help="No fit: compare with this results JSON from `blis replay --results`, or with another capture "
+        "(.csv) of the same workload (same spec and seed): the host's run-to-run error, a floor under any "
+        "prediction.",
     ),
     coeffs: str | None = typer.Option(None, "--coeffs", help="No fit: coefficients YAML for the lookup."),
     alpha: str | None = typer.Option(None, "--alpha", help="No fit: α0,α1,α2 (µs)."),
@@ -825,7 +829,8 @@ def calibrate_cmd(
 
     With `--fit`: a direct estimate from per-chunk timestamps, refined by replaying every trace in the
     simulator, jointly over all traces; bootstrap intervals for every coefficient and for p50/p99 TTFT/E2E.
-    Without: compare one trace with `--sim-results`, or replay the traces with looked-up (`--coeffs/--model/
+    Without: compare one trace with `--sim-results` (a replay's results, or a second capture of the same
+    workload: how far the real server is from itself), or replay the traces with looked-up (`--coeffs/--model/
     --gpu/--tp`) or given (`--alpha/--beta`) coefficients and compare. Prints a JSON summary.
 
     Examples:
@@ -833,6 +838,8 @@ def calibrate_cmd(
         blis calibrate traces/A_poisson_0.8.csv traces/C_prefix_1.0.csv --fit --model tiny --gpu cpu --tp 1 --out defaults.yaml --html cal.html
 
         blis calibrate run.csv --sim-results results.json --report cal.json
+
+        blis calibrate run2.csv --sim-results run1.csv
 
         blis calibrate run.csv --coeffs defaults.yaml --model tiny --gpu cpu --tp 1
     """
@@ -891,7 +898,13 @@ def calibrate_cmd(
 
             if len(named) != 1:
                 raise ConfigError("--sim-results compares one trace; give exactly one TRACE.csv")
-            results = read_results_json(sim_results)
+            if sim_results.suffix == ".csv":
+                from blis_cal.calibrate.compare import capture_as_results
+
+                capture = load_traces([sim_results])[0]
+                results = capture_as_results(capture.trace, named[0].trace, where=str(sim_results))
+            else:
+                results = read_results_json(sim_results)
             reports, data = run_compare(named, lambda _t: results, rtt_us=rtt_us, warmup=warmup)
         else:
             if not (alpha and beta) and not model:

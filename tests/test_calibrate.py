@@ -492,3 +492,55 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
     )
     assert proc.returncode == 2
     assert "no requests" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_capture_compared_with_itself_has_no_error_and_a_slower_one_its_slowdown(trace_a):
+    from blis_cal.calibrate.compare import capture_as_results
+    from blis_cal.demo import rescale_trace
+
+    trace = read_trace(trace_a)
+    trace.header.network = {}  # no round trip: the slower copy's errors are exactly its factor
+    same = compare(trace, capture_as_results(trace, trace))
+    for metric in ("ttft", "itl", "e2e"):
+        assert same.metrics[metric]["request_level"]["mape"] == 0.0
+    slower = compare(trace, capture_as_results(rescale_trace(trace, 1.1), trace))
+    for metric in ("ttft", "itl", "e2e"):
+        level = slower.metrics[metric]["request_level"]
+        assert level["mape"] == pytest.approx(0.10, abs=1e-4), metric
+        assert level["bias_direction"] == "over-predict"
+
+
+def test_a_capture_of_another_workload_is_refused_by_name(trace_a, trace_c):
+    from blis_cal.calibrate.compare import capture_as_results
+
+    with pytest.raises(
+        CalibrationError, match=r"C\.csv is not a capture of the same workload: \d+ of 150 requests"
+    ):
+        capture_as_results(read_trace(trace_c), read_trace(trace_a), where="C.csv")
+
+
+def test_cli_calibrate_against_a_second_capture(tmp_path, trace_a):
+    other = tmp_path / "again.csv"
+    for suffix in (".csv", ".yaml", ".itl.csv"):
+        shutil.copy(str(trace_a).removesuffix(".csv") + suffix, str(other).removesuffix(".csv") + suffix)
+    proc = CliRunner().invoke(app, ["calibrate", str(trace_a), "--sim-results", str(other)])
+    assert proc.exit_code == 0, proc.output
+    row = json.loads(proc.stdout)["summary_rows"][0]
+    assert row["requests"] == 150 and row["e2e_mape"] == 0.0
+
+
+def test_closed_loop_captures_pair_by_client_and_lengths_when_their_ids_disagree(trace_a):
+    from blis_cal.calibrate.compare import capture_as_results
+
+    trace = read_trace(trace_a)
+    renumbered = dataclasses.replace(
+        trace,
+        records=[dataclasses.replace(r, request_id=1000 + i) for i, r in enumerate(reversed(trace.records))],
+        itl={1000 + i: trace.itl[r.request_id] for i, r in enumerate(reversed(trace.records))},
+    )
+    results = capture_as_results(renumbered, trace)
+    keys = [(r.client_id, r.total_input_tokens, r.output_tokens) for r in trace.records]
+    assert len(results) == sum(keys.count(k) == 1 for k in keys) > 75
+    report = compare(trace, results)
+    for metric in ("ttft", "itl", "e2e"):
+        assert report.metrics[metric]["request_level"]["mape"] == 0.0

@@ -10,6 +10,7 @@ extra fields alongside (readers of BLIS's layout ignore them).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from blis_cal.trace import (
     DecodeStep,
     SpeedDrift,
     Trace,
+    TraceRecord,
     decode_speed_drift,
     decode_steps,
     itl_means_us,
@@ -279,6 +281,63 @@ def coverage_note(where: str, steps: Sequence[DecodeStep], fitted_batch_max: int
         f"steps) where the coefficients' fit traces reached {fitted_batch_max}: the step cost of the larger "
         "batches is extrapolated; to predict such loads, fit with a trace that keeps as many requests in flight"
     )
+
+
+@dataclass(frozen=True)
+class CapturedResult:
+    """A request of another capture, read as a prediction (a ResultLike)."""
+
+    request_id: int
+    status: str
+    ttft_us: float
+    e2e_us: float
+    itl_mean_us: float
+    input_tokens: int
+    output_tokens: int
+
+
+def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> list[CapturedResult]:
+    """`capture`'s requests as results to compare `of` with. Two captures of one workload (same spec and
+    seed) give the host's run-to-run error: a floor under any prediction of it. Requests pair by id, or,
+    when ids disagree on lengths (closed-loop users number their requests as answers come back), by client
+    and lengths where those are unique. The capture's own round trip comes off, as `compare` adds `of`'s
+    back. Raises CalibrationError when fewer than half of `of`'s requests find a partner."""
+    mine = [r for r in of.records if r.status == "ok"]
+    theirs = [r for r in capture.records if r.status == "ok"]
+    lengths = {r.request_id: (r.total_input_tokens, r.output_tokens) for r in mine}
+    agree = [lengths.get(r.request_id) == (r.total_input_tokens, r.output_tokens) for r in theirs]
+    if any(agree) and all(a or r.request_id not in lengths for a, r in zip(agree, theirs, strict=True)):
+        partner = {r.request_id: r.request_id for a, r in zip(agree, theirs, strict=True) if a}
+    else:
+        mine_by, theirs_by = _unique_by_lengths(mine), _unique_by_lengths(theirs)
+        partner = {theirs_by[k]: mine_by[k] for k in mine_by.keys() & theirs_by.keys()}
+    if len(partner) < len(mine) / 2:
+        raise CalibrationError(
+            f"{where} is not a capture of the same workload: {len(partner)} of {len(mine)} requests find one "
+            "with the same id or client and lengths (capture both with the same --workload-spec and --seed)"
+        )
+    rtt = resolve_rtt_us(capture, None)
+    itl = itl_means_us(capture)
+    return [
+        CapturedResult(
+            partner[r.request_id],
+            "ok",
+            r.ttft_us - rtt,
+            r.e2e_us - rtt,
+            itl.get(r.request_id, 0.0),
+            r.total_input_tokens,
+            r.output_tokens,
+        )
+        for r in theirs
+        if r.request_id in partner
+    ]
+
+
+def _unique_by_lengths(records: Sequence[TraceRecord]) -> dict[tuple[str, int, int], int]:
+    """Request id by (client, prompt, output) lengths, for the keys only one request has."""
+    keys = [(r.client_id, r.total_input_tokens, r.output_tokens) for r in records]
+    counts = Counter(keys)
+    return {k: r.request_id for k, r in zip(keys, records, strict=True) if counts[k] == 1}
 
 
 def resolve_rtt_us(trace: Trace, rtt_us: int | None) -> int:
