@@ -20,6 +20,7 @@ from scipy import stats as sstats
 
 from blis_cal.calibrate.features import DECODE_STEPS_MIN, decode_step_rows
 from blis_cal.errors import BlisError
+from blis_cal.simulate.metrics import RequestResult
 from blis_cal.stats import percentile
 from blis_cal.trace import (
     DecodeStep,
@@ -283,20 +284,7 @@ def coverage_note(where: str, steps: Sequence[DecodeStep], fitted_batch_max: int
     )
 
 
-@dataclass(frozen=True)
-class CapturedResult:
-    """A request of another capture, read as a prediction (a ResultLike)."""
-
-    request_id: int
-    status: str
-    ttft_us: float
-    e2e_us: float
-    itl_mean_us: float
-    input_tokens: int
-    output_tokens: int
-
-
-def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> list[CapturedResult]:
+def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> list[RequestResult]:
     """`capture`'s requests as results to compare `of` with. Two captures of one workload (same spec and
     seed) give the host's run-to-run error: a floor under any prediction of it. Requests pair by id, or,
     when ids disagree on lengths (closed-loop users number their requests as answers come back), by client
@@ -319,14 +307,22 @@ def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> lis
     rtt = resolve_rtt_us(capture, None)
     itl = itl_means_us(capture)
     return [
-        CapturedResult(
-            partner[r.request_id],
-            "ok",
-            r.ttft_us - rtt,
-            r.e2e_us - rtt,
-            itl.get(r.request_id, 0.0),
-            r.total_input_tokens,
-            r.output_tokens,
+        RequestResult(
+            request_id=partner[r.request_id],
+            status="ok",
+            instance=0,
+            arrival_us=r.send_time_us,
+            queued_us=-1,
+            scheduled_us=-1,
+            first_token_us=r.first_chunk_time_us - rtt,
+            finish_us=r.last_chunk_time_us - rtt,
+            ttft_us=r.ttft_us - rtt,
+            e2e_us=r.e2e_us - rtt,
+            itl_mean_us=itl.get(r.request_id, 0.0),
+            input_tokens=r.total_input_tokens,
+            output_tokens=r.output_tokens,
+            num_preemptions=0,
+            cached_tokens=r.cached_tokens or 0,
         )
         for r in theirs
         if r.request_id in partner
