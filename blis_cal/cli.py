@@ -830,8 +830,9 @@ def calibrate_cmd(
     With `--fit`: a direct estimate from per-chunk timestamps, refined by replaying every trace in the
     simulator, jointly over all traces; bootstrap intervals for every coefficient and for p50/p99 TTFT/E2E.
     Without: compare one trace with `--sim-results` (a replay's results, or a second capture of the same
-    workload: how far the real server is from itself), or replay the traces with looked-up (`--coeffs/--model/
-    --gpu/--tp`) or given (`--alpha/--beta`) coefficients and compare. Prints a JSON summary.
+    workload: how far the real server is from itself), or replay the traces with looked-up
+    (`--coeffs/--model/--gpu/--tp`) or given (`--alpha/--beta`) coefficients and compare. Prints a JSON
+    summary.
 
     Examples:
 

@@ -544,3 +544,17 @@ def test_closed_loop_captures_pair_by_client_and_lengths_when_their_ids_disagree
     report = compare(trace, results)
     for metric in ("ttft", "itl", "e2e"):
         assert report.metrics[metric]["request_level"]["mape"] == 0.0
+
+
+def test_two_real_closed_loop_captures_of_one_workload_pair_every_request():
+    """Day 16's budget256 closed loop and its repeat number their requests in answer order, so most ids
+    disagree on lengths; every request still finds its twin by client and lengths."""
+    from blis_cal.calibrate.compare import capture_as_results
+
+    first = read_trace(REPO / "traces" / "real_day16" / "budget256_closed10_s1608.csv")
+    again = read_trace(REPO / "traces" / "repeat_day16" / "budget256_closed10_s1608_again.csv")
+    prompt_again = {r.request_id: r.total_input_tokens for r in again.records}
+    assert sum(prompt_again[r.request_id] != r.total_input_tokens for r in first.records) > 60
+    report = compare(first, capture_as_results(again, first))
+    assert report.trace_info["compared"] == len(first.records) == 120
+    assert report.trace_info["token_mismatches"] == 0
