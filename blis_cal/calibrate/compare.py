@@ -293,9 +293,9 @@ def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> lis
     mine = [r for r in of.records if r.status == "ok"]
     theirs = [r for r in capture.records if r.status == "ok"]
     lengths = {r.request_id: (r.total_input_tokens, r.output_tokens) for r in mine}
-    agree = [lengths.get(r.request_id) == (r.total_input_tokens, r.output_tokens) for r in theirs]
-    if any(agree) and all(a or r.request_id not in lengths for a, r in zip(agree, theirs, strict=True)):
-        partner = {r.request_id: r.request_id for a, r in zip(agree, theirs, strict=True) if a}
+    shared = [r for r in theirs if r.request_id in lengths]
+    if shared and all(lengths[r.request_id] == (r.total_input_tokens, r.output_tokens) for r in shared):
+        partner = {r.request_id: r.request_id for r in shared}
     else:
         mine_by, theirs_by = _unique_by_lengths(mine), _unique_by_lengths(theirs)
         partner = {theirs_by[k]: mine_by[k] for k in mine_by.keys() & theirs_by.keys()}
