@@ -97,8 +97,9 @@ class ModelForm:
 
     def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
         """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
-        decode context write β0-β10 (the offsets β11-β18: `with_batch_table`), β9 = 0: a prefix block several decoding requests share is
-        read once per step (the features count it once, as the simulator's KV cache holds it once)."""
+        decode context write β0-β10 (the offsets β11-β18: `with_batch_table`), β9 = 0: a prefix block several
+        decoding requests share is read once per step (the features count it once, as the simulator's KV cache
+        holds it once)."""
         beta = [0.0] * (BATCH_TABLE if "Dctx" in self.beta_columns else max(self.terms) + 1)
         for term, value in zip(self.terms, solved[: len(self.terms)], strict=True):
             beta[term] = value
@@ -356,9 +357,10 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
         for n, us, context, count in zip(
             rows.features["D"], rows.duration_us, rows.features["Dctx"], rows.counts, strict=True
         ):
+            n = int(n)
             if 1 <= n <= BATCH_TABLE_SIZES:
-                excess.setdefault(int(n), []).append(us - model.decode_only_step_us(int(n), int(context)))
-                steps[int(n)] = steps.get(int(n), 0) + int(count)
+                excess.setdefault(n, []).append(us - model.decode_only_step_us(n, int(context)))
+                steps[n] = steps.get(n, 0) + int(count)
     if not excess:
         return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES)
     median = {n: float(np.median(values)) for n, values in excess.items()}
@@ -753,7 +755,7 @@ def fit(
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)
-        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # > 0: β11-β18 may be < 0
+        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # β11-β18 may be negative
         lo, hi = np.percentile(scaled, 2.5, axis=0), np.percentile(scaled, 97.5, axis=0)
         result.alpha_ci = [(float(lo[i]), float(hi[i])) for i in range(3)]
         result.beta_ci = [(float(lo[i]), float(hi[i])) for i in range(3, len(base))]
