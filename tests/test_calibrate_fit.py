@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
 from blis_cal.calibrate.features import (
+    DECODE_STEPS_MIN,
     decode_step_rows,
     estimate_cached_tokens,
     idle_prefill_rows,
@@ -23,12 +24,14 @@ from blis_cal.calibrate.fit import (
     _collect,
     _solve_columns,
     floor_of,
+    with_batch_table,
 )
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
-from blis_cal.trace import decode_steps, read_trace
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS
+from blis_cal.trace import DecodeStep, decode_steps, read_trace
 
 CONFIG = SimConfig(
     block_size=16, num_gpu_blocks=8192, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096
@@ -173,16 +176,37 @@ def test_parameter_recovery_batch_table_form():
     traces = traces_of(truth)
     context = 600  # per decoding request
 
-    def steps(model):
-        return np.array([model.decode_only_step_us(n, n * context) for n in range(1, 9)], dtype=float)
+    def steps(model, sizes=range(1, 9)):
+        return np.array([model.decode_only_step_us(n, n * context) for n in sizes], dtype=float)
 
     fitted = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-table")))
     np.testing.assert_allclose(steps(fitted), steps(truth), rtol=0.02)
     line = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-floor")))
     assert abs(steps(line)[1] / steps(truth)[1] - 1) > 0.05
     plain = BlackboxModel(ALPHA, floor)
-    offsets = np.array(direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][11:])
-    assert np.all(np.abs(offsets) < 0.01 * steps(plain))
+    offsets = np.array(direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][BATCH_TABLE:])
+    assert np.all(np.abs(offsets) < 0.01 * steps(plain, range(1, BATCH_TABLE_SIZES + 1)))
+
+
+def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_largest():
+    """Offsets come from the batch sizes with median pure-decode steps; a size between two of them takes the
+    offset interpolated between theirs, sizes past the largest keep its offset (the line's slope carries on
+    from the last median step, with no jump back onto the line), and batches past the table take its last."""
+    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    line = BlackboxModel(ALPHA, beta)
+    excess = {2: 900, 6: -300, 10: -1500}  # over the line; centred on their steps (equal counts): -300
+    steps = [
+        DecodeStep(i, line.decode_only_step_us(n, 100 * n) + extra, n, 100 * n)
+        for n, extra in excess.items()
+        for i in range(DECODE_STEPS_MIN)
+    ]
+    table = with_batch_table(beta, [decode_step_rows(steps)])[BATCH_TABLE:]
+    assert len(table) == BATCH_TABLE_SIZES
+    assert table[:10] == (1200.0, 1200.0, 900.0, 600.0, 300.0, 0.0, -300.0, -600.0, -900.0, -1200.0)
+    assert set(table[10:]) == {-1200.0}
+    model = BlackboxModel(ALPHA, (*beta, *table))
+    for n in (10, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 8):
+        assert model.decode_only_step_us(n, 100 * n) - line.decode_only_step_us(n, 100 * n) == -1200
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():
@@ -313,9 +337,10 @@ def test_cli_fit_writes_defaults_entry_and_reports(tmp_path, trace_a):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    # The default form is blackbox-table (nineteen betas); the plain 3+3 fit is reported beside it.
-    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == 19
-    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == 19
+    # The default form is blackbox-table (every beta term); the plain 3+3 fit is reported beside it.
+    betas = len(BETA_TERMS)
+    assert entry["id"] == "tiny" and len(entry["alpha_coeffs"]) == 3 and len(entry["beta_coeffs"]) == betas
+    assert entry["fit"]["traces"] == ["A_poisson_0.8"] and len(entry["fit"]["beta_ci95"]) == betas
     assert entry["total_kv_blocks"] == 1024
     data = json.loads(rep.read_text())
     assert data["calibration"]["model_form"] == "blackbox-table"

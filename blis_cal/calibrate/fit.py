@@ -78,7 +78,7 @@ class ModelForm:
     # β2 ≥ β1 (solved as β1 and β2 − β1 ≥ 0) in forms that price attention apart: vLLM batches a step's prompt
     # and decode tokens through the same linear layers, and a decode token adds its logits and sampling.
     decode_pays_prefill: bool = False
-    # Also an offset per batch size of pure-decode steps of 1..BATCH_TABLE_SIZES requests (β11-β18): each one's
+    # Also an offset per batch size of pure-decode steps of 1..BATCH_TABLE_SIZES requests (β11-β42): each one's
     # median pure-decode step over the form's, centred on those steps (`with_batch_table`).
     batch_table: bool = False
 
@@ -97,7 +97,7 @@ class ModelForm:
 
     def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
         """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
-        decode context write β0-β10 (the offsets β11-β18: `with_batch_table`), β9 = 0: a prefix block several
+        decode context write β0-β10 (the offsets β11-β42: `with_batch_table`), β9 = 0: a prefix block several
         decoding requests share is read once per step (the features count it once, as the simulator's KV cache
         holds it once)."""
         beta = [0.0] * (BATCH_TABLE if "Dctx" in self.beta_columns else max(self.terms) + 1)
@@ -118,9 +118,9 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 19 betas in simulate.latency.BETA_TERMS order; this form fits
+# The simulator's blackbox model takes up to 43 betas in simulate.latency.BETA_TERMS order; this form fits
 # β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
-# floor; β9: 0; β11-β18: blackbox-table).
+# floor; β9: 0; β11-β42: blackbox-table).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
@@ -344,7 +344,7 @@ def _solve_beta(
 
 
 def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tuple[float, ...]:
-    """`beta` with β11-β18 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
+    """`beta` with β11-β42 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
     `decodes`, the median over traces of how much the median step exceeds what `beta` predicts, less the
     mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
     level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
@@ -365,10 +365,11 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
         return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES)
     median = {n: float(np.median(values)) for n, values in excess.items()}
     centre = sum(median[n] * steps[n] for n in median) / sum(steps.values())
-    table = [0.0] * BATCH_TABLE_SIZES
-    for n, value in median.items():
-        table[n - 1] = _clean(value - centre)
-    return (*beta[:BATCH_TABLE], *table)
+    # Sizes between two with medians take the offset interpolated between them, sizes past the largest (and
+    # below the smallest) the offset of that one: the line's slope carries on from the last median step.
+    sizes = sorted(median)
+    table = np.interp(np.arange(1, BATCH_TABLE_SIZES + 1), sizes, [median[n] - centre for n in sizes])
+    return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table))
 
 
 # Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the
@@ -755,7 +756,7 @@ def fit(
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)
-        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # β11-β18 may be negative
+        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # β11-β42 may be negative
         lo, hi = np.percentile(scaled, 2.5, axis=0), np.percentile(scaled, 97.5, axis=0)
         result.alpha_ci = [(float(lo[i]), float(hi[i])) for i in range(3)]
         result.beta_ci = [(float(lo[i]), float(hi[i])) for i in range(3, len(base))]

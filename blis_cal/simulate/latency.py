@@ -11,7 +11,7 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
     step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·Pa + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
-                      + [P = 0]·(max(0, β8 − β7·Nd) + β(10+Nd) for 1 ≤ Nd ≤ 8))
+                      + [P = 0]·(max(0, β8 − β7·Nd) + β(10+min(Nd, 32)) for Nd ≥ 1))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
@@ -22,12 +22,15 @@ holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = 
 decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
-compute-bound and pays every decode in full. β11–β18, the only terms that may be negative, are offsets of
-pure-decode steps of 1–8 requests: what a line and a floor cannot follow (vLLM's CPU build runs a step of 2
-decoding requests ~1.4 ms slower than one of 1 or 3; on GPUs vLLM pads decode batches to CUDA-graph sizes).
+compute-bound and pays every decode in full. β11–β42, the only terms that may be negative, are offsets of
+pure-decode steps of 1–32 requests (larger ones take the offset of 32): what a line and a floor cannot follow
+(vLLM's CPU build runs a step of 2 decoding requests ~1.4 ms slower than one of 1 or 3, and its steps grow
+more slowly past 8 than a line through the smaller ones; on GPUs vLLM pads decode batches to CUDA-graph
+sizes).
 β9 defaults to β4 when an entry has fewer than ten betas (shared
 tokens then cost what any context token does, as before the term existed); β10 is 0 when an entry has fewer
-than eleven, β11–β18 are 0 when it has fewer than nineteen.
+than eleven, the offsets are 0 where an entry has none (entries of the fifteenth and sixteenth sessions
+have eight).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from blis_cal.registry import Registry
 
 latency_models: Registry[type[LatencyModel]] = Registry("latency model")
 
-BATCH_TABLE_SIZES = 8  # batch sizes of the pure-decode steps with an offset of their own
+BATCH_TABLE_SIZES = 32  # batch sizes of the pure-decode steps with an offset of their own
 BETA_TERMS = (
     "constant",
     "prefill_tokens",
@@ -55,7 +58,7 @@ BETA_TERMS = (
     "prefill_attention_pairs",
     *(f"pure_decode_step_of_{n}" for n in range(1, BATCH_TABLE_SIZES + 1)),
 )
-BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β18: the only signed coefficients
+BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42: the only signed coefficients
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -201,7 +204,7 @@ class BlackboxModel(LatencyModel):
 
     def _pure_decode_us(self, num_decode: int) -> float:
         """What a step without prefill adds: the floor, and the offset of its batch size."""
-        offset = self._b[BATCH_TABLE + num_decode - 1] if 1 <= num_decode <= BATCH_TABLE_SIZES else 0.0
+        offset = self._b[BATCH_TABLE + min(num_decode, BATCH_TABLE_SIZES) - 1] if num_decode >= 1 else 0.0
         return max(0.0, self._b[8] - self._b[7] * num_decode) + offset
 
     def _context_us(self, context: int, shared: int) -> float:
