@@ -151,9 +151,10 @@ model_forms.register("blackbox-table")(
         name="blackbox-table",
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
-        "that size over the floor form's, centred on the steps), for what a line and a floor cannot follow "
-        "(vLLM's CPU build runs 2 decoding requests slower than 1 or 3; GPU builds pad decode batches to "
-        "CUDA-graph sizes)",
+        "that size over the floor form's, centred on the steps; sizes without one interpolated, past the "
+        "largest seen its offset, and larger batches that of the last size), for what a line and a floor "
+        "cannot follow (vLLM's CPU build runs 2 decoding requests slower than 1 or 3 and grows more slowly "
+        "past 8; GPU builds pad decode batches to CUDA-graph sizes)",
         batch_table=True,
     )
 )
