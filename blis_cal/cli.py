@@ -787,7 +787,7 @@ def calibrate_cmd(
         None,
         "--model-form",
         help="Fit: step-time form. blackbox-table (default; the 3+3 fit is reported beside it) adds to "
-        "blackbox-floor an offset per batch size of small pure-decode steps; blackbox-floor adds to "
+        "blackbox-floor an offset per batch size of pure-decode steps; blackbox-floor adds to "
         "blackbox-ctx a floor under pure-decode steps at a batch size it finds (none when steps grow from one "
         "request); blackbox-ctx predicted held-out real traces 4x better than blackbox, which gives BLIS's plain "
         "3+3 entry. " + _MODEL_FORMS_SEE,

@@ -701,7 +701,7 @@ def fit(
         method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
         method += f", floor {floor_of(beta0)} requests of 0-{FLOORS[-1]}"
     if form.batch_table:
-        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred)"
+        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred, interpolated between sizes seen)"
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.
