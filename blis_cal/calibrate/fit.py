@@ -159,7 +159,7 @@ model_forms.register("blackbox-table")(
     )
 )
 
-DEFAULT_MODEL_FORM = "blackbox-table"  # the CLI's: it predicted held-out real traces best (README)
+DEFAULT_MODEL_FORM = "blackbox-table"  # the CLI's: it predicted held-out real traces best (docs/accuracy.md)
 
 # A simulator run for calibration: (trace, form, alpha, beta) -> per-request results.
 Simulator = Callable[[Trace, ModelForm, tuple[float, ...], tuple[float, ...]], Sequence[ResultLike]]
@@ -349,7 +349,7 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     `decodes`, the median over traces of how much the median step exceeds what `beta` predicts, less the
     mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
     level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
-    light loads had the refinement scale every β up, over-predicting heavier loads (README)."""
+    light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md)."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
     steps: dict[int, int] = {}
@@ -377,7 +377,7 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
 # twelfth session) two let one noisy step set it (day 11's pair: 1.9 ms per request, ~1.3 measured; 2 req/s
 # replayed 107 % off) and three sufficed; with β7 free, three let day 11's pair read the step's jump from 6
 # to 7 requests as the slope (r20 50 % off), four keep days 8-12's pairs within 7.9-9.2 % E2E (day 13's,
-# captured after: 10.1 %; README).
+# captured after: 10.1 %; docs/accuracy.md).
 FLOOR_SUPPORT = 4
 # A floor must lower the fit's robust cost by this fraction against none: on hosts whose steps grow from the
 # first request the best floor gains less (days 1, 3, 6, 7 and their leave-one-out folds: the fit stays
