@@ -83,7 +83,7 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     assert_within(alpha, ALPHA)
     assert_within(fitted, beta)
     result = fit(traces, model_form="blackbox-ctx", bootstrap=0, max_evaluations=0)
-    assert not any("prefill attention" in note for note in result.notes)
+    assert not any("prefill attention" in note or "cached" in note for note in result.notes)
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):
@@ -241,6 +241,17 @@ def test_a_light_load_fit_says_larger_batches_are_extrapolated():
     assert max(n for n, _, _ in result.decode_medians["light"]) == seen
     assert seen < LIGHT_LOAD_BATCH
     assert any(f"decoded at most {seen} requests at once" in note for note in result.notes)
+
+
+def test_a_fit_without_cached_prompt_tokens_says_their_price_is_unmeasured():
+    """No prefix hit: nothing measures β3, which stays 0 (shared A alone then predicts C's prompts behind a
+    768-token prefix too fast: TTFT 23 % under, docs/accuracy.md)."""
+    trace = simulated_trace(poisson_requests(150, 1.0, seed=10), CONFIG, BlackboxModel(ALPHA, BETA))
+    extended = fit([NamedTrace("plain", trace)], model_form="blackbox-table", bootstrap=0, max_evaluations=0)
+    assert extended.beta[3] == 0.0
+    assert sum("β3 = 0" in note for note in extended.notes) == 1
+    plain = fit([NamedTrace("plain", trace)], bootstrap=0, max_evaluations=0)  # the library's default: 3+3
+    assert not any("β3" in note for note in plain.notes)  # 3+3 has no cached-context term to leave unpriced
 
 
 def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():

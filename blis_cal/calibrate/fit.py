@@ -752,6 +752,14 @@ def fit(
             f"{PAIRS_MAX_SHIFT:.0%}); prompts much longer than the fit's are predicted at their per-token price, "
             "so to price it, fit with prompts of widely different lengths too"
         )
+    if "Pctx" in form.beta_columns and not any(
+        r.features["Pctx"].any() for r in (*rows.windows, *rows.steps)
+    ):
+        result.notes.append(
+            "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost "
+            "and they are priced at 0 (β3 = 0): prompts behind a cached prefix (shared system prompts, chat "
+            "sessions) are predicted too fast; to price them, fit with a trace that has prefix hits too"
+        )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
