@@ -17,6 +17,7 @@ from blis_cal.calibrate.features import (
     window_rows,
 )
 from blis_cal.calibrate.fit import (
+    DECODE_STEP_MIN_SLOPE,
     FLOOR_SUPPORT,
     LIGHT_LOAD_BATCH,
     PAIRS,
@@ -207,6 +208,32 @@ def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_l
     model = BlackboxModel(ALPHA, (*beta, *table))
     for n in (10, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 8):
         assert model.decode_only_step_us(n, 100 * n) - line.decode_only_step_us(n, 100 * n) == -1200
+
+
+def test_past_the_largest_batch_seen_a_step_grows_by_at_least_two_prompt_tokens_per_request():
+    """A light load's line may rise more slowly than any heavier load's steps do: past the largest batch with
+    a median step, the offsets add what the line lacks of DECODE_STEP_MIN_SLOPE·β1 per decoding request."""
+    slow = (6000.0, 600.0, 600.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # the line: 650 µs per request
+    line = BlackboxModel(ALPHA, slow)
+    steps = [
+        DecodeStep(i, line.decode_only_step_us(n, 100 * n), n, 100 * n)
+        for n in range(1, 7)
+        for i in range(DECODE_STEPS_MIN)
+    ]
+    table = with_batch_table(slow, [decode_step_rows(steps)])[BATCH_TABLE:]
+    extra = DECODE_STEP_MIN_SLOPE * 600.0 - 650.0
+    assert table[:6] == (0.0,) * 6
+    assert table[6:] == pytest.approx([extra * k for k in range(1, BATCH_TABLE_SIZES - 5)])
+    model = BlackboxModel(ALPHA, (*slow, *table))
+    for n in (7, 16, BATCH_TABLE_SIZES):
+        grown = model.decode_only_step_us(n, 100 * n) - model.decode_only_step_us(6, 600)
+        assert grown == pytest.approx(DECODE_STEP_MIN_SLOPE * 600.0 * (n - 6), abs=1)
+    steep = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # already past 2·β1: carried as is
+    line = BlackboxModel(ALPHA, steep)
+    steps = [
+        DecodeStep(i, line.decode_only_step_us(n, 100 * n), n, 100 * n) for n in (1, 6) for i in range(20)
+    ]
+    assert with_batch_table(steep, [decode_step_rows(steps)])[BATCH_TABLE:] == (0.0,) * BATCH_TABLE_SIZES
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():

@@ -145,6 +145,12 @@ model_forms.register("blackbox-floor")(
         decode_pays_prefill=True,
     )
 )
+# Past the batch sizes a fit saw, a pure-decode step grows by at least this many prompt tokens' price (β1)
+# per decoding request: a decoding request runs the linear layers a prompt token does, and its attention,
+# sampling and bookkeeping cost about as much again. The fits on each of days 13-18 (20-64 requests at once)
+# grow 2.1-2.7 β1 per request past the floor; day 18's a08 + prefix10 pair, whose steps barely grow up to the
+# 6 requests it saw, drew 1.3 β1 and under-predicted a step of 16 requests by 22 % (docs/accuracy.md).
+DECODE_STEP_MIN_SLOPE = 2.0
 model_forms.register("blackbox-table")(
     replace(
         model_forms.get("blackbox-floor"),
@@ -152,7 +158,8 @@ model_forms.register("blackbox-table")(
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
         "that size over the floor form's, centred on the steps; sizes without one interpolated, past the "
-        "largest seen its offset, and larger batches that of the last size), for what a line and a floor "
+        "largest seen its offset, growing by at least "
+        f"{DECODE_STEP_MIN_SLOPE:g}·β1 per request, and larger batches that of the last size), for what a line and a floor "
         "cannot follow (vLLM's CPU build runs 2 decoding requests slower than 1 or 3 and grows more slowly "
         "past 8; GPU builds pad decode batches to CUDA-graph sizes)",
         batch_table=True,
@@ -352,6 +359,7 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md)."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
+    contexts: dict[int, list[float]] = {}  # Σ context of the size's median rows
     steps: dict[int, int] = {}
     for rows in decodes:
         assert rows.counts is not None  # decode_step_rows: medians
@@ -361,15 +369,26 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
             n = int(n)
             if 1 <= n <= BATCH_TABLE_SIZES:
                 excess.setdefault(n, []).append(us - model.decode_only_step_us(n, int(context)))
+                contexts.setdefault(n, []).append(float(context))
                 steps[n] = steps.get(n, 0) + int(count)
     if not excess:
         return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES)
     median = {n: float(np.median(values)) for n, values in excess.items()}
     centre = sum(median[n] * steps[n] for n in median) / sum(steps.values())
     # Sizes between two with medians take the offset interpolated between them, sizes past the largest (and
-    # below the smallest) the offset of that one: the line's slope carries on from the last median step.
+    # below the smallest) the offset of that one: the line's slope carries on from the last median step ...
     sizes = sorted(median)
     table = np.interp(np.arange(1, BATCH_TABLE_SIZES + 1), sizes, [median[n] - centre for n in sizes])
+    # ... but never more slowly than DECODE_STEP_MIN_SLOPE prompt tokens per decoding request.
+    top = sizes[-1]
+    if top < BATCH_TABLE_SIZES:
+        per_request = float(np.median(contexts[top])) / top
+        line = model.decode_only_step_us(top + 1, round(per_request * (top + 1))) - model.decode_only_step_us(
+            top, round(per_request * top)
+        )
+        table[top:] += max(DECODE_STEP_MIN_SLOPE * beta[1] - line, 0.0) * np.arange(
+            1, BATCH_TABLE_SIZES - top + 1
+        )
     return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table))
 
 
@@ -701,7 +720,10 @@ def fit(
         method = method.replace("prefill steps", "prefill steps + median pure-decode step per batch size")
         method += f", floor {floor_of(beta0)} requests of 0-{FLOORS[-1]}"
     if form.batch_table:
-        method += f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred, interpolated between sizes seen)"
+        method += (
+            f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred, "
+            f"interpolated between sizes seen, past the largest at least {DECODE_STEP_MIN_SLOPE:g}·β1 per request)"
+        )
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
         # The evaluation cap (not a clock) bounds the time, so results stay deterministic.
