@@ -356,7 +356,8 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     `decodes`, the median over traces of how much the median step exceeds what `beta` predicts, less the
     mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
     level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
-    light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md)."""
+    light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md). Past the
+    largest size seen, a step grows by at least DECODE_STEP_MIN_SLOPE·β1 per decoding request."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
     contexts: dict[int, list[float]] = {}  # Σ context of the size's median rows
