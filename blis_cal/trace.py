@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import math
 import os
+import re
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,20 @@ OBSERVED_KV_KEYS = {
 }
 
 # ---------------------------------------------------------------------------------------------- records
+
+
+def user_session_id(client_id: str, user: int) -> str:
+    """BLIS's session id for closed-loop user `user` of a client (`blis observe --concurrency N` writes
+    `concurrency_distribution_user_<u>`): every request of the user is one round of it."""
+    return f"concurrency_{client_id}_user_{user}"
+
+
+_USER_SESSION = re.compile(r"concurrency_.*_user_\d+")
+
+
+def is_user_session(session_id: str) -> bool:
+    """Whether `session_id` names a closed-loop user (`user_session_id`) rather than a multi-turn chat."""
+    return _USER_SESSION.fullmatch(session_id) is not None
 
 
 @dataclass
@@ -839,9 +854,10 @@ def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict
 
     The recorded `cached_tokens` when the trace has it; else full blocks of a shared prefix already computed
     by an earlier request of the same prefix group (vLLM caches full blocks only, and only once a request's
-    prefill has run), or of the previous round of the same session.
+    prefill has run), or, when sessions accumulate context, of the previous round of the same session.
     """
     block = block_size_of(trace)
+    accumulate = trace.header.session_context_growth == "accumulate"
     first_token: dict[str, int] = {}
     session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
     out: dict[int, int] = {}
@@ -854,7 +870,7 @@ def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict
             group_first = first_token.get(rec.prefix_group) if rec.prefix_group else None
             if group_first is not None and group_first <= rec.send_time_us:
                 cached = rec.prefix_length // block * block
-            prev = session_ctx.get(rec.session_id) if rec.session_id else None
+            prev = session_ctx.get(rec.session_id) if accumulate and rec.session_id else None
             if prev is not None and prev[1] <= rec.send_time_us:
                 cached = max(cached, min(prev[0], total) // block * block)
             # vLLM always recomputes at least the last prompt token (it needs its logits).

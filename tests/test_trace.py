@@ -22,11 +22,14 @@ from blis_cal.trace import (
     decode_speed_drift,
     decode_steps,
     duplicated_prefix_tokens,
+    estimate_cached_tokens,
+    is_user_session,
     itl_means_us,
     read_trace,
     single_decode_step_us,
     trace_frame,
     trace_summary,
+    user_session_id,
     write_trace,
 )
 
@@ -391,3 +394,38 @@ def test_duplicated_prefix_tokens_counts_each_shared_prefix_past_its_first_holde
     assert duplicated_prefix_tokens([1, 2, 3, 4, 5, 6], shares) == (256 + 256 + 128 - 256) + (512 + 512 - 512)
     assert duplicated_prefix_tokens([1, 4, 6], shares) == 0
     assert duplicated_prefix_tokens([], shares) == 0
+
+
+@pytest.mark.parametrize(("growth", "cached"), [("accumulate", 160), ("", 0)])
+def test_a_later_round_reuses_the_previous_rounds_blocks_only_when_sessions_accumulate(growth, cached):
+    """Round 1 sent after round 0's first token: with accumulated context its prompt starts with round 0's
+    100 + 70 tokens (10 full blocks cached); without, its prompt is new and nothing is cached."""
+    rows = [
+        TraceRecord(
+            0,
+            session_id="s",
+            input_tokens=100,
+            output_tokens=70,
+            send_time_us=0,
+            first_chunk_time_us=50_000,
+            last_chunk_time_us=90_000,
+        ),
+        TraceRecord(
+            1,
+            session_id="s",
+            round_index=1,
+            input_tokens=300,
+            output_tokens=10,
+            send_time_us=100_000,
+            first_chunk_time_us=140_000,
+            last_chunk_time_us=150_000,
+        ),
+    ]
+    trace = Trace(TraceHeader(session_context_growth=growth), rows)
+    assert estimate_cached_tokens(trace, rows) == {0: 0, 1: cached}
+
+
+def test_closed_loop_user_session_ids_follow_blis():
+    assert user_session_id("distribution", 3) == "concurrency_distribution_user_3"
+    assert is_user_session(user_session_id("a_b", 12))
+    assert not any(map(is_user_session, ["", "sess_42", "u/u0/s1", "concurrency_x_user_", "user_1"]))

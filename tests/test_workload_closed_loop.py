@@ -1,5 +1,6 @@
 """Workloads through the simulator: open-loop conversion, and closed loops via the follow-up bridge."""
 
+import itertools
 import json
 import subprocess
 import sys
@@ -74,6 +75,22 @@ def test_concurrency_never_exceeded_and_think_time_respected(concurrency, think_
         # Released at some earlier request's last token + think time (the user's previous request).
         assert req.arrival_us - think_us in finishes
         assert by_id[req.request_id].arrival_us == req.arrival_us
+
+
+def test_each_concurrency_user_is_one_blis_session_whose_rounds_follow_its_answers():
+    """BLIS names closed-loop user u's session `concurrency_<client>_user_<u>`; its requests are rounds 0, 1, ...,
+    each sent at the previous round's last token + think time."""
+    w = generate(users_spec(3, 5000, 30), seed=4)
+    bridge = follow_up_for(w)
+    by_id = {r.request_id: r for r in simulate(requests_from_workload(w), CONFIG, MODEL, bridge).results}
+    sessions: dict[str, list] = {}
+    for req in sorted([*w.requests, *bridge.released], key=lambda r: r.arrival_us):
+        sessions.setdefault(req.session_id, []).append(req)
+    assert sorted(sessions) == [f"concurrency_u_user_{u}" for u in range(3)]
+    for rounds in sessions.values():
+        assert [r.round_index for r in rounds] == list(range(len(rounds)))
+        for prev, nxt in itertools.pairwise(rounds):
+            assert nxt.arrival_us == by_id[prev.request_id].finish_us + 5000
 
 
 def test_closed_loop_run_is_deterministic():

@@ -3,9 +3,10 @@
 One client per (client_id, prefix_group) in the trace, with its share of the arrivals; the arrival process
 is fitted to the open-loop clients' inter-arrival gaps (Poisson when their cv is within sampling noise of 1,
 else gamma with that cv, constant when they barely vary); lengths are the observed empirical PDFs
-(or gaussians). Sessions (session_id / round_index) become multi-turn clients. A client whose requests were
-sent after earlier answers (`trace_links`: closed-loop users) becomes closed-loop users again: as many as
-it had (rows that answer no earlier one) with its median think time.
+(or gaussians). Chat sessions (session_id / round_index) become multi-turn clients. A client whose requests
+were sent after earlier answers (`trace_links`: closed-loop users, also BLIS's `concurrency_<client>_user_<u>`
+sessions) becomes closed-loop users again: as many as it had (rows that answer no earlier one) with its
+median think time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
-from blis_cal.trace import Trace, TraceRecord
+from blis_cal.trace import Trace, TraceRecord, is_user_session
 from blis_cal.trace_links import CLIENT_OVERHEAD_MAX_US, Link, trace_links
 from blis_cal.workload.spec import Arrival, ClientSpec, Distribution, MultiTurn, WorkloadSpec, check_spec
 
@@ -74,13 +75,19 @@ def _most_common(values: Sequence) -> object:
     return Counter(values).most_common(1)[0][0]
 
 
+def _chat_round(r: TraceRecord) -> bool:
+    """Whether the row is a later round of a multi-turn chat (a closed-loop user's session is not a chat)."""
+    return r.round_index > 0 and not is_user_session(r.session_id)
+
+
 def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
     sessions: dict[str, list[TraceRecord]] = {}
     for r in records:
-        if r.session_id:
+        if r.session_id and not is_user_session(r.session_id):
             sessions.setdefault(r.session_id, []).append(r)
     if not sessions:
         return None
+    records = [r for rounds in sessions.values() for r in rounds]
     thinks = [r.think_time_us for r in records if r.round_index > 0 and r.think_time_us > 0]
     if not thinks:  # gap between a round's answer and the next round's arrival
         for rounds in sessions.values():
@@ -99,7 +106,7 @@ def _closed_loop_users(members: list[TraceRecord], links: dict[int, Link]) -> tu
     """(users, think time µs) when the group's requests (or sessions) were sent after earlier answers; None for
     an open loop. Each user's first request answers none; the think time is the recorded one, or the gap
     after the answer when no think time was recorded and the gap is longer than a client's overhead."""
-    starts = [r for r in members if r.round_index == 0]
+    starts = [r for r in members if not _chat_round(r)]
     released = [links[r.request_id] for r in starts if r.request_id in links]
     if not released:
         return None
@@ -117,7 +124,7 @@ def spec_from_trace(
     """A spec whose regenerated workload has the trace's rate, burstiness, length PDFs and prefixes."""
     fit = length_fits.get(lengths)
     records = sorted(trace.records, key=lambda r: (r.arrival_time_us, r.request_id))
-    starts = [r for r in records if r.round_index == 0]
+    starts = [r for r in records if not _chat_round(r)]
     if len(starts) < 2:
         raise ConfigError("trace: need at least 2 requests (round 0) to fit an arrival rate")
     groups: dict[tuple[str, str], list[TraceRecord]] = {}
@@ -142,7 +149,7 @@ def spec_from_trace(
                 id=base if sole else f"{base}/{group or 'no-prefix'}",
                 tenant_id=str(_most_common([r.tenant_id for r in members])),
                 slo_class=str(_most_common([r.slo_class for r in members])),
-                rate_fraction=None if closed else float(sum(1 for r in members if r.round_index == 0)) or 1.0,
+                rate_fraction=None if closed else float(sum(1 for r in members if not _chat_round(r))) or 1.0,
                 concurrency=closed[0] if closed else None,
                 think_time_us=closed[1] if closed else 0,
                 arrival=Arrival() if closed else arrival,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from blis_cal.errors import BlisError, ConfigError
+from blis_cal.trace import user_session_id
 from blis_cal.workload.request import WorkloadRequest
 from blis_cal.workload.spec import ClientSpec, WorkloadSpec
 
@@ -113,7 +114,8 @@ class Workload:
 
         Arrival = finished_at_us + think time. None when `finished` is open loop, its session is over
         (single-session user), the budget is spent or the arrival falls past the horizon. A failed
-        request (`ok=False`) ends its session (BLIS), but a concurrency user goes on with a new one.
+        request (`ok=False`) ends a multi-turn session (BLIS), but a concurrency user goes on: a multi-turn
+        user with a new session, any other with its next round.
         """
         owner = self._owners.get(finished.request_id)
         if owner is None:
@@ -127,12 +129,14 @@ class Workload:
             if plan.accumulate:
                 answer = ((f"out:{finished.request_id}", completion_tokens),) if completion_tokens > 0 else ()
                 history = finished.context + answer
-        elif client.concurrency is not None and not (mt is not None and mt.single_session):
+        elif client.concurrency is not None and mt is None:
+            # A user without multi-turn is one unending BLIS session: each request is its next round.
+            round_index, think, history = finished.round_index + 1, client.think_time_us, plan.prefix
+            session_id = finished.session_id
+        elif client.concurrency is not None and not mt.single_session:
             round_index, think, history = 0, client.think_time_us, plan.prefix
-            session_id = ""
-            if mt is not None:
-                session_id = _user_session(client, owner.user, owner.sessions)
-                owner.sessions += 1
+            session_id = _user_session(client, owner.user, owner.sessions)
+            owner.sessions += 1
         else:
             return None
         arrival = finished_at_us + think
@@ -267,6 +271,8 @@ def _closed_loop_users(plan: _Plan, seed: int) -> list[_Draft]:
         draft = _Draft(0, plan.index, u, *plan.draw(owner.rng), owner=owner)
         if client.multi_turn is not None:
             draft.session_id = _user_session(client, u, 0)
+        else:
+            draft.session_id = user_session_id(client.id, u)
         drafts.append(draft)
     return drafts
 
