@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 import yaml
+from blis_sessions import as_blis_users
+from conftest import TRACES
 from typer.testing import CliRunner
 
 from blis_cal.calibrate import CalibrationError, NamedTrace, direct_estimate, fit, model_forms
@@ -292,6 +294,17 @@ def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():
     outside = ALPHA[0] + ALPHA[1] * idle.prompt_tokens
     step = idle.matrix(("const", "P", "D", "Pctx", "Dctx")) @ beta
     np.testing.assert_allclose(step + outside, idle.ttft_us, atol=2)
+
+
+def test_a_blis_closed_loop_without_cached_token_counts_fits_as_the_capture_that_has_them():
+    """BLIS records a closed-loop user as one session and no cached tokens: its rounds are fresh prompts (no
+    accumulated context), so nothing of the previous round is estimated cached and the fit is the same."""
+    capture = read_trace(TRACES / "real_day20/closed16z_s2003.csv")
+    blis = as_blis_users(capture)
+    recorded = {r.request_id: r.cached_tokens for r in capture.records}
+    assert estimate_cached_tokens(blis, blis.records) == recorded
+    a, b = (fit([NamedTrace("c", t)], bootstrap=0, max_evaluations=2) for t in (capture, blis))
+    assert (a.alpha, a.beta) == (b.alpha, b.beta)
 
 
 def test_cached_token_estimate_matches_simulator_without_recorded_counts():

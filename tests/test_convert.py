@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from blis_sessions import as_blis_users
 
 from blis_cal.errors import ConfigError
-from blis_cal.trace import read_trace, user_session_id
+from blis_cal.trace import read_trace
 from blis_cal.trace_links import trace_links
 from blis_cal.workload import generate, load_spec, parse_spec, spec_to_yaml
 from blis_cal.workload.fit_trace import fit_arrival, rate_rps, spec_from_trace
@@ -195,26 +196,11 @@ def test_trace_fit_closed_loop_users_stay_closed_loop_users(path, users, think_u
 def test_trace_fit_blis_concurrency_user_sessions_become_users_not_chats():
     """BLIS's `--concurrency` trace: each user one session `concurrency_distribution_user_<u>` of unending
     rounds, no think-time column. The fit gives 16 users, not 16 chat sessions at an arrival rate."""
-    trace = read_trace(TRACES / "real_day8/closed16z_s803.csv")
-    parent = {c: ln.parent_id for c, ln in trace_links(trace).items()}
-    user, rounds = {}, {}
-    for r in sorted(trace.records, key=lambda r: r.send_time_us):
-        user[r.request_id] = user[parent[r.request_id]] if r.request_id in parent else len(set(user.values()))
-        rounds[r.request_id] = rounds[parent[r.request_id]] + 1 if r.request_id in parent else 0
-    rows = [
-        dataclasses.replace(
-            r,
-            client_id="distribution",
-            session_id=user_session_id("distribution", user[r.request_id]),
-            round_index=rounds[r.request_id],
-            think_time_us=0,
-        )
-        for r in trace.records
-    ]
-    spec = spec_from_trace(dataclasses.replace(trace, records=rows))
+    trace = as_blis_users(read_trace(TRACES / "real_day8/closed16z_s803.csv"))
+    spec = spec_from_trace(trace)
     (client,) = spec.clients
     assert (client.concurrency, client.think_time_us, client.multi_turn) == (16, 0, None)
-    assert max(rounds.values()) > 10 and spec.aggregate_rate == 0.0
+    assert max(r.round_index for r in trace.records) > 10 and spec.aggregate_rate == 0.0
 
 
 def test_trace_fit_keeps_open_and_closed_loop_clients_apart():
