@@ -93,6 +93,11 @@ def test_each_concurrency_user_is_one_blis_session_whose_rounds_follow_its_answe
             assert nxt.arrival_us == by_id[prev.request_id].finish_us + 5000
 
 
+def test_concurrency_flag_users_carry_blis_session_ids():
+    w = workload_from_options(concurrency=3, num_requests=9, seed=1)
+    assert [r.session_id for r in w.requests] == [f"concurrency_distribution_user_{u}" for u in range(3)]
+
+
 def test_closed_loop_run_is_deterministic():
     a = run(generate(users_spec(4, 1000, 50), seed=2))
     b = run(generate(users_spec(4, 1000, 50), seed=2))

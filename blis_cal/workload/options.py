@@ -73,7 +73,8 @@ def options_spec(
         if concurrency is not None:
             if concurrency < 1:
                 raise ConfigError(f"--concurrency: must be >= 1, got {concurrency}")
-            client = ClientSpec("users", prompt, output, concurrency=concurrency, streaming=True)
+            # BLIS: one client "distribution", so user u's session is concurrency_distribution_user_<u>.
+            client = ClientSpec("distribution", prompt, output, concurrency=concurrency, streaming=True)
         else:
             client = ClientSpec("poisson", prompt, output, rate_fraction=1.0, streaming=True)
         spec = WorkloadSpec(clients=[client], aggregate_rate=float(rate or 0.0))
