@@ -178,6 +178,7 @@ def test_trace_fit_sessions_become_multi_turn(tmp_path):
     [
         ("real/closed12.csv", 12, 1_000_000, None),  # think time recorded per row
         ("real_day8/closed16z_s803.csv", 16, 0, None),  # sent the moment the answer came
+        ("real_day22/closed12_s2201.csv", 12, 1_000_000, None),  # each user one BLIS session
         ("real_day8/chat4_s809.csv", 4, 300_000, 4),  # chat sessions, the next one after a think time
     ],
 )
