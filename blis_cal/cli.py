@@ -555,11 +555,20 @@ def replay_cmd(
     _sim_outputs(run, results, trace_output, trace, follow_up.released_by if follow_up else None)
 
 
+_OPT_THINK_TIME = typer.Option(
+    None,
+    "--think-time-ms",
+    help="With --concurrency: a user's pause between an answer and its next request, ms (default 0); "
+    "user u starts at u·think/N, as in BLIS.",
+)
+
+
 def run_requests(
     spec_path: Path | None,
     preset: str | None,
     rate: float | None,
     concurrency: int | None,
+    think_time_ms: float | None,
     num_requests: int | None,
     duration: float | None,
     input_tokens: int | None,
@@ -578,6 +587,7 @@ def run_requests(
         preset=preset,
         rate=rate,
         concurrency=concurrency,
+        think_time_ms=think_time_ms,
         num_requests=num_requests,
         duration_s=duration,
         input_tokens=input_tokens,
@@ -603,6 +613,7 @@ def run_cmd(
         "--concurrency",
         help="N closed-loop users (next request when the answer completes; chatbot lengths).",
     ),
+    think_time_ms: float | None = _OPT_THINK_TIME,
     num_requests: int | None = typer.Option(
         None,
         "--num-requests",
@@ -692,7 +703,16 @@ def run_cmd(
     from blis_cal.replay.from_workload import workload_trace
 
     workload, requests, follow_up = run_requests(
-        workload_spec, preset, rate, concurrency, num_requests, duration, input_tokens, output_tokens, seed
+        workload_spec,
+        preset,
+        rate,
+        concurrency,
+        think_time_ms,
+        num_requests,
+        duration,
+        input_tokens,
+        output_tokens,
+        seed,
     )
     policy = _cluster_policy(
         policy_config,
@@ -1106,6 +1126,7 @@ def observe_cmd(
         None, "--rate", help="Requests/s. Alone: Poisson arrivals, chatbot lengths."
     ),
     concurrency: int | None = typer.Option(None, "--concurrency", help="N closed-loop users."),
+    think_time_ms: float | None = _OPT_THINK_TIME,
     num_requests: int | None = typer.Option(None, "--num-requests", help="Number of requests."),
     duration: float | None = typer.Option(None, "--duration", help="Stop arrivals after this many seconds."),
     input_tokens: int | None = typer.Option(None, "--input-tokens", help="Constant prompt length."),
@@ -1188,6 +1209,7 @@ def observe_cmd(
         preset=preset,
         rate=rate,
         concurrency=concurrency,
+        think_time_ms=think_time_ms,
         num_requests=num_requests,
         duration_s=duration,
         input_tokens=input_tokens,

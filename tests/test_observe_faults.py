@@ -432,3 +432,30 @@ def test_second_stop_cancels_without_waiting_for_the_drain(tmp_path):
         result = asyncio.run(go())
         assert time.monotonic() - t0 < 3.0
     assert result.by_status == {"cancelled": 3}
+
+
+def test_cli_concurrency_with_think_time_records_blis_user_sessions(tmp_path):
+    """`--concurrency 3 --think-time-ms 50`: user u starts at u·50/3 ms, is session
+    concurrency_distribution_user_<u>, and sends round r+1 50 ms after round r's answer."""
+    out = tmp_path / "users.csv"
+    with FakeVLLM() as server:
+        proc = subprocess.run(
+            cli(
+                "--endpoint", server.url, "--model", "fake", "--concurrency", "3", "--think-time-ms", "50",
+                "--num-requests", "12", "--input-tokens", "20", "--output-tokens", "5", "--out", str(out),
+                "--no-progress",
+            ),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = read_trace(out).records
+    sessions: dict[str, list] = {}
+    for r in sorted(rows, key=lambda r: r.arrival_time_us):
+        sessions.setdefault(r.session_id, []).append(r)
+    assert sorted(sessions) == [f"concurrency_distribution_user_{u}" for u in range(3)]
+    assert sorted(s[0].arrival_time_us for s in sessions.values()) == [0, 16_666, 33_333]
+    for user in sessions.values():
+        assert [r.round_index for r in user] == list(range(len(user)))
+        for prev, nxt in itertools.pairwise(user):
+            assert nxt.think_time_us == 50_000
+            assert nxt.arrival_time_us == prev.last_chunk_time_us + 50_000 <= nxt.send_time_us

@@ -68,7 +68,10 @@ def test_concurrency_never_exceeded_and_think_time_respected(concurrency, think_
     results = out.results
     assert len(results) == 80  # budget spent exactly: the pre-generated users plus follow-ups
     assert all(r.status == "ok" for r in results)
-    assert max_in_flight(results) == concurrency
+    in_flight = max_in_flight(results)
+    assert in_flight <= concurrency
+    if think_us == 0:  # every user in flight from t = 0 (with a think time they start u·think/N apart)
+        assert in_flight == concurrency
     by_id = {r.request_id: r for r in results}
     finishes = sorted(r.finish_us for r in results)
     for req in bridge.released:
@@ -93,9 +96,16 @@ def test_each_concurrency_user_is_one_blis_session_whose_rounds_follow_its_answe
             assert nxt.arrival_us == by_id[prev.request_id].finish_us + 5000
 
 
-def test_concurrency_flag_users_carry_blis_session_ids():
-    w = workload_from_options(concurrency=3, num_requests=9, seed=1)
+def test_concurrency_flag_users_carry_blis_session_ids_and_start_think_over_n_apart():
+    w = workload_from_options(concurrency=3, think_time_ms=300, num_requests=9, seed=1)
     assert [r.session_id for r in w.requests] == [f"concurrency_distribution_user_{u}" for u in range(3)]
+    assert [r.arrival_us for r in w.requests] == [0, 100_000, 200_000]
+    nxt = w.follow_up(w.requests[0], 10, 1_000_000)
+    assert (nxt.arrival_us, nxt.session_id, nxt.round_index) == (
+        1_300_000,
+        "concurrency_distribution_user_0",
+        1,
+    )
 
 
 def test_closed_loop_run_is_deterministic():
@@ -168,6 +178,9 @@ def test_cli_run_default_is_1000_poisson_chatbot_requests(tmp_path):
         (["--rate", "1", "--concurrency", "2"], "--rate cannot be combined with --concurrency"),
         (["--workload-spec", "/nonexistent.yaml"], "cannot read workload spec"),
         ([], "give a workload"),
+        (["--rate", "1", "--think-time-ms", "100"], "--think-time-ms needs --concurrency"),
+        (["--concurrency", "2", "--think-time-ms", "-5"], "--think-time-ms: must be >= 0 ms, got -5.0"),
+        (["--concurrency", "2", "--think-time-ms", "nan"], "--think-time-ms: must be >= 0 ms, got nan"),
     ],
 )
 def test_cli_run_bad_workload_flags(args, message):

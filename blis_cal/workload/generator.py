@@ -263,12 +263,15 @@ def _open_loop(plan: _Plan, seed: int, times: np.ndarray, horizon: int | None) -
 
 
 def _closed_loop_users(plan: _Plan, seed: int) -> list[_Draft]:
-    """Each concurrency user's first request, at time 0."""
+    """Each concurrency user's first request: user u's at u·think/N (BLIS), so users with a think time do not
+    all start at once."""
     client = plan.client
+    users = client.concurrency or 0
     drafts = []
-    for u in range(client.concurrency or 0):
+    for u in range(users):
         owner = _Owner(plan, (seed, plan.index, _USER, u), user=u)
-        draft = _Draft(0, plan.index, u, *plan.draw(owner.rng), owner=owner)
+        arrival = u * client.think_time_us // users
+        draft = _Draft(arrival, plan.index, u, *plan.draw(owner.rng), owner=owner)
         if client.multi_turn is not None:
             draft.session_id = _user_session(client, u, 0)
         else:

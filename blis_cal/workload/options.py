@@ -27,6 +27,7 @@ def options_spec(
     preset: str | None = None,
     rate: float | None = None,
     concurrency: int | None = None,
+    think_time_ms: float | None = None,
     num_requests: int | None = None,
     duration_s: float | None = None,
     input_tokens: int | None = None,
@@ -34,8 +35,8 @@ def options_spec(
     seed: int | None = None,
 ) -> WorkloadSpec:
     """The spec the CLI flags describe. Exactly one source: a spec file, a preset/scenario (needs rate),
-    `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, no think time,
-    chatbot lengths). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
+    `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, chatbot lengths,
+    `think_time_ms` between an answer and the user's next request, default 0). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
     `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError otherwise.
     """
     given = [
@@ -51,6 +52,10 @@ def options_spec(
         raise ConfigError(f"give only one workload source, not {' and '.join(given)}")
     if rate is not None and (spec_path is not None or concurrency is not None):
         raise ConfigError(f"--rate cannot be combined with {given[0]}")
+    if think_time_ms is not None and concurrency is None:
+        raise ConfigError("--think-time-ms needs --concurrency (a spec's clients set think_time_us)")
+    if think_time_ms is not None and not (math.isfinite(think_time_ms) and think_time_ms >= 0):
+        raise ConfigError(f"--think-time-ms: must be >= 0 ms, got {think_time_ms}")
     if preset is not None and rate is None:
         raise ConfigError("--preset needs --rate (requests/s)")
     if not given and rate is None:
@@ -74,7 +79,14 @@ def options_spec(
             if concurrency < 1:
                 raise ConfigError(f"--concurrency: must be >= 1, got {concurrency}")
             # BLIS: one client "distribution", so user u's session is concurrency_distribution_user_<u>.
-            client = ClientSpec("distribution", prompt, output, concurrency=concurrency, streaming=True)
+            client = ClientSpec(
+                "distribution",
+                prompt,
+                output,
+                concurrency=concurrency,
+                think_time_us=round((think_time_ms or 0.0) * 1000),
+                streaming=True,
+            )
         else:
             client = ClientSpec("poisson", prompt, output, rate_fraction=1.0, streaming=True)
         spec = WorkloadSpec(clients=[client], aggregate_rate=float(rate or 0.0))
