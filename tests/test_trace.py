@@ -400,26 +400,11 @@ def test_duplicated_prefix_tokens_counts_each_shared_prefix_past_its_first_holde
 def test_a_later_round_reuses_the_previous_rounds_blocks_only_when_sessions_accumulate(growth, cached):
     """Round 1 sent after round 0's first token: with accumulated context its prompt starts with round 0's
     100 + 70 tokens (10 full blocks cached); without, its prompt is new and nothing is cached."""
+    times = {"first_chunk_time_us": 50_000, "last_chunk_time_us": 90_000}
+    later = {"send_time_us": 100_000, "first_chunk_time_us": 140_000, "last_chunk_time_us": 150_000}
     rows = [
-        TraceRecord(
-            0,
-            session_id="s",
-            input_tokens=100,
-            output_tokens=70,
-            send_time_us=0,
-            first_chunk_time_us=50_000,
-            last_chunk_time_us=90_000,
-        ),
-        TraceRecord(
-            1,
-            session_id="s",
-            round_index=1,
-            input_tokens=300,
-            output_tokens=10,
-            send_time_us=100_000,
-            first_chunk_time_us=140_000,
-            last_chunk_time_us=150_000,
-        ),
+        TraceRecord(0, session_id="s", input_tokens=100, output_tokens=70, **times),
+        TraceRecord(1, session_id="s", round_index=1, input_tokens=300, output_tokens=10, **later),
     ]
     trace = Trace(TraceHeader(session_context_growth=growth), rows)
     assert estimate_cached_tokens(trace, rows) == {0: 0, 1: cached}
