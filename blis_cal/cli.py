@@ -291,6 +291,12 @@ _OPT_TRACE_DECISIONS = typer.Option(
     None, "--trace-decisions", help="Write one JSON line per routing decision (candidates and scores) here."
 )
 
+_OPT_THINK_TIME = typer.Option(
+    None,
+    "--think-time-ms",
+    help="With --concurrency: a user's pause between an answer and its next request, ms (default 0); "
+    "user u starts at u·think/N, as in BLIS.",
+)
 _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
@@ -553,14 +559,6 @@ def replay_cmd(
     )
     print_notes(notes)
     _sim_outputs(run, results, trace_output, trace, follow_up.released_by if follow_up else None)
-
-
-_OPT_THINK_TIME = typer.Option(
-    None,
-    "--think-time-ms",
-    help="With --concurrency: a user's pause between an answer and its next request, ms (default 0); "
-    "user u starts at u·think/N, as in BLIS.",
-)
 
 
 def run_requests(

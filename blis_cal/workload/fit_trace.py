@@ -87,8 +87,8 @@ def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
             sessions.setdefault(r.session_id, []).append(r)
     if not sessions:
         return None
-    records = [r for rounds in sessions.values() for r in rounds]
-    thinks = [r.think_time_us for r in records if r.round_index > 0 and r.think_time_us > 0]
+    chat_rows = [r for rounds in sessions.values() for r in rounds]
+    thinks = [r.think_time_us for r in chat_rows if r.round_index > 0 and r.think_time_us > 0]
     if not thinks:  # gap between a round's answer and the next round's arrival
         for rounds in sessions.values():
             rounds.sort(key=lambda r: r.round_index)
@@ -96,7 +96,7 @@ def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
                 max(b.arrival_time_us - a.last_chunk_time_us, 0) for a, b in itertools.pairwise(rounds)
             ]
     return MultiTurn(
-        max_rounds=max(r.round_index for r in records) + 1,
+        max_rounds=max(r.round_index for r in chat_rows) + 1,
         think_time_us=int(np.median(thinks)) if thinks else 0,
         context_growth=growth if growth == "accumulate" else "",
     )
