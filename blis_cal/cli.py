@@ -297,6 +297,25 @@ _OPT_THINK_TIME = typer.Option(
     help="With --concurrency: a user's pause between an answer and its next request, ms (default 0); "
     "user u starts at u·think/N, as in BLIS.",
 )
+_OPT_THINK_DIST = typer.Option(
+    None,
+    "--think-time-dist",
+    help="With --concurrency, instead of --think-time-ms: each pause drawn from a distribution, BLIS syntax: "
+    "lognormal:mu=2.0,sigma=0.6,min=3s,max=30s (mu, sigma of ln seconds) or constant:value=500ms; "
+    "times take s, ms or us (bare: ms). Users all start at 0, as in BLIS.",
+)
+_OPT_REPLAY_THINK_TIME = typer.Option(
+    None,
+    "--think-time-ms",
+    help="What if users paused this long: every row sent after an earlier row's answer (closed-loop user, "
+    "session round) arrives at that answer + this think time, ms (BLIS replay's flag; default: as recorded).",
+)
+_OPT_REPLAY_THINK_DIST = typer.Option(
+    None,
+    "--think-time-dist",
+    help="As --think-time-ms, with each pause drawn (--seed) from a distribution, BLIS syntax: "
+    "lognormal:mu=2.0,sigma=0.6,min=3s,max=30s or constant:value=500ms.",
+)
 _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
@@ -375,6 +394,7 @@ def policies_cmd() -> None:
     from blis_cal.simulate.scheduler import scheduler_policies
     from blis_cal.workload.presets import workload_presets
     from blis_cal.workload.samplers import arrival_samplers, length_samplers
+    from blis_cal.workload.think_time import think_time_types
 
     print_json(
         {
@@ -387,6 +407,7 @@ def policies_cmd() -> None:
             "model_forms": {name: model_forms.get(name).description for name in model_forms.names()},
             "arrival_processes": arrival_samplers.names(),
             "length_distributions": length_samplers.names(),
+            "think_time_distributions": think_time_types.names(),
             "workload_presets": workload_presets.names(),
             "session_modes": {name: session_modes.get(name).description for name in session_modes.names()},
         }
@@ -491,6 +512,8 @@ def replay_cmd(
     priority_policy: str | None = _OPT_PRIORITY,
     trace_decisions: Path | None = _OPT_TRACE_DECISIONS,
     session_mode: str | None = _OPT_SESSION_MODE,
+    think_time_ms: float | None = _OPT_REPLAY_THINK_TIME,
+    think_time_dist: str | None = _OPT_REPLAY_THINK_DIST,
 ) -> None:
     """Replay a trace through the simulated vLLM instance; print the summary as JSON.
 
@@ -508,9 +531,11 @@ def replay_cmd(
 
         blis replay run.csv --alpha 20000,0,0 --beta 10000,30,500 --instances 4 --routing-policy weighted
     """
-    from blis_cal.replay import config_from_trace, trace_requests
+    from blis_cal.replay import config_from_trace, trace_requests, with_think_time
     from blis_cal.trace import read_trace
+    from blis_cal.workload.think_time import think_time_option
 
+    think = think_time_option(think_time_ms, think_time_dist)
     trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
     server = trace.header.server
     config = config_from_trace(
@@ -536,6 +561,8 @@ def replay_cmd(
         model_config,
         hardware_config,
     )
+    if think is not None:
+        trace = with_think_time(trace, think, config.seed)
     notes = list(trace.notes)
     policy = _cluster_policy(
         policy_config,
@@ -567,6 +594,7 @@ def run_requests(
     rate: float | None,
     concurrency: int | None,
     think_time_ms: float | None,
+    think_time_dist: str | None,
     num_requests: int | None,
     duration: float | None,
     input_tokens: int | None,
@@ -586,6 +614,7 @@ def run_requests(
         rate=rate,
         concurrency=concurrency,
         think_time_ms=think_time_ms,
+        think_time_dist=think_time_dist,
         num_requests=num_requests,
         duration_s=duration,
         input_tokens=input_tokens,
@@ -612,6 +641,7 @@ def run_cmd(
         help="N closed-loop users (next request when the answer completes; chatbot lengths).",
     ),
     think_time_ms: float | None = _OPT_THINK_TIME,
+    think_time_dist: str | None = _OPT_THINK_DIST,
     num_requests: int | None = typer.Option(
         None,
         "--num-requests",
@@ -706,6 +736,7 @@ def run_cmd(
         rate,
         concurrency,
         think_time_ms,
+        think_time_dist,
         num_requests,
         duration,
         input_tokens,
@@ -1125,6 +1156,7 @@ def observe_cmd(
     ),
     concurrency: int | None = typer.Option(None, "--concurrency", help="N closed-loop users."),
     think_time_ms: float | None = _OPT_THINK_TIME,
+    think_time_dist: str | None = _OPT_THINK_DIST,
     num_requests: int | None = typer.Option(None, "--num-requests", help="Number of requests."),
     duration: float | None = typer.Option(None, "--duration", help="Stop arrivals after this many seconds."),
     input_tokens: int | None = typer.Option(None, "--input-tokens", help="Constant prompt length."),
@@ -1208,6 +1240,7 @@ def observe_cmd(
         rate=rate,
         concurrency=concurrency,
         think_time_ms=think_time_ms,
+        think_time_dist=think_time_dist,
         num_requests=num_requests,
         duration_s=duration,
         input_tokens=input_tokens,

@@ -105,6 +105,7 @@ def test_policies_lists_every_registry():
     assert {"fcfs", "priority-fcfs", "sjf"} <= set(listed["scheduler_policies"])
     assert listed["priority_policies"] == ["constant", "slo-based", "vllm"]
     assert "gamma" in listed["arrival_processes"] and "lognormal" in listed["length_distributions"]
+    assert listed["think_time_distributions"] == ["constant", "lognormal"]
     assert "prefix-heavy" in listed["workload_presets"] and "blackbox-ctx" in listed["model_forms"]
 
 

@@ -459,3 +459,30 @@ def test_cli_concurrency_with_think_time_records_blis_user_sessions(tmp_path):
         for prev, nxt in itertools.pairwise(user):
             assert nxt.think_time_us == 50_000
             assert nxt.arrival_time_us == prev.last_chunk_time_us + 50_000 <= nxt.send_time_us
+
+
+def test_cli_concurrency_with_think_time_dist_draws_each_pause(tmp_path):
+    """`--think-time-dist`: every user starts at 0 (BLIS) and pauses a drawn time, within the bounds, after
+    each answer before its next round."""
+    out = tmp_path / "users.csv"
+    with FakeVLLM() as server:
+        proc = subprocess.run(
+            cli(
+                "--endpoint", server.url, "--model", "fake", "--concurrency", "2",
+                "--think-time-dist", "lognormal:mu=-3.5,sigma=0.5,min=20ms,max=60ms",
+                "--num-requests", "10", "--input-tokens", "20", "--output-tokens", "5", "--out", str(out),
+                "--no-progress",
+            ),
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = read_trace(out).records
+    assert sorted(r.arrival_time_us for r in rows if r.round_index == 0) == [0, 0]
+    later = [r for r in rows if r.round_index > 0]
+    assert len(later) == 8 and len({r.think_time_us for r in later}) > 1
+    finish = {(r.session_id, r.round_index): r.last_chunk_time_us for r in rows}
+    for r in later:
+        assert 20_000 <= r.think_time_us <= 60_000
+        assert (
+            r.arrival_time_us == finish[r.session_id, r.round_index - 1] + r.think_time_us <= r.send_time_us
+        )

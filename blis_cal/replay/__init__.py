@@ -2,7 +2,7 @@
 
 from blis_cal.replay.from_trace import config_from_trace, replay_trace, requests_from_trace, trace_requests
 from blis_cal.replay.results import read_results_json, results_to_json, results_to_trace, write_results_json
-from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
+from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes, with_think_time
 
 __all__ = [
     "DEFAULT_SESSION_MODE",
@@ -14,5 +14,6 @@ __all__ = [
     "results_to_trace",
     "session_modes",
     "trace_requests",
+    "with_think_time",
     "write_results_json",
 ]

@@ -13,10 +13,15 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.simulate.request import SimRequest
-from blis_cal.trace_links import Link
+from blis_cal.trace import Trace
+from blis_cal.trace_links import Link, injection_time_us, trace_links
+from blis_cal.workload.spec import Distribution
 
 
 @dataclass(frozen=True)
@@ -100,3 +105,54 @@ def chain_requests(
             f"session mode {session_mode!r}: {mode.description}"
         )
     return first, TraceFollowUp(held, mode)
+
+
+_THINK_STREAM = 7919  # the think-time draws' stream, beside the simulator's own use of the seed
+
+
+def with_think_time(trace: Trace, think: Distribution, seed: int) -> Trace:
+    """The trace as if every row sent after an earlier row's answer had paused a think time drawn from `think`
+    (BLIS replay's --think-time-ms / --think-time-dist): the row arrives at its predecessor's answer + the
+    pause, is sent its recorded client overhead later (a recorded gap with no think time and no pause is all
+    overhead), and its answer and later rounds move with it, so the trace stays causal. Draws follow the rows'
+    ids, so a seed repeats them. Raises ConfigError when no row follows an answer."""
+    links = trace_links(trace)
+    if not links:
+        raise ConfigError(
+            "the think time applies to rows sent after an earlier row's answer (closed-loop users, session "
+            "rounds), and this trace has none"
+        )
+    pauses = think.sampler().sample(np.random.default_rng([seed, _THINK_STREAM]), len(links))
+    pause_of = dict(zip(sorted(links), pauses.tolist(), strict=True))
+    by_id = {r.request_id: r for r in trace.records}
+    shift: dict[int, int] = {}
+    moved = {}
+    for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):  # parents first
+        link = links.get(rec.request_id)
+        if link is None:
+            continue
+        pause = pause_of[rec.request_id]
+        answer = by_id[link.parent_id].last_chunk_time_us + shift.get(link.parent_id, 0)
+        overhead = link.gap_us - link.think_us if link.think_us or not link.waited else 0
+        delta = shift[rec.request_id] = answer + overhead + pause - injection_time_us(rec)
+        moved[rec.request_id] = dataclasses.replace(
+            rec,
+            think_time_us=pause,
+            arrival_time_us=answer + pause,
+            **{
+                name: getattr(rec, name) + delta
+                for name in ("send_time_us", "first_chunk_time_us", "last_chunk_time_us")
+                if getattr(rec, name) > 0
+            },
+        )
+    itl = trace.itl and {
+        rid: [dataclasses.replace(c, timestamp_us=c.timestamp_us + shift.get(rid, 0)) for c in chunks]
+        for rid, chunks in trace.itl.items()
+    }
+    note = f"{len(moved)} row(s) sent after an earlier answer now pause a think time drawn from {think.type}"
+    return dataclasses.replace(
+        trace,
+        records=[moved.get(r.request_id, r) for r in trace.records],
+        itl=itl,
+        notes=[*trace.notes, note],
+    )

@@ -19,7 +19,7 @@ from blis_cal.workload.request import WorkloadRequest
 from blis_cal.workload.spec import ClientSpec, WorkloadSpec
 
 # Stream purposes (the third element of each stream's seed).
-_ARRIVAL, _INPUT, _OUTPUT, _USER, _SESSION, _TOKENS = range(6)
+_ARRIVAL, _INPUT, _OUTPUT, _USER, _SESSION, _TOKENS, _THINK = range(7)
 _BLOCK = 4096  # arrivals drawn per batch
 
 
@@ -39,6 +39,8 @@ class _Plan:
     def __post_init__(self) -> None:
         self.inputs = self.client.input_distribution.sampler()
         self.outputs = self.client.output_distribution.sampler()
+        dist = self.client.think_time_distribution
+        self.thinks = None if dist is None else dist.sampler()
 
     @property
     def accumulate(self) -> bool:
@@ -48,6 +50,13 @@ class _Plan:
     def draw(self, rng: np.random.Generator) -> tuple[int, int]:
         """(input, output) lengths for one request from a private stream: input first, then output."""
         return _fix_lengths(self, int(self.inputs.sample(rng, 1)[0]), int(self.outputs.sample(rng, 1)[0]))
+
+    def think_us(self, owner: _Owner) -> int:
+        """A concurrency user's pause before its next request: the client's constant, or a draw from the
+        user's own think stream (so lengths do not change with the distribution)."""
+        if self.thinks is None:
+            return self.client.think_time_us
+        return int(self.thinks.sample(owner.think_rng, 1)[0])
 
 
 def _fix_lengths(plan: _Plan, input_tokens: int, output_tokens: int) -> tuple[int, int]:
@@ -65,12 +74,19 @@ class _Owner:
     user: int | None = None
     sessions: int = 1
     _rng: np.random.Generator | None = None
+    _think_rng: np.random.Generator | None = None
 
     @property
     def rng(self) -> np.random.Generator:
         if self._rng is None:
             self._rng = _rng(*self.stream)
         return self._rng
+
+    @property
+    def think_rng(self) -> np.random.Generator:
+        if self._think_rng is None:
+            self._think_rng = _rng(*self.stream, _THINK)
+        return self._think_rng
 
 
 @dataclass
@@ -131,10 +147,10 @@ class Workload:
                 history = finished.context + answer
         elif client.concurrency is not None and mt is None:
             # A user without multi-turn is one unending BLIS session: each request is its next round.
-            round_index, think, history = finished.round_index + 1, client.think_time_us, plan.prefix
+            round_index, think, history = finished.round_index + 1, plan.think_us(owner), plan.prefix
             session_id = finished.session_id
         elif client.concurrency is not None and not mt.single_session:
-            round_index, think, history = 0, client.think_time_us, plan.prefix
+            round_index, think, history = 0, plan.think_us(owner), plan.prefix
             session_id = _user_session(client, owner.user, owner.sessions)
             owner.sessions += 1
         else:
@@ -264,7 +280,7 @@ def _open_loop(plan: _Plan, seed: int, times: np.ndarray, horizon: int | None) -
 
 def _closed_loop_users(plan: _Plan, seed: int) -> list[_Draft]:
     """Each concurrency user's first request: user u's at u·think/N (BLIS), so users with a think time do not
-    all start at once."""
+    all start at once; with a think-time distribution all start at 0 (BLIS `--think-time-dist`)."""
     client = plan.client
     users = client.concurrency or 0
     drafts = []

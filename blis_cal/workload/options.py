@@ -11,6 +11,7 @@ from blis_cal.errors import ConfigError
 from blis_cal.workload.generator import Workload, generate
 from blis_cal.workload.presets import preset_lengths, preset_spec
 from blis_cal.workload.spec import ClientSpec, Distribution, WorkloadSpec, check_spec, load_spec
+from blis_cal.workload.think_time import think_time_option
 
 DEFAULT_LENGTHS_PRESET = "chatbot"  # --rate / --concurrency alone: the chatbot preset's lengths
 
@@ -28,6 +29,7 @@ def options_spec(
     rate: float | None = None,
     concurrency: int | None = None,
     think_time_ms: float | None = None,
+    think_time_dist: str | None = None,
     num_requests: int | None = None,
     duration_s: float | None = None,
     input_tokens: int | None = None,
@@ -36,8 +38,10 @@ def options_spec(
 ) -> WorkloadSpec:
     """The spec the CLI flags describe. Exactly one source: a spec file, a preset/scenario (needs rate),
     `rate` alone (Poisson arrivals, chatbot lengths) or `concurrency` (closed-loop users, chatbot lengths,
-    `think_time_ms` between an answer and the user's next request, default 0). `input_tokens` / `output_tokens` make those lengths constant; `num_requests`,
-    `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError otherwise.
+    `think_time_ms` between an answer and the user's next request, default 0, or pauses drawn from
+    `think_time_dist`, BLIS's `--think-time-dist` text). `input_tokens` / `output_tokens` make those lengths
+    constant; `num_requests`, `duration_s` (the horizon) and `seed` override the spec's. Raises ConfigError
+    otherwise.
     """
     given = [
         flag
@@ -52,10 +56,10 @@ def options_spec(
         raise ConfigError(f"give only one workload source, not {' and '.join(given)}")
     if rate is not None and (spec_path is not None or concurrency is not None):
         raise ConfigError(f"--rate cannot be combined with {given[0]}")
-    if think_time_ms is not None and concurrency is None:
-        raise ConfigError("--think-time-ms needs --concurrency (a spec's clients set think_time_us)")
-    if think_time_ms is not None and not (math.isfinite(think_time_ms) and think_time_ms >= 0):
-        raise ConfigError(f"--think-time-ms: must be >= 0 ms, got {think_time_ms}")
+    think = think_time_option(think_time_ms, think_time_dist)
+    if think is not None and concurrency is None:
+        flag = "--think-time-ms" if think_time_ms is not None else "--think-time-dist"
+        raise ConfigError(f"{flag} needs --concurrency (a spec's clients set think_time_us)")
     if preset is not None and rate is None:
         raise ConfigError("--preset needs --rate (requests/s)")
     if not given and rate is None:
@@ -84,7 +88,9 @@ def options_spec(
                 prompt,
                 output,
                 concurrency=concurrency,
-                think_time_us=round((think_time_ms or 0.0) * 1000),
+                # --think-time-ms also staggers the users' starts (u·think/N); a distribution does not (BLIS).
+                think_time_us=think.params["value"] if think is not None and think_time_ms is not None else 0,
+                think_time_distribution=think if think_time_dist is not None else None,
                 streaming=True,
             )
         else:

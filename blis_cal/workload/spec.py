@@ -44,6 +44,7 @@ _CLIENT_KEYS = (
     "rate_fraction",
     "concurrency",
     "think_time_us",
+    "think_time_distribution",
     "arrival",
     "input_distribution",
     "output_distribution",
@@ -112,6 +113,7 @@ class ClientSpec:
     rate_fraction: float | None = None  # open loop (normalised over clients); None with concurrency
     concurrency: int | None = None  # closed-loop users
     think_time_us: int = 0  # closed-loop users: pause between a response and the next request
+    think_time_distribution: Distribution | None = None  # instead of think_time_us: a drawn pause (µs)
     arrival: Arrival = field(default_factory=Arrival)
     prefix_group: str = ""
     prefix_length: int | None = None
@@ -275,10 +277,13 @@ def _client(where: str, value: Any, version: str) -> ClientSpec:
         rate_fraction = number(f"{where}.rate_fraction", data.get("rate_fraction", 1.0), positive=True)
     if concurrency is not None and "arrival" in data:
         raise ConfigError(f"{where}.arrival: closed-loop (concurrency) clients have no arrival process")
-    if "think_time_us" in data and concurrency is None:
-        raise ConfigError(
-            f"{where}.think_time_us: only for concurrency clients (sessions use reasoning.multi_turn.think_time_us)"
-        )
+    for key in ("think_time_us", "think_time_distribution"):
+        if key in data and concurrency is None:
+            raise ConfigError(
+                f"{where}.{key}: only for concurrency clients (sessions use reasoning.multi_turn.think_time_us)"
+            )
+    if "think_time_us" in data and "think_time_distribution" in data:
+        raise ConfigError(f"{where}: think_time_us and think_time_distribution are mutually exclusive")
     closed_loop = _bool(f"{where}.closed_loop", data["closed_loop"]) if "closed_loop" in data else None
     if closed_loop is not None and multi_turn is None:
         raise ConfigError(f"{where}.closed_loop: only meaningful with reasoning.multi_turn")
@@ -296,6 +301,11 @@ def _client(where: str, value: Any, version: str) -> ClientSpec:
         rate_fraction=rate_fraction,
         concurrency=concurrency,
         think_time_us=_int(f"{where}.think_time_us", data.get("think_time_us", 0)),
+        think_time_distribution=(
+            _distribution(f"{where}.think_time_distribution", data["think_time_distribution"])
+            if "think_time_distribution" in data
+            else None
+        ),
         arrival=_arrival(f"{where}.arrival", data["arrival"]) if "arrival" in data else Arrival(),
         prefix_group=prefix_group,
         prefix_length=prefix_length,
@@ -406,6 +416,10 @@ def load_spec(path: str | Path) -> WorkloadSpec:
 # ---------------------------------------------------------------------------------------------- writing
 
 
+def _distribution_dict(dist: Distribution) -> dict[str, Any]:
+    return {"type": dist.type, "params": dist.params}
+
+
 def _client_dict(client: ClientSpec) -> dict[str, Any]:
     out: dict[str, Any] = {"id": client.id}
     for key in ("tenant_id", "slo_class", "model"):
@@ -415,17 +429,13 @@ def _client_dict(client: ClientSpec) -> dict[str, Any]:
         out["concurrency"] = client.concurrency
         if client.think_time_us:
             out["think_time_us"] = client.think_time_us
+        if client.think_time_distribution is not None:
+            out["think_time_distribution"] = _distribution_dict(client.think_time_distribution)
     else:
         out["rate_fraction"] = client.rate_fraction
         out["arrival"] = {k: v for k, v in dataclasses.asdict(client.arrival).items() if v is not None}
-    out["input_distribution"] = {
-        "type": client.input_distribution.type,
-        "params": client.input_distribution.params,
-    }
-    out["output_distribution"] = {
-        "type": client.output_distribution.type,
-        "params": client.output_distribution.params,
-    }
+    out["input_distribution"] = _distribution_dict(client.input_distribution)
+    out["output_distribution"] = _distribution_dict(client.output_distribution)
     if client.prefix_group:
         out["prefix_group"] = client.prefix_group
         if client.prefix_length is not None:
