@@ -196,6 +196,12 @@ def convert_trace(
     lengths: str = typer.Option(
         "empirical", "--lengths", help="Length fit: empirical (observed PDF) or gaussian."
     ),
+    think_times: str = typer.Option(
+        "median",
+        "--think-times",
+        help="Closed-loop users' think time: median (one value, as BLIS specs have), or empirical / gaussian "
+        "(a think_time_distribution fitted to the recorded pauses when they vary).",
+    ),
     num_requests: int | None = typer.Option(
         None, "--num-requests", help="Requests to generate (default: as many as the trace has)."
     ),
@@ -216,7 +222,9 @@ def convert_trace(
 
     trace = read_trace(trace_csv, header)
     print_notes(trace.notes)
-    spec = spec_from_trace(trace, lengths=lengths, num_requests=num_requests, seed=seed)
+    spec = spec_from_trace(
+        trace, lengths=lengths, think_times=think_times, num_requests=num_requests, seed=seed
+    )
     parts = []
     open_loop = [c for c in spec.clients if c.concurrency is None]
     if open_loop:

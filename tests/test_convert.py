@@ -194,6 +194,44 @@ def test_trace_fit_closed_loop_users_stay_closed_loop_users(path, users, think_u
     assert workload.closed_loop and len(workload.requests) == users  # the rest follow their answers
 
 
+@pytest.mark.parametrize("fit", ["empirical", "gaussian"])
+def test_trace_fit_of_varied_think_times_regenerates_their_spread(fit):
+    """Users whose recorded pauses vary (lognormal, median 0.46 s): `median` keeps BLIS's one think time, a
+    length fit gives a think_time_distribution whose draws have the recorded median and range."""
+    trace = read_trace(TRACES / "real_day23/closed16ln_s2305.csv")
+    recorded = [r.think_time_us for r in trace.records if r.round_index > 0]
+    (plain,) = spec_from_trace(trace).clients
+    assert (plain.think_time_us, plain.think_time_distribution) == (int(np.median(recorded)), None)
+    spec = spec_from_trace(trace, think_times=fit, num_requests=4000)
+    (client,) = spec.clients
+    assert (client.concurrency, client.think_time_us, client.think_time_distribution.type) == (16, 0, fit)
+    assert parse_spec(yaml.safe_load(spec_to_yaml(spec)), "round trip") == spec
+    workload = generate(spec)
+    drawn, pending = [], list(workload.requests)
+    while pending:
+        req = pending.pop()
+        nxt = workload.follow_up(req, 5, req.arrival_us + 1_000_000)
+        if nxt is not None:
+            drawn.append(nxt.think_time_us)
+            pending.append(nxt)
+    assert len(drawn) == 4000 - 16 and min(recorded) <= min(drawn) and max(drawn) <= max(recorded)
+    if fit == "empirical":
+        assert set(drawn) <= set(recorded)
+        assert np.median(drawn) == pytest.approx(np.median(recorded), rel=0.1)
+    else:
+        assert np.mean(drawn) == pytest.approx(np.mean(recorded), rel=0.1)
+
+
+def test_trace_fit_of_one_think_time_stays_a_constant_and_bad_fit_names_are_listed():
+    trace = read_trace(TRACES / "real_day22/closed12_s2201.csv")  # every pause 1 s
+    (client,) = spec_from_trace(trace, think_times="empirical").clients
+    assert (client.think_time_us, client.think_time_distribution) == (1_000_000, None)
+    with pytest.raises(
+        ConfigError, match="unknown think-time fit 'mean'; allowed: median, empirical, gaussian"
+    ):
+        spec_from_trace(trace, think_times="mean")
+
+
 def test_trace_fit_blis_concurrency_user_sessions_become_users_not_chats():
     """BLIS's `--concurrency` trace: each user one session `concurrency_distribution_user_<u>` of unending
     rounds, no think-time column. The fit gives 16 users, not 16 chat sessions at an arrival rate."""

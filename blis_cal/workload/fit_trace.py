@@ -6,7 +6,8 @@ else gamma with that cv, constant when they barely vary); lengths are the observ
 (or gaussians). Chat sessions (session_id / round_index) become multi-turn clients. A client whose requests
 were sent after earlier answers (`trace_links`: closed-loop users, also BLIS's `concurrency_<client>_user_<u>`
 sessions) becomes closed-loop users again: as many as it had (rows that answer no earlier one) with its
-median think time.
+median think time, or (`think_times`: a length fit's name) the fit of its think times as a
+`think_time_distribution` when they vary.
 """
 
 from __future__ import annotations
@@ -102,10 +103,10 @@ def _multi_turn(records: list[TraceRecord], growth: str) -> MultiTurn | None:
     )
 
 
-def _closed_loop_users(members: list[TraceRecord], links: dict[int, Link]) -> tuple[int, int] | None:
-    """(users, think time µs) when the group's requests (or sessions) were sent after earlier answers; None for
-    an open loop. Each user's first request answers none; the think time is the recorded one, or the gap
-    after the answer when no think time was recorded and the gap is longer than a client's overhead."""
+def _closed_loop_users(members: list[TraceRecord], links: dict[int, Link]) -> tuple[int, list[int]] | None:
+    """(users, think times µs) when the group's requests (or sessions) were sent after earlier answers; None
+    for an open loop. Each user's first request answers none; the think times are the recorded ones, or the
+    median gap after the answers when none was recorded and that gap is longer than a client's overhead."""
     starts = [r for r in members if not _chat_round(r)]
     released = [links[r.request_id] for r in starts if r.request_id in links]
     if not released:
@@ -115,14 +116,32 @@ def _closed_loop_users(members: list[TraceRecord], links: dict[int, Link]) -> tu
         gap = int(np.median([ln.gap_us for ln in released]))
         thinks = [gap if gap > CLIENT_OVERHEAD_MAX_US else 0]
     # At least one user: a foreign trace may move a user's chain between prefix groups (spec clients).
-    return max(len(starts) - len(released), 1), int(np.median(thinks))
+    return max(len(starts) - len(released), 1), thinks
+
+
+THINK_MEDIAN = "median"  # --think-times: one think time, the median (BLIS's spec has no think distribution)
+
+
+def _think_time(thinks: list[int], think_times: str) -> tuple[int, Distribution | None]:
+    """(think_time_us, think_time_distribution) of closed-loop users: the median, or the fit of varied ones."""
+    if think_times == THINK_MEDIAN or len(set(thinks)) == 1:
+        return int(np.median(thinks)), None
+    return 0, length_fits.get(think_times)(thinks)
 
 
 def spec_from_trace(
-    trace: Trace, *, lengths: str = "empirical", num_requests: int | None = None, seed: int = 0
+    trace: Trace,
+    *,
+    lengths: str = "empirical",
+    think_times: str = THINK_MEDIAN,
+    num_requests: int | None = None,
+    seed: int = 0,
 ) -> WorkloadSpec:
     """A spec whose regenerated workload has the trace's rate, burstiness, length PDFs and prefixes."""
     fit = length_fits.get(lengths)
+    if think_times != THINK_MEDIAN and think_times not in length_fits:
+        allowed = ", ".join([THINK_MEDIAN, *length_fits.names()])
+        raise ConfigError(f"unknown think-time fit {think_times!r}; allowed: {allowed}")
     records = sorted(trace.records, key=lambda r: (r.arrival_time_us, r.request_id))
     starts = [r for r in records if not _chat_round(r)]
     if len(starts) < 2:
@@ -140,6 +159,7 @@ def spec_from_trace(
         ok = [r for r in members if r.status == "ok"] or members
         multi_turn = _multi_turn(members, growth)
         closed = users[(client_id, group)]
+        think_us, think_dist = _think_time(closed[1], think_times) if closed else (0, None)
         # With accumulated context, later rounds' inputs include history: fit own tokens on round 0.
         fresh = [r for r in ok if r.round_index == 0] if multi_turn and multi_turn.context_growth else ok
         base = client_id or "client"
@@ -151,7 +171,8 @@ def spec_from_trace(
                 slo_class=str(_most_common([r.slo_class for r in members])),
                 rate_fraction=None if closed else float(sum(1 for r in members if not _chat_round(r))) or 1.0,
                 concurrency=closed[0] if closed else None,
-                think_time_us=closed[1] if closed else 0,
+                think_time_us=think_us,
+                think_time_distribution=think_dist,
                 arrival=Arrival() if closed else arrival,
                 input_distribution=fit([r.input_tokens for r in fresh]),
                 output_distribution=fit([r.output_tokens for r in ok]),
