@@ -17,7 +17,8 @@ from blis_cal.calibrate.compare import bias_direction, pooled, workload_level
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.report_html import render_html
 from blis_cal.cli import app
-from blis_cal.simulate import RequestResult
+from blis_cal.replay import config_from_trace, replay_trace
+from blis_cal.simulate import BlackboxModel, RequestResult
 from blis_cal.trace import Chunk, Trace, TraceHeader, TraceRecord, read_trace
 
 REPO = Path(__file__).resolve().parent.parent
@@ -558,3 +559,59 @@ def test_two_real_closed_loop_captures_of_one_workload_pair_every_request():
     report = compare(first, capture_as_results(again, first))
     assert report.trace_info["compared"] == len(first.records) == 120
     assert report.trace_info["token_mismatches"] == 0
+
+
+def timed_result(rid, arrival, scheduled, first, finish, out=3, inp=10):
+    return RequestResult(
+        rid, "ok", 0, arrival, arrival, scheduled, first, finish, first - arrival, finish - arrival,
+        (finish - first) / (out - 1), inp, out, 0, 0,
+    )  # fmt: skip
+
+
+def test_ttft_split_hand_computed_and_noted_only_when_the_mean_is_off():
+    recs = [record(1, 1_000_000, 1_200_000, 1_400_000), record(2, 2_000_000, 2_300_000, 2_700_000)]
+    recs[0].server_queue_us, recs[0].server_ttft_us = 50_000, 100_000  # 50 ms before vLLM saw it
+    recs[1].server_queue_us, recs[1].server_ttft_us = 0, 200_000
+    trace = Trace(header=TraceHeader(), records=recs)
+    same = [
+        timed_result(1, 1_000_000, 1_130_000, 1_200_000, 1_400_000),
+        timed_result(2, 2_000_000, 2_100_000, 2_300_000, 2_700_000),
+    ]
+    rep = compare(trace, same)
+    assert rep.trace_info["ttft_split_ms"] == {
+        "real": {"waiting": 100.0, "vllm_queue": 25.0, "prefill": 150.0},
+        "sim": {"waiting": 115.0, "prefill": 135.0},
+    }
+    assert not any("mean TTFT" in n for n in rep.notes)  # 250 ms both
+    slow = [
+        timed_result(1, 1_000_000, 1_300_000, 1_400_000, 1_600_000),
+        timed_result(2, 2_000_000, 2_250_000, 2_450_000, 2_850_000),
+    ]
+    rep = compare(trace, slow, rtt_us=10_000)  # the round trip counts as waiting
+    assert rep.trace_info["ttft_split_ms"]["sim"] == {"waiting": 285.0, "prefill": 150.0}
+    (note,) = [n for n in rep.notes if "mean TTFT" in n]
+    assert note.startswith(
+        "trace: mean TTFT 435 ms simulated against 250 observed: waiting to be scheduled 285 ms"
+    )
+    assert "(vLLM's queue 25 of it" in note and "the prefill 150 ms against 150" in note
+
+
+def test_ttft_split_needs_vllm_times_in_the_trace():
+    trace = small_trace()
+    rep = compare(trace, [timed_result(1, 1000, 1100, 1200, 1400), timed_result(2, 2000, 2100, 2300, 2700)])
+    assert "ttft_split_ms" not in rep.trace_info
+
+
+def test_ttft_split_of_a_real_capture_adds_up_to_its_mean_ttft():
+    trace = read_trace(REPO / "traces/real_day23/seats8_r40_s2311.csv")
+    model = BlackboxModel((5000.0, 0.1, 0.0), (4800.0, 260.0, 345.0))
+    run = replay_trace(trace, config_from_trace(trace.header), model)
+    rep = compare(trace, run.results)
+    split = rep.trace_info["ttft_split_ms"]
+    real, sim = (
+        rep.metrics["ttft"]["workload_level"]["real_mean"],
+        rep.metrics["ttft"]["workload_level"]["sim_mean"],
+    )
+    assert split["real"]["waiting"] + split["real"]["prefill"] == pytest.approx(real / 1e3, abs=0.01)
+    assert split["sim"]["waiting"] + split["sim"]["prefill"] == pytest.approx(sim / 1e3, abs=0.01)
+    assert 0 < split["real"]["vllm_queue"] < split["real"]["waiting"]  # 8 seats: requests queued in vLLM

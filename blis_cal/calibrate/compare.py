@@ -185,6 +185,51 @@ STALL_NOTE_US = 3_000_000
 SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per decode step, say the server ran at another speed
 SPEED_NOTE_MIN_STEPS = 20  # fewer pure-decode steps say too little about the server's speed
 DRIFT_NOTE = 0.1  # beyond 10 % between the slowest and fastest part of a run, say the speed changed during it
+TTFT_SPLIT_NOTE = 0.1  # beyond ±10 % in mean TTFT, say which part of it (waiting or prefill) is off
+
+
+def ttft_split_ms(
+    pairs: Sequence[tuple[TraceRecord, ResultLike]], rtt_us: int
+) -> dict[str, dict[str, float]] | None:
+    """Where TTFT goes, mean ms over `pairs` whose trace row has vLLM's per-request times and whose result its
+    scheduling time: `waiting` (send → scheduled: the client and API server, the step in flight, vLLM's queue,
+    of which `vllm_queue` is vLLM's own) and `prefill` (scheduled → first token), real against simulated.
+    None without such pairs."""
+    rows = [
+        (rec, res)
+        for rec, res in pairs
+        if rec.server_ttft_us is not None
+        and rec.server_queue_us is not None
+        and getattr(res, "scheduled_us", -1) >= 0
+    ]
+    if not rows:
+        return None
+    real_prefill = np.mean([rec.server_ttft_us for rec, _ in rows])
+    sim_prefill = np.mean([res.first_token_us - res.scheduled_us for _, res in rows])
+    real_ttft = np.mean([rec.ttft_us for rec, _ in rows])
+    sim_ttft = np.mean([res.ttft_us for _, res in rows]) + rtt_us
+    return {
+        "real": {
+            "waiting": round((real_ttft - real_prefill) / 1e3, 3),
+            "vllm_queue": round(np.mean([rec.server_queue_us for rec, _ in rows]) / 1e3, 3),
+            "prefill": round(real_prefill / 1e3, 3),
+        },
+        "sim": {"waiting": round((sim_ttft - sim_prefill) / 1e3, 3), "prefill": round(sim_prefill / 1e3, 3)},
+    }
+
+
+def ttft_split_note(where: str, split: dict[str, dict[str, float]]) -> str | None:
+    """A note when the simulated mean TTFT is off by more than TTFT_SPLIT_NOTE, saying which part is."""
+    real, sim = split["real"], split["sim"]
+    real_ttft, sim_ttft = real["waiting"] + real["prefill"], sim["waiting"] + sim["prefill"]
+    if real_ttft <= 0 or abs(sim_ttft / real_ttft - 1) <= TTFT_SPLIT_NOTE:
+        return None
+    return (
+        f"{where}: mean TTFT {sim_ttft:.0f} ms simulated against {real_ttft:.0f} observed: waiting to be scheduled "
+        f"{sim['waiting']:.0f} ms against {real['waiting']:.0f} (vLLM's queue {real['vllm_queue']:.0f} of it, the "
+        f"rest the client, the API server and the step in flight), the prefill {sim['prefill']:.0f} ms against "
+        f"{real['prefill']:.0f}"
+    )
 
 
 def longest_decode_gap(trace: Trace) -> tuple[int, int]:
@@ -393,6 +438,7 @@ def compare(
         0,
     )
     pairs = Pairs()
+    matched: list[tuple[TraceRecord, ResultLike]] = []
     matched_ids: set[int] = set()
     for rec in trace.records:
         if rec.request_id < warm:
@@ -414,6 +460,7 @@ def compare(
         if rec.ttft_us < 0 or rec.e2e_us < 0 or rec.first_chunk_time_us <= 0:
             counts["negative_latency"] += 1
             continue
+        matched.append((rec, res))
         pairs.request_ids.append(rec.request_id)
         pairs.send_us.append(rec.send_time_us)
         pairs.real["ttft"].append(float(rec.ttft_us))
@@ -506,6 +553,11 @@ def compare(
     )
     if coverage:
         notes.append(coverage)
+    split = ttft_split_ms(matched, rtt)
+    if split is not None:
+        trace_info["ttft_split_ms"] = split
+        if note := ttft_split_note(where, split):
+            notes.append(note)
     return ComparisonReport(
         trace_info=trace_info,
         metrics=metrics,

@@ -58,8 +58,12 @@ def options_spec(
         raise ConfigError(f"--rate cannot be combined with {given[0]}")
     think = think_time_option(think_time_ms, think_time_dist)
     if think is not None and concurrency is None:
-        flag = "--think-time-ms" if think_time_ms is not None else "--think-time-dist"
-        raise ConfigError(f"{flag} needs --concurrency (a spec's clients set think_time_us)")
+        flag, key = (
+            ("--think-time-ms", "think_time_us")
+            if think_time_ms is not None
+            else ("--think-time-dist", "think_time_distribution")
+        )
+        raise ConfigError(f"{flag} needs --concurrency (a spec's concurrency clients set {key})")
     if preset is not None and rate is None:
         raise ConfigError("--preset needs --rate (requests/s)")
     if not given and rate is None:
