@@ -434,21 +434,26 @@ def test_second_stop_cancels_without_waiting_for_the_drain(tmp_path):
     assert result.by_status == {"cancelled": 3}
 
 
-def test_cli_concurrency_with_think_time_records_blis_user_sessions(tmp_path):
-    """`--concurrency 3 --think-time-ms 50`: user u starts at u·50/3 ms, is session
-    concurrency_distribution_user_<u>, and sends round r+1 50 ms after round r's answer."""
+def observe_users(tmp_path, users: int, requests: int, *think: str):
+    """`blis observe --concurrency users` with the think-time flags `think` against the fake server: its rows."""
     out = tmp_path / "users.csv"
     with FakeVLLM() as server:
         proc = subprocess.run(
             cli(
-                "--endpoint", server.url, "--model", "fake", "--concurrency", "3", "--think-time-ms", "50",
-                "--num-requests", "12", "--input-tokens", "20", "--output-tokens", "5", "--out", str(out),
-                "--no-progress",
+                "--endpoint", server.url, "--model", "fake", "--concurrency", str(users), *think,
+                "--num-requests", str(requests), "--input-tokens", "20", "--output-tokens", "5",
+                "--out", str(out), "--no-progress",
             ),
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    rows = read_trace(out).records
+    return read_trace(out).records
+
+
+def test_cli_concurrency_with_think_time_records_blis_user_sessions(tmp_path):
+    """`--concurrency 3 --think-time-ms 50`: user u starts at u·50/3 ms, is session
+    concurrency_distribution_user_<u>, and sends round r+1 50 ms after round r's answer."""
+    rows = observe_users(tmp_path, 3, 12, "--think-time-ms", "50")
     sessions: dict[str, list] = {}
     for r in sorted(rows, key=lambda r: r.arrival_time_us):
         sessions.setdefault(r.session_id, []).append(r)
@@ -464,19 +469,9 @@ def test_cli_concurrency_with_think_time_records_blis_user_sessions(tmp_path):
 def test_cli_concurrency_with_think_time_dist_draws_each_pause(tmp_path):
     """`--think-time-dist`: every user starts at 0 (BLIS) and pauses a drawn time, within the bounds, after
     each answer before its next round."""
-    out = tmp_path / "users.csv"
-    with FakeVLLM() as server:
-        proc = subprocess.run(
-            cli(
-                "--endpoint", server.url, "--model", "fake", "--concurrency", "2",
-                "--think-time-dist", "lognormal:mu=-3.5,sigma=0.5,min=20ms,max=60ms",
-                "--num-requests", "10", "--input-tokens", "20", "--output-tokens", "5", "--out", str(out),
-                "--no-progress",
-            ),
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    rows = read_trace(out).records
+    rows = observe_users(
+        tmp_path, 2, 10, "--think-time-dist", "lognormal:mu=-3.5,sigma=0.5,min=20ms,max=60ms"
+    )
     assert sorted(r.arrival_time_us for r in rows if r.round_index == 0) == [0, 0]
     later = [r for r in rows if r.round_index > 0]
     assert len(later) == 8 and len({r.think_time_us for r in later}) > 1

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+from closed_loop_capture import CONFIG, MODEL, captured
 from conftest import TRACES
 from sim_results import max_in_flight
 
@@ -23,46 +24,15 @@ from blis_cal.replay import (
     session_modes,
     trace_requests,
 )
-from blis_cal.replay.from_trace import SERVER_FIELDS
-from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
-from blis_cal.simulate import BlackboxModel, SimConfig, simulate
-from blis_cal.trace import ServerInfo, Trace, TraceHeader, TraceRecord, read_trace, write_trace
+from blis_cal.replay.from_workload import requests_from_workload, workload_trace
+from blis_cal.simulate import BlackboxModel, simulate
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, read_trace, write_trace
 from blis_cal.trace_links import Link, trace_links
 from blis_cal.workload import generate, parse_spec
 
-MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))
 SLOW = BlackboxModel((1500.0, 1.5, 150.0), (7500.0, 15.0, 300.0))  # every coefficient × 1.5
 SLOW_FLAGS = ("--alpha", "1500,1.5,150", "--beta", "7500,15,300")
-CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
 USERS = 4
-
-
-def captured(multi_turn=None, think_us=200_000, num_requests=60, model=MODEL, users=USERS):
-    """A closed-loop capture as `observe` records it: every row's arrival is its predecessor's answer + think
-    time, one chunk per token (here the simulator with `model` plays the server)."""
-    client = {
-        "id": "u",
-        "concurrency": users,
-        "think_time_us": think_us,
-        "input_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 300, "std_dev": 80, "min": 20, "max": 600},
-        },
-        "output_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 60, "std_dev": 20, "min": 5, "max": 120},
-        },
-    }
-    if multi_turn:
-        client["reasoning"] = {"multi_turn": multi_turn}
-    workload = generate(parse_spec({"num_requests": num_requests, "seed": 5, "clients": [client]}, "t"))
-    bridge = follow_up_for(workload)
-    run = simulate(requests_from_workload(workload), CONFIG, model, bridge, record_tokens=True)
-    trace = results_to_trace(run, workload_trace(workload, bridge.released))
-    trace.header.server = ServerInfo(
-        type="blis-sim", **{name: getattr(CONFIG, name) for name in SERVER_FIELDS}
-    )
-    return trace
 
 
 def blis(*args):

@@ -5,41 +5,21 @@ import subprocess
 import sys
 
 import pytest
+from closed_loop_capture import CONFIG, MODEL, captured
 from conftest import TRACES
 
 from blis_cal.errors import ConfigError
 from blis_cal.replay import replay_trace, results_to_trace, with_think_time
-from blis_cal.replay.from_workload import follow_up_for, requests_from_workload, workload_trace
-from blis_cal.simulate import BlackboxModel, SimConfig, simulate
 from blis_cal.trace import read_trace, write_trace
 from blis_cal.trace_links import injection_time_us, trace_links
-from blis_cal.workload import generate, parse_spec
 from blis_cal.workload.think_time import parse_think_time_dist
 
-MODEL = BlackboxModel((1000.0, 1.0, 100.0), (5000.0, 10.0, 200.0))
-CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
 COEFFS = ("--alpha", "1000,1,100", "--beta", "5000,10,200", "--num-gpu-blocks", "4096")
 
 
 def capture(think_us: int, num_requests: int = 48):
-    """Four users pausing `think_us` after each answer, all starting at 0, the simulator playing the server."""
-    client = {
-        "id": "u",
-        "concurrency": 4,
-        "think_time_distribution": {"type": "constant", "params": {"value": think_us}},
-        "input_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 300, "std_dev": 80, "min": 20, "max": 600},
-        },
-        "output_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 60, "std_dev": 20, "min": 5, "max": 120},
-        },
-    }
-    workload = generate(parse_spec({"num_requests": num_requests, "seed": 5, "clients": [client]}, "t"))
-    bridge = follow_up_for(workload)
-    run = simulate(requests_from_workload(workload), CONFIG, MODEL, bridge, record_tokens=True)
-    return results_to_trace(run, workload_trace(workload, bridge.released))
+    """Four users pausing `think_us` after each answer, all starting at 0."""
+    return captured(think_us=think_us, num_requests=num_requests, start_together=True)
 
 
 def by_round(trace):

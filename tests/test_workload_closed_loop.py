@@ -7,6 +7,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from closed_loop_capture import users_client
 from sim_results import max_in_flight
 
 from blis_cal.replay.from_workload import follow_up_for, requests_from_workload
@@ -19,21 +20,14 @@ CONFIG = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_
 
 
 def users_spec(concurrency, think_us, num_requests, multi_turn=None):
-    client = {
-        "id": "u",
-        "concurrency": concurrency,
-        "think_time_us": think_us,
-        "prefix_group": "sys",
-        "prefix_length": 64,
-        "input_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 200, "std_dev": 50, "min": 20, "max": 400},
-        },
-        "output_distribution": {
-            "type": "gaussian",
-            "params": {"mean": 40, "std_dev": 10, "min": 5, "max": 80},
-        },
-    }
+    client = users_client(
+        concurrency,
+        {"think_time_us": think_us},
+        inputs=(200, 50, 20, 400),
+        outputs=(40, 10, 5, 80),
+        prefix_group="sys",
+        prefix_length=64,
+    )
     if multi_turn:
         client["reasoning"] = {"multi_turn": multi_turn}
     return parse_spec({"num_requests": num_requests, "clients": [client]}, "t")
