@@ -4,7 +4,7 @@ A closed-loop user (or a multi-turn chat session) sends its next request only af
 arrived, plus a think time. Replayed at the recorded times, a simulation slower than the capture has users
 send before their previous answer is in: load piles up that the real users never created, and every error
 grows. `trace_links.trace_links` finds those predecessor links in a trace; a `SessionMode` decides the
-simulated send time.
+simulated send time; `with_think_time` re-times a trace as if its users had paused differently.
 """
 
 from __future__ import annotations
