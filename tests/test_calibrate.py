@@ -615,3 +615,16 @@ def test_ttft_split_of_a_real_capture_adds_up_to_its_mean_ttft():
     assert split["real"]["waiting"] + split["real"]["prefill"] == pytest.approx(real / 1e3, abs=0.01)
     assert split["sim"]["waiting"] + split["sim"]["prefill"] == pytest.approx(sim / 1e3, abs=0.01)
     assert 0 < split["real"]["vllm_queue"] < split["real"]["waiting"]  # 8 seats: requests queued in vLLM
+
+
+def test_html_pictures_where_ttft_goes_when_the_trace_has_vllm_times():
+    recs = [record(1, 1_000_000, 1_200_000, 1_400_000), record(2, 2_000_000, 2_300_000, 2_700_000)]
+    for rec, (queue, server_ttft) in zip(recs, [(50_000, 100_000), (0, 200_000)], strict=True):
+        rec.server_queue_us, rec.server_ttft_us = queue, server_ttft
+    results = [
+        timed_result(1, 1_000_000, 1_300_000, 1_400_000, 1_600_000),
+        timed_result(2, 2_000_000, 2_250_000, 2_450_000, 2_850_000),
+    ]
+    page = render_html([compare(Trace(header=TraceHeader(), records=recs), results, trace_name="t")])
+    assert "Where TTFT goes: mean ms, observed and predicted" in page
+    assert page.count("data:image/png;base64,") == 4  # the three of every trace, and this one

@@ -94,7 +94,35 @@ def _figures(report: ComparisonReport) -> list[tuple[str, str]]:
         ax.legend()
         caption += ", and the server's speed during the capture"
     out.append((caption, _png(fig)))
+    split = report.trace_info.get("ttft_split_ms")
+    if split:
+        out.append(("Where TTFT goes: mean ms, observed and predicted", _ttft_split_figure(split)))
     return out
+
+
+def _ttft_split_figure(split: dict[str, dict[str, float]]) -> str:
+    """Mean TTFT as stacked parts: observed (before vLLM saw it, vLLM's queue, prefill) over predicted."""
+    import matplotlib.pyplot as plt
+
+    real, sim = split["real"], split["sim"]
+    bars = {
+        "observed": [("before the engine", real["waiting"] - real["vllm_queue"], "C7"),
+                     ("vLLM queue", real["vllm_queue"], "C1"), ("prefill", real["prefill"], "C0")],
+        "predicted": [("waiting to be scheduled", sim["waiting"], "C2"), ("prefill", sim["prefill"], "C0")],
+    }  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 2.2))
+    labelled = set()
+    for y, parts in enumerate(bars.values()):
+        left = 0.0
+        for label, width, color in parts:
+            ax.barh(y, width, left=left, color=color, label=None if label in labelled else label)
+            labelled.add(label)
+            left += width
+    ax.set_yticks(range(len(bars)), list(bars))
+    ax.invert_yaxis()
+    ax.set(xlabel="ms")
+    ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    return _png(fig)
 
 
 def _cell(value: Any) -> str:
