@@ -92,8 +92,9 @@ def options_spec(
                 prompt,
                 output,
                 concurrency=concurrency,
-                # --think-time-ms also staggers the users' starts (u·think/N); a distribution does not (BLIS).
-                think_time_us=think.params["value"] if think is not None and think_time_ms is not None else 0,
+                # --think-time-ms is a constant that also staggers the users' starts (u·think/N); a
+                # distribution does not stagger them (BLIS).
+                think_time_us=round(think_time_ms * 1000) if think_time_ms is not None else 0,
                 think_time_distribution=think if think_time_dist is not None else None,
                 streaming=True,
             )
