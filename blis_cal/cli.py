@@ -1205,7 +1205,11 @@ def observe_cmd(
         0, "--max-errors", help="Stop after this many failed requests (0 = never)."
     ),
     metrics_interval: float = typer.Option(
-        1.0, "--metrics-interval", help="Seconds between /metrics samples (0 = off)."
+        0.0,
+        "--metrics-interval",
+        help="Seconds between /metrics samples into <stem>.metrics.csv (0 = off). Off by default: scraping "
+        "during the run can slow a CPU-bound server (vLLM renders /metrics on its API server's event loop). "
+        "The header's before/after counters need no sidecar.",
     ),
     vocab_size: int = typer.Option(
         8192, "--vocab-size", help="Token ids are drawn below this (model vocabulary size)."

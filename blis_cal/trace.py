@@ -23,9 +23,12 @@ from typing import IO, Any
 import yaml
 
 from blis_cal.errors import TraceFormatError
-from blis_cal.stats import count_summary, latency_summary
+from blis_cal.stats import count_summary, latency_summary, percentile
 
 STATUSES = ("ok", "error", "timeout", "cancelled", "rejected", "incomplete")
+# A request sent this much after its scheduled arrival means the recording client was held up (starved of CPU):
+# what it read meanwhile came late and in bulk.
+LATE_SEND_US = 50_000
 # send/chunk times above this are absolute epoch µs (≈ 3 years of relative time; 2026 epoch µs ≈ 1.8e15).
 _EPOCH_THRESHOLD_US = 10**14
 
@@ -152,6 +155,19 @@ class TraceRecord:
     @property
     def e2e_us(self) -> int:
         return self.last_chunk_time_us - self.send_time_us
+
+    @property
+    def send_lag_us(self) -> int:
+        """How late the client sent it: send time less the scheduled arrival (closed loops: answer + think)."""
+        return self.send_time_us - self.arrival_time_us
+
+    @property
+    def outside_engine_us(self) -> int | None:
+        """TTFT outside vLLM's engine: client, HTTP, API server (tokenizing, the engine's input queue read
+        between steps, streaming back); TTFT less vLLM's queue and scheduled→first-token. None if not recorded."""
+        if self.server_ttft_us is None:
+            return None
+        return self.ttft_us - self.server_ttft_us - (self.server_queue_us or 0)
 
     @property
     def total_input_tokens(self) -> int:
@@ -1019,6 +1035,13 @@ def single_decode_step_us(trace: Trace) -> float | None:
     return float(statistics.median(d for d, _ in steps)) if len(steps) >= SINGLE_DECODE_MIN_GAPS else None
 
 
+def send_lags_us(trace: Trace) -> list[int]:
+    """Each sent row's `send_lag_us`; empty when the trace records no scheduled arrivals (all 0)."""
+    if not any(r.arrival_time_us for r in trace.records):
+        return []
+    return [r.send_lag_us for r in trace.records if r.send_time_us]
+
+
 def trace_summary(trace: Trace) -> dict[str, Any]:
     """What `blis trace info` prints: counts by status, duration, achieved rate, token stats, latencies."""
     records = trace.records
@@ -1054,4 +1077,12 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
     drift = decode_speed_drift(trace) if trace.itl else None
     if drift is not None:
         out["decode_speed_drift"] = drift.drift
+    lags = send_lags_us(trace)
+    if lags:
+        out["send_lag_p99_ms"] = round(percentile(lags, 99) / 1000, 3)
+        out["send_lag_max_ms"] = round(max(lags) / 1000, 3)
+        out["late_sends"] = sum(lag > LATE_SEND_US for lag in lags)
+    outside = [o for o in (r.outside_engine_us for r in ok) if o is not None]
+    if outside:  # a starved client or API server shows here, not in vLLM's own times
+        out.update(latency_summary(outside, "ttft_outside_engine"))
     return out

@@ -596,6 +596,24 @@ def test_ttft_split_hand_computed_and_noted_only_when_the_mean_is_off():
     assert "(vLLM's queue 25 of it" in note and "the prefill 150 ms against 150" in note
 
 
+def test_requests_the_client_sent_late_are_counted_and_noted():
+    recs = [record(1, 1_000_000, 1_200_000, 1_400_000), record(2, 2_000_000, 2_300_000, 2_700_000)]
+    results = [timed_result(1, 1_000_000, 1_100_000, 1_200_000, 1_400_000)]
+    results.append(timed_result(2, 2_000_000, 2_100_000, 2_300_000, 2_700_000))
+    on_time = compare(Trace(header=TraceHeader(), records=recs), results)
+    assert on_time.trace_info["late_sends"] == 0 and not any("sent more than" in n for n in on_time.notes)
+    recs[1].arrival_time_us = 1_700_000  # due 300 ms before it went
+    held = compare(Trace(header=TraceHeader(), records=recs), results)
+    assert held.trace_info["late_sends"] == 1
+    (note,) = [n for n in held.notes if "sent more than" in n]
+    assert note.startswith(
+        "trace: 1 request(s) were sent more than 50 ms after their scheduled time (up to 0.30 s)"
+    )
+    for r in recs:  # a trace with no scheduled arrivals recorded: nothing to say
+        r.arrival_time_us = 0
+    assert "late_sends" not in compare(Trace(header=TraceHeader(), records=recs), results).trace_info
+
+
 def test_ttft_split_needs_vllm_times_in_the_trace():
     trace = small_trace()
     rep = compare(trace, [timed_result(1, 1000, 1100, 1200, 1400), timed_result(2, 2000, 2100, 2300, 2700)])

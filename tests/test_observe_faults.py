@@ -326,6 +326,58 @@ def test_killed_run_leaves_a_readable_partial_trace(tmp_path):
         assert sum(c.tokens for c in trace.itl.get(r.request_id, [])) in (0, 5)
 
 
+def test_a_held_up_client_says_so_but_a_concurrency_cap_is_no_holdup(tmp_path):
+    """Requests sent 50+ ms after their time because the client's loop was blocked (here: a progress callback
+    sleeping 0.3 s) are counted in a note and in `trace info`; waits for a --max-concurrency slot are not."""
+    reqs = [wreq(0, 0, 10, n_out=3)] + [wreq(i, 80_000 + i * 20_000, 10, n_out=3) for i in range(1, 6)]
+    blocked = []
+
+    def block_once(progress):  # request 0 answered (~20 ms): block until ~0.32 s, past 1-5's times
+        if progress.done == 1 and not blocked:
+            blocked.append(True)
+            time.sleep(0.3)
+
+    with FakeVLLM() as server:
+        held = observe(
+            workload(reqs), config(server), tmp_path / "held.csv", block_once, handle_signals=False
+        )
+        capped = observe(
+            workload(reqs),
+            config(server, max_concurrency=1),
+            tmp_path / "capped.csv",
+            handle_signals=False,
+        )
+    late = [n for n in held.notes if "ms late" in n]
+    assert len(late) == 1 and late[0].startswith("5 request(s) were sent more than 50 ms late")
+    assert trace_summary(read_trace(tmp_path / "held.csv"))["late_sends"] == 5
+    assert not [n for n in capped.notes if "ms late" in n]
+    lags = [r.send_lag_us for r in read_trace(tmp_path / "capped.csv").records]
+    assert all(lag >= 0 for lag in lags)  # the cap delays sends in the trace; the note knows why
+
+
+def test_cli_scrapes_metrics_only_before_and_after_unless_asked(tmp_path):
+    """By default no /metrics sidecar runs during the load (scrapes stall a CPU-bound API server); the header
+    still gets the before/after counters. `--metrics-interval S` turns the sidecar on."""
+    runs = {"default": (), "sidecar": ("--metrics-interval", "0.05")}
+    with FakeVLLM(itl_s=0.02) as server:
+        for name, flags in runs.items():
+            proc = subprocess.run(
+                cli(
+                    "--endpoint", server.url, "--model", "fake", "--rate", "20", "--num-requests", "6",
+                    "--input-tokens", "20", "--output-tokens", "8", "--out", str(tmp_path / f"{name}.csv"),
+                    "--no-progress", *flags,
+                ),
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+    for name in runs:
+        kv = read_trace(tmp_path / f"{name}.csv").header.observed_kv_metrics
+        assert kv["generation_tokens"] == 6 * 8 and kv["prompt_tokens"] == 6 * 20
+    assert not (tmp_path / "default.metrics.csv").exists()
+    with (tmp_path / "sidecar.metrics.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) >= 2
+
+
 def test_cli_bad_header_flag_is_one_line_error(tmp_path):
     proc = subprocess.run(
         cli(

@@ -219,6 +219,17 @@ def test_summary_counts_and_rates():
     assert s["ttft_mean_ms"] == 0.5 and s["e2e_mean_ms"] == 0.8
 
 
+def test_summary_splits_off_ttft_outside_vllms_engine():
+    """TTFT less vLLM's queue and scheduled→first-token: hand-computed; absent without server times."""
+    # TTFT is 500 µs for each; vLLM's parts 12 + 300 and 0 + 420 (no queue time recorded) leave 188 and 80
+    records = [_record(0, server_queue_us=12, server_ttft_us=300), _record(1, server_ttft_us=420)]
+    assert [r.outside_engine_us for r in records] == [188, 80]
+    s = trace_summary(Trace(TraceHeader(), records))
+    assert s["ttft_outside_engine_mean_ms"] == 0.134 and s["ttft_outside_engine_p50_ms"] == 0.134
+    plain = trace_summary(Trace(TraceHeader(), [_record(0), _record(1)]))
+    assert _record(0).outside_engine_us is None and not any("outside" in k for k in plain)
+
+
 def test_single_request_decode_step_ignores_batched_and_coalesced_events():
     # Request 0 decodes alone for 30 steps of 15 ms, then alongside request 1 (its steps interleave with
     # 1's events and so never count), and one event carrying 2 tokens is left out too.

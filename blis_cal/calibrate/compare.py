@@ -23,6 +23,7 @@ from blis_cal.errors import BlisError
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.stats import percentile
 from blis_cal.trace import (
+    LATE_SEND_US,
     DecodeStep,
     SpeedDrift,
     Trace,
@@ -30,6 +31,7 @@ from blis_cal.trace import (
     decode_speed_drift,
     decode_steps,
     itl_means_us,
+    send_lags_us,
 )
 
 METRICS = ("ttft", "itl", "e2e")
@@ -529,6 +531,18 @@ def compare(
             "decoding: a very long prefill, or the server or the recording client stalled (e.g. another "
             "process took the CPU); stalls are not part of the step-time model and inflate the errors of the "
             "requests in flight"
+        )
+    lags = send_lags_us(trace)
+    late = [lag for lag in lags if lag > LATE_SEND_US]
+    if lags:
+        trace_info["late_sends"] = len(late)
+    if late:
+        notes.append(
+            f"{where}: {len(late)} request(s) were sent more than {LATE_SEND_US // 1000} ms after their scheduled "
+            f"time (up to {max(late) / 1e6:.2f} s): the recording client was held up (by a concurrency cap, or starved "
+            "of CPU, e.g. by a CPU-bound server on its machine), and what it read meanwhile came late and in bulk, so the TTFT and "
+            "ITL of the requests then in flight include client time no step model contains; recapture with the "
+            "client on another machine or with spare CPU"
         )
     drift = diagnostics.drift
     if drift is not None:

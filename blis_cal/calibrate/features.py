@@ -219,8 +219,8 @@ def idle_prefill_rows(trace: Trace, quiet_us: int = 5_000) -> PrefillRows:
         prompt.append(rec.total_input_tokens)
         p_new.append(rec.total_input_tokens - hit)
         p_ctx.append(hit)
-        server = rec.server_ttft_us
-        outside.append(rec.ttft_us - server - (rec.server_queue_us or 0) if server is not None else np.nan)
+        off_engine = rec.outside_engine_us
+        outside.append(np.nan if off_engine is None else off_engine)
     n = len(ttft)
     budget = token_budget(trace)
     # vLLM's chunked prefill: one step per budget-sized chunk, each paying β0 and attending to the cached

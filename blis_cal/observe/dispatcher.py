@@ -39,7 +39,7 @@ from blis_cal.observe.client import (
 from blis_cal.observe.clock import Clock, new_event_loop
 from blis_cal.observe.http1 import Http1Session
 from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
-from blis_cal.trace import ServerInfo, TraceHeader, TraceWriter, sibling
+from blis_cal.trace import LATE_SEND_US, ServerInfo, TraceHeader, TraceWriter, sibling
 
 
 @dataclass
@@ -54,7 +54,9 @@ class ObserveConfig:
     record_itl: bool = True
     rtt_ms: float = 0.0
     max_errors: int = 0  # stop after this many error/timeout requests (0 = never)
-    metrics_interval_s: float = 1.0  # /metrics sidecar period (0 = no sidecar)
+    metrics_interval_s: float = (
+        0.0  # /metrics sidecar period (0 = none: scrapes stall a CPU-bound API server)
+    )
     workload_spec: str = ""  # for the header: spec path or preset:<name>
     server_overrides: dict[str, Any] = field(default_factory=dict)  # ServerInfo fields the server hides
 
@@ -123,6 +125,7 @@ class Observer:
         self._recording = asyncio.Lock()  # one record written per event-loop pass (_recording_turn)
         self._answers: dict[int, Any] = {}  # request id -> the server's answer (accumulating sessions)
         self.notes: list[str] = []
+        self._late_sends_us: list[int] = []  # lags past LATE_SEND_US: the client was held up
         self.clock: Clock | None = None  # the run's clock, once started
 
     # ------------------------------------------------------------------ control
@@ -233,6 +236,13 @@ class Observer:
             writer.close(header)
         if sampler is not None and sampler.failures:
             self.notes.append(f"/metrics sidecar: {sampler.failures} scrape(s) failed")
+        if late := self._late_sends_us:
+            self.notes.append(
+                f"{len(late)} request(s) were sent more than {LATE_SEND_US // 1000} ms late (up to "
+                f"{max(late) / 1e6:.2f} s): this client was held up (starved of CPU?), so what it read meanwhile "
+                "came late and in bulk; on a CPU-bound server's machine, leave the client spare CPU or run it "
+                "elsewhere (`blis trace info` shows the lags)"
+            )
         return ObserveResult(
             csv_path=self.csv_path,
             header=header,
@@ -281,10 +291,15 @@ class Observer:
                     async with asyncio.timeout(delay_us / 1e6):
                         await self._wake.wait()
                 continue
+            capped = sem.locked()
             if not await self._acquire(sem):
                 break
             arrival_us, _, _, req = heapq.heappop(pending)
-            task = asyncio.create_task(self._one(client, clock, writer, req, arrival_us, sem, on_done))
+            # from when it could go: a wait for a --max-concurrency slot is by design, not a held-up client
+            ready_us = max(arrival_us, clock.now_us()) if capped else arrival_us
+            task = asyncio.create_task(
+                self._one(client, clock, writer, req, arrival_us, ready_us, sem, on_done)
+            )
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         await self._drain(in_flight)
@@ -335,6 +350,7 @@ class Observer:
         writer: TraceWriter,
         req: Any,
         arrival_us: int,
+        ready_us: int,
         sem: asyncio.Semaphore,
         on_done: Callable[[Any, Outcome], None],
     ) -> None:
@@ -348,6 +364,8 @@ class Observer:
             self._emit()
             try:
                 out = await send(client, ccfg, body, headers, clock)
+                if out.send_us - ready_us > LATE_SEND_US:
+                    self._late_sends_us.append(out.send_us - ready_us)
             except Exception as exc:  # a bug or an unforeseen library error: record it, keep observing
                 out = Outcome(status="error", error_message=f"observer error: {type(exc).__name__}: {exc}")
                 out.x_request_id = headers.get("X-Request-Id", "")
