@@ -5,6 +5,10 @@ between), so every case is an exact wire exchange."""
 
 import asyncio
 import contextlib
+import socket
+import sys
+import threading
+import time
 
 import pytest
 
@@ -190,3 +194,83 @@ def test_refused_connections_and_bad_headers_are_clear_errors():
         run(injected())
     with pytest.raises(ValueError, match="plain http"):
         Http1Session("https://example.com")
+
+
+class ThreadedStreamer:
+    """Answers each request on its own thread (so a blocked client loop does not stop it): the SSE head, then
+    `events` events `gap_s` apart, then [DONE]; records when it wrote each event (wall clock)."""
+
+    def __init__(self, events: int, gap_s: float):
+        self.events, self.gap_s = events, gap_s
+        self.sent_s: list[float] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1/completions"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        conn, _ = self._sock.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as vLLM's API server sends
+        with conn:
+            while True:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    more = conn.recv(65536)
+                    if not more:
+                        return
+                    head += more
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                body = head.split(b"\r\n\r\n", 1)[1]
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(SSE_HEAD)
+                for i in range(self.events):
+                    self.sent_s.append(time.time())
+                    conn.sendall(chunked(b'data: {"n": %d, "pad": "%s"}\n\n' % (i, b"x" * 200)))
+                    time.sleep(self.gap_s)
+                conn.sendall(chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+
+    def close(self):
+        self._sock.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kernel receive timestamps (SO_TIMESTAMPNS) are Linux's")
+def test_a_backlog_read_after_the_loop_was_held_up_keeps_its_packets_times():
+    """The client's loop blocks for 0.6 s after the first event while the server streams 40 events 15 ms apart.
+    The backlog is read in slices stamped with their own packets' arrival, not all with the last one's; the
+    kernel merges a waiting socket's small packets (about 17 to a buffer), so times are recovered per merge."""
+    clock = Clock()
+    warm = ThreadedStreamer(1, 0.0)  # the first stamped socket switches Linux's receive stamping on, lazily
+    streamer = ThreadedStreamer(40, 0.015)
+
+    async def main():
+        async with Http1Session(warm.url) as session:
+            await post_all(session, warm.url, clock)
+        reads = []
+
+        def on_read(t, data):
+            if not reads:
+                time.sleep(0.6)  # the loop is held up (another process took the CPU)
+            reads.append((t, data))
+            return b"[DONE]" in data
+
+        async with (
+            Http1Session(streamer.url) as session,
+            session.post(streamer.url, {"prompt": [1]}, {}, clock) as (status, each),
+        ):
+            await each(on_read)
+        return status, reads
+
+    try:
+        status, reads = run(main())
+    finally:
+        warm.close()
+        streamer.close()
+    stamps = []  # one arrival time per event, as the SSE decoder assigns them (the read that completed it)
+    for t, data in reads:
+        stamps += [t] * data.count(b"\n\n")
+    sent_us = [clock.from_realtime_ns(int(s * 1e9)) for s in streamer.sent_s]
+    late_ms = [(t - s) / 1000 for t, s in zip(stamps, sent_us, strict=False)]
+    held = late_ms[1:30]  # sent while the loop was blocked
+    assert status == 200 and len(stamps) == 41 and len(set(stamps[1:30])) >= 2
+    assert max(held) < 330  # one merge: ~17 events 15 ms apart (read at once, the first would be ~590 ms)

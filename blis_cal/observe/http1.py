@@ -1,7 +1,9 @@
 """A lean HTTP/1.1 client for the workload's streamed requests: plain-HTTP sockets parsed with httptools.
 
-Each connection's socket is read by an event-loop reader callback, one `recvmsg` per readiness, which also
-returns the kernel's receive time of the data (SO_TIMESTAMPNS on Linux). The read is parsed there (httptools
+Each connection's socket is read by an event-loop reader callback with `recvmsg`, which also returns the
+kernel's receive time of the data (SO_TIMESTAMPNS on Linux: that of the last packet the read touched). Reads are
+small (about two streamed events), so a backlog that built up while the loop was held up is drained in slices
+that keep their own packets' times instead of all taking the backlog's last. The read is parsed there (httptools
 is llhttp, Node.js's parser) and its body bytes go straight to the reader's OnRead with that arrival time:
 no transport layers, no stream buffer, no task wake-up per event. Per streamed event that is a fraction of
 aiohttp's CPU (benchmarks/observer_overhead.py), and CPU per event is what keeps a busy observer reading
@@ -29,7 +31,9 @@ OnRead = Callable[[int, bytes], bool]  # (arrival µs, body bytes) of one networ
 EachRead = Callable[[OnRead], Awaitable[None]]  # hands every read of a body to an OnRead, until it stops
 
 _USER_AGENT = f"blis-cal/{__version__}"
-_READ_SIZE = 256 * 1024
+# About two of vLLM's streamed events: a held-up client's backlog keeps its packets' times (the kernel's receive
+# queue merges a waiting socket's small packets too, ~17 to a buffer, which bounds what any read can recover).
+_READ_SIZE = 512
 
 
 class HTTPStreamError(Exception):
@@ -133,28 +137,33 @@ class _Connection:
         self.complete = True
         self._in_flight = False
 
-    # the loop's reader
+    # the loop's reader: slice by slice until the socket is drained (a slice shorter than asked) or done
     def _readable(self) -> None:
+        while self._read_slice():
+            pass
+
+    def _read_slice(self) -> bool:
+        """One read; True if the socket may hold more of this response."""
         try:
             data, rx_ns = recv_stamped(self._sock, _READ_SIZE)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             self._closed(exc)
-            return
+            return False
         if not data:
             self._closed(None)
-            return
+            return False
         if not self._in_flight:
             self._fail(HTTPStreamError("the server sent bytes outside a response"))
-            return
+            return False
         arrival_us = self._clock.arrival_us(rx_ns)
         self.received = True
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(HTTPStreamError(f"malformed HTTP response: {exc}"))
-            return
+            return False
         if self._body:
             body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
             self._body.clear()
@@ -163,6 +172,8 @@ class _Connection:
             _settle(self.finished, None)
             if self.after_complete is not None:
                 self.after_complete()
+            return False
+        return len(data) == _READ_SIZE and not self.lost
 
     def _deliver(self, arrival_us: int, body: bytes) -> None:
         if self._on_read is None:
