@@ -341,22 +341,21 @@ def test_a_held_up_client_says_so_but_a_concurrency_cap_is_no_holdup(tmp_path):
         held = observe(
             workload(reqs), config(server), tmp_path / "held.csv", block_once, handle_signals=False
         )
+    together = [wreq(i, 1_000, 10, n_out=3) for i in range(4)]
+    with FakeVLLM(ttft_s=0.1) as slow:  # one slot: each request waits ~0.1 s more than the one before
         capped = observe(
-            workload(reqs),
-            config(server, max_concurrency=1),
-            tmp_path / "capped.csv",
-            handle_signals=False,
+            workload(together), config(slow, max_concurrency=1), tmp_path / "cap.csv", handle_signals=False
         )
     late = [n for n in held.notes if "ms late" in n]
     assert len(late) == 1 and late[0].startswith("5 request(s) were sent more than 50 ms late")
     assert trace_summary(read_trace(tmp_path / "held.csv"))["late_sends"] == 5
+    # the trace shows the cap's waits (it cannot tell why); the observer knows they were by design
+    assert trace_summary(read_trace(tmp_path / "cap.csv"))["late_sends"] == 3
     assert not [n for n in capped.notes if "ms late" in n]
-    lags = [r.send_lag_us for r in read_trace(tmp_path / "capped.csv").records]
-    assert all(lag >= 0 for lag in lags)  # the cap delays sends in the trace; the note knows why
 
 
 def test_cli_scrapes_metrics_only_before_and_after_unless_asked(tmp_path):
-    """By default no /metrics sidecar runs during the load (scrapes stall a CPU-bound API server); the header
+    """By default no /metrics sidecar runs during the load (scrapes can slow a CPU-bound server); the header
     still gets the before/after counters. `--metrics-interval S` turns the sidecar on."""
     runs = {"default": (), "sidecar": ("--metrics-interval", "0.05")}
     with FakeVLLM(itl_s=0.02) as server:

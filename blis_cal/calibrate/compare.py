@@ -538,11 +538,11 @@ def compare(
         trace_info["late_sends"] = len(late)
     if late:
         notes.append(
-            f"{where}: {len(late)} request(s) were sent more than {LATE_SEND_US // 1000} ms after their scheduled "
-            f"time (up to {max(late) / 1e6:.2f} s): the recording client was held up (by a concurrency cap, or starved "
-            "of CPU, e.g. by a CPU-bound server on its machine), and what it read meanwhile came late and in bulk, so the TTFT and "
-            "ITL of the requests then in flight include client time no step model contains; recapture with the "
-            "client on another machine or with spare CPU"
+            f"{where}: {len(late)} request(s) were sent more than {LATE_SEND_US // 1000} ms after their "
+            f"scheduled time (up to {max(late) / 1e6:.2f} s): the recording client was held up (by a "
+            "concurrency cap, or starved of CPU, e.g. by a CPU-bound server on its machine), and what it read "
+            "meanwhile came late and in bulk, so the TTFT and ITL of the requests then in flight include client "
+            "time no step model contains; recapture with the client on another machine or with spare CPU"
         )
     drift = diagnostics.drift
     if drift is not None:

@@ -54,9 +54,7 @@ class ObserveConfig:
     record_itl: bool = True
     rtt_ms: float = 0.0
     max_errors: int = 0  # stop after this many error/timeout requests (0 = never)
-    metrics_interval_s: float = (
-        0.0  # /metrics sidecar period (0 = none: scrapes stall a CPU-bound API server)
-    )
+    metrics_interval_s: float = 0.0  # /metrics sidecar period (0 = none: scrapes can slow a CPU-bound server)
     workload_spec: str = ""  # for the header: spec path or preset:<name>
     server_overrides: dict[str, Any] = field(default_factory=dict)  # ServerInfo fields the server hides
 
