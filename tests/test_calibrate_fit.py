@@ -27,6 +27,7 @@ from blis_cal.calibrate.fit import (
     _collect,
     _solve_columns,
     floor_of,
+    refined_coefficients,
     with_batch_table,
 )
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
@@ -122,6 +123,14 @@ def test_a_decode_token_costs_at_least_a_prompt_token_in_forms_that_price_attent
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[2] >= fitted[1] > 0, (form, fitted)
+    # So does the refinement when it scales the prefill terms up: β2 follows β1; scaled down, β2 stays.
+    base = np.asarray((*ALPHA, *direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]))
+    up = refined_coefficients(base, (0.0, 0.0, 0.2), model_forms.get("blackbox-ctx"))
+    assert up[3 + 1] == pytest.approx(base[3 + 1] * np.exp(0.2)) and up[3 + 2] == up[3 + 1]
+    down = refined_coefficients(base, (0.0, 0.0, -0.2), model_forms.get("blackbox-ctx"))
+    assert down[3 + 2] == base[3 + 2] > down[3 + 1]
+    free = refined_coefficients(base, (0.0, 0.0, 0.2), model_forms.get("blackbox"))
+    assert free[3 + 2] == base[3 + 2] < free[3 + 1]  # the 3+3 form keeps BLIS's free β2
 
 
 def test_beta9_equal_to_beta4_replays_as_an_entry_without_it_and_a_cheaper_one_runs_faster():

@@ -662,6 +662,18 @@ def evaluate(
     ]
 
 
+def refined_coefficients(base: np.ndarray, theta: Sequence[float], form: ModelForm) -> np.ndarray:
+    """α + β (`base`, one array) moved by the refinement's θ: every β × e^θ0, α0 + θ1 × ALPHA0_STEP_US, the
+    prefill terms × e^θ2 (in forms with β2 ≥ β1, β2 lifted to β1 when the prefill scale passes it)."""
+    c = np.asarray(base, dtype=float).copy()
+    c[0] = max(c[0] + ALPHA0_STEP_US * theta[1], 0.0)
+    c[3:] *= np.exp(theta[0])
+    c[[3 + TERM_OF_COLUMN[col] for col in form.beta_columns if col in PREFILL_COLUMNS]] *= np.exp(theta[2])
+    if form.decode_pays_prefill:
+        c[3 + 2] = max(c[3 + 2], c[3 + 1])
+    return c
+
+
 def fit(
     traces: Sequence[NamedTrace],
     *,
@@ -695,18 +707,9 @@ def fit(
     evaluations = 0
     best: dict[str, Any] = {}
 
-    prefill_terms = [3 + TERM_OF_COLUMN[col] for col in form.beta_columns if col in PREFILL_COLUMNS]
-
-    def coeffs(theta: np.ndarray) -> np.ndarray:
-        c = base.copy()
-        c[0] = max(base[0] + ALPHA0_STEP_US * theta[1], 0.0)
-        c[3:] = base[3:] * np.exp(theta[0])
-        c[prefill_terms] *= np.exp(theta[2])
-        return c
-
     def objective(theta: np.ndarray) -> float:
         nonlocal evaluations
-        c = coeffs(theta)
+        c = refined_coefficients(base, theta, form)
         reports = evaluate(traces, form, c[:3], c[3:], sim, rtt_us)
         value = loss_of(reports)
         evaluations += 1
