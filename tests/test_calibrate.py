@@ -614,6 +614,29 @@ def test_requests_the_client_sent_late_are_counted_and_noted():
     assert "late_sends" not in compare(Trace(header=TraceHeader(), records=recs), results).trace_info
 
 
+def test_a_preempting_capture_is_noted_with_its_means():
+    recs = [record(1, 1_000_000, 1_200_000, 1_400_000), record(2, 2_000_000, 2_300_000, 2_700_000)]
+    results = [timed_result(1, 1_000_000, 1_300_000, 1_400_000, 1_600_000)]
+    results.append(timed_result(2, 2_000_000, 2_250_000, 2_450_000, 2_850_000))
+    for preemptions, noted in ((None, False), (0.0, False), (1.0, True)):
+        header = TraceHeader()
+        if preemptions is not None:
+            header.observed_kv_metrics = {"preemptions": preemptions}
+        notes = [
+            n for n in compare(Trace(header=header, records=recs), results).notes if "preemption(s)" in n
+        ]
+        assert bool(notes) == noted
+    assert notes[0].startswith("trace: vLLM counted 1 preemption(s) for 2 compared requests")
+    assert notes[0].endswith("(TTFT 250 ms observed, 425 simulated; E2E 550 ms observed, 725 simulated)")
+    header.observed_kv_metrics = {"preemptions": 1.0}
+    many = [record(i, i * 1_000_000, i * 1_000_000 + 200_000, i * 1_000_000 + 400_000) for i in range(1, 12)]
+    fine = [timed_result(i, i * 1_000_000, i * 1_000_000, i * 1_000_000 + 200_000, i * 1_000_000 + 400_000)
+            for i in range(1, 12)]  # fmt: skip
+    assert not any(
+        "preemption(s)" in n for n in compare(Trace(header=header, records=many), fine).notes
+    )  # 1 in 11
+
+
 def test_ttft_split_needs_vllm_times_in_the_trace():
     trace = small_trace()
     rep = compare(trace, [timed_result(1, 1000, 1100, 1200, 1400), timed_result(2, 2000, 2100, 2300, 2700)])

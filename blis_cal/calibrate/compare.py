@@ -188,6 +188,9 @@ SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per decode step, say the server ran 
 SPEED_NOTE_MIN_STEPS = 20  # fewer pure-decode steps say too little about the server's speed
 DRIFT_NOTE = 0.1  # beyond 10 % between the slowest and fastest part of a run, say the speed changed during it
 TTFT_SPLIT_NOTE = 0.1  # beyond ±10 % in mean TTFT, say which part of it (waiting or prefill) is off
+# vLLM preempting at least this many times per compared request: which request waits turns on microseconds, and
+# two runs of one such workload differ per request by 59-83 % TTFT MAPE (docs/accuracy.md, repeat_day26).
+PREEMPTION_NOTE = 0.1
 
 
 def ttft_split_ms(
@@ -543,6 +546,20 @@ def compare(
             "concurrency cap, or starved of CPU, e.g. by a CPU-bound server on its machine), and what it read "
             "meanwhile came late and in bulk, so the TTFT and ITL of the requests then in flight include client "
             "time no step model contains; recapture with the client on another machine or with spare CPU"
+        )
+    preemptions = int(trace.header.observed_kv_metrics.get("preemptions", 0))
+    if preemptions and preemptions >= PREEMPTION_NOTE * len(pairs.request_ids) and "ttft" in metrics:
+        means = "; ".join(
+            f"{m.upper()} {metrics[m]['workload_level']['real_mean'] / 1000:.0f} ms observed, "
+            f"{metrics[m]['workload_level']['sim_mean'] / 1000:.0f} simulated"
+            for m in ("ttft", "e2e")
+            if m in metrics
+        )
+        notes.append(
+            f"{where}: vLLM counted {preemptions} preemption(s) for {len(pairs.request_ids)} compared requests: which "
+            "request waits for KV blocks then turns on microseconds, and two runs of one such workload differ per "
+            "request too (59-83 % TTFT MAPE between repeated 24- and 32-block closed loops, docs/accuracy.md); "
+            f"judge it by the means ({means})"
         )
     drift = diagnostics.drift
     if drift is not None:
