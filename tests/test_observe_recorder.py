@@ -7,6 +7,7 @@ import httpx
 import pytest
 import respx
 
+from blis_cal.errors import BlisError, ConfigError
 from blis_cal.observe.client import Outcome
 from blis_cal.observe.recorder import (
     build_record,
@@ -92,6 +93,26 @@ def test_missing_endpoints_are_notes_not_errors():
 
     facts = asyncio.run(go())
     assert facts.info.type == "openai" and facts.metrics is None and len(facts.notes) == 2
+
+
+def test_an_unreachable_server_or_an_unserved_model_stops_before_anything_is_sent():
+    async def facts(models_route):
+        with respx.mock:
+            models = respx.get("http://v:1/v1/models").mock(side_effect=models_route)
+            sent = respx.post("http://v:1/v1/completions").mock(return_value=httpx.Response(200))
+            async with httpx.AsyncClient() as client:
+                try:
+                    return await server_facts(client, "http://v:1", "tiny", {})
+                finally:
+                    assert models.called and not sent.called
+
+    with pytest.raises(BlisError, match=r"cannot connect to http://v:1 \(refused\): start the server or fix"):
+        asyncio.run(facts(httpx.ConnectError("refused")))
+    listing = {"data": [{"id": "other"}, {"id": "lora-a"}]}
+    with pytest.raises(
+        ConfigError, match=r"--model 'tiny' is not served at http://v:1; it serves: other, lora-a"
+    ):
+        asyncio.run(facts(lambda request: httpx.Response(200, json=listing)))
 
 
 def test_record_keeps_workload_facts_client_times_and_server_truth():

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import httpx
 
+from blis_cal.errors import BlisError, ConfigError
 from blis_cal.observe.client import Outcome
 from blis_cal.observe.clock import Clock
 from blis_cal.trace import ServerInfo, TraceRecord, sibling
@@ -185,19 +186,36 @@ async def scrape_metrics(
 async def server_facts(
     client: httpx.AsyncClient, endpoint: str, model: str, headers: dict[str, str]
 ) -> ServerFacts:
-    """What the server says about itself; a missing endpoint is a note, not an error."""
+    """What the server says about itself; a missing endpoint is a note, not an error. A server that cannot be
+    reached, or that lists its models without `model`, is an error before anything is sent (as vLLM's own
+    benchmark stops after a failed first request)."""
     info = ServerInfo(type="openai", model=model)
     notes: list[str] = []
-    resp = await _get(client, endpoint + "/v1/models", headers)
-    if resp is None:
+    try:
+        resp: httpx.Response | None = await client.get(endpoint + "/v1/models", headers=headers, timeout=10.0)
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise BlisError(
+            f"cannot connect to {endpoint} ({exc or type(exc).__name__}): start the server or fix --endpoint; "
+            "nothing was sent"
+        ) from None
+    except httpx.HTTPError:
+        resp = None
+    if resp is None or resp.status_code != 200:
         notes.append(f"{endpoint}/v1/models did not answer; max_model_len unknown")
     else:
         try:
-            for entry in resp.json().get("data", []):
+            listed = resp.json().get("data", [])
+            served = [entry.get("id") for entry in listed]
+            for entry in listed:
                 if entry.get("id") == model and entry.get("max_model_len"):
                     info.max_model_len = int(entry["max_model_len"])
         except (ValueError, AttributeError, TypeError):
             notes.append(f"{endpoint}/v1/models: unreadable answer")
+        else:
+            if served and model not in served:
+                raise ConfigError(
+                    f"--model {model!r} is not served at {endpoint}; it serves: {', '.join(map(str, served))}"
+                )
     resp = await _get(client, endpoint + "/version", headers)
     if resp is not None:
         try:
