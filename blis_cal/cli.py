@@ -1151,7 +1151,11 @@ def _observe_server_info(values: list[str]) -> dict[str, object]:
 @app.command("observe")
 def observe_cmd(
     endpoint: str = typer.Option(..., "--endpoint", help="Server base URL, e.g. http://127.0.0.1:8000."),
-    model: str = typer.Option(..., "--model", help="Model name the server serves (sent in every request)."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Model name the server serves (sent in every request; checked against its /v1/models list first).",
+    ),
     out: Path = typer.Option(
         ..., "--out", help="Trace data CSV; writes the sibling .yaml, .itl.csv, .metrics.csv."
     ),
