@@ -75,7 +75,9 @@ def test_every_fault_is_recorded_and_the_run_goes_on(tmp_path, http_client):
 
 def test_healthy_run_records_server_truth_tokens_and_facts(tmp_path):
     reqs = [wreq(i, i * 5_000, 40, n_out=9, prefix=32, group="g") for i in range(6)]
-    with FakeVLLM(stream_interval=2, block_size=16) as server:
+    # 20 ms per token: the run lasts ~0.2 s, several 50 ms sidecar intervals on any host (at the fake's default
+    # 2 ms it could end before the second row, whose busy fractions are the first ones)
+    with FakeVLLM(stream_interval=2, block_size=16, itl_s=0.02) as server:
         result = observe(
             workload(reqs), config(server, metrics_interval_s=0.05), tmp_path / "h.csv", handle_signals=False
         )
