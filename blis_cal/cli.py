@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -787,20 +788,11 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def _calibration_table(title: str, rows: list[dict]) -> Table:
-    table = Table(title=title, title_justify="left")
-    cols = (
-        "trace",
-        "requests",
-        "rate/s",
-        "TTFT MAPE",
-        "ITL MAPE",
-        "E2E MAPE",
-        "E2E r",
-        "E2E quality",
-        "speed drift",
-    )
-    for col in cols:
-        table.add_column(col, justify="left" if col == "trace" else "right")
+    # Numbers keep their width and a narrow terminal (a pipe: 80 columns) folds the trace name instead of cutting it.
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("trace", overflow="fold", min_width=10)
+    for col in ("n", "req/s", "TTFT MAPE", "ITL MAPE", "E2E MAPE", "E2E r", "E2E quality", "speed drift"):
+        table.add_column(col.replace(" ", "\n"), justify="right", no_wrap=True)
     for row in rows:
         pct = [
             f"{100 * row[k]:.1f} %" if k in row else "-"

@@ -1,6 +1,7 @@
 """Calibration comparison: metric definitions, pairing rules, BLIS report layout, defaults.yaml merge, HTML."""
 
 import dataclasses
+import io
 import json
 import re
 import shutil
@@ -383,6 +384,25 @@ def test_merge_replaces_matching_entry_only(tmp_path):
     text = path.read_text(encoding="utf-8")
     merge_defaults_entry(path, entry)
     assert path.read_text(encoding="utf-8") == text
+
+
+def test_the_validation_table_fits_80_columns_and_folds_a_long_trace_name():
+    from rich.console import Console
+
+    from blis_cal.cli import _calibration_table
+
+    name = "budget256_kv40_closed12p_s2608_with_a_longer_name"
+    row = {"trace": name, "requests": 144, "rate_rps": 6.2, "ttft_mape": 0.177, "itl_mape": 0.065}
+    row |= {"e2e_mape": 0.059, "e2e_pearson_r": 0.995, "e2e_quality": "excellent", "speed_drift": 0.08}
+    console = Console(width=80, record=True, file=io.StringIO())
+    console.print(_calibration_table("Validation", [row]))
+    lines = console.export_text().splitlines()
+    assert max(map(len, lines)) <= 80
+    body = lines[next(i for i, line in enumerate(lines) if "───" in line) + 1 :]
+    assert "".join(line.split()[0] for line in body if line.strip()) == name  # folded, not cut
+    assert all(
+        cell in body[0] for cell in ("144", "6.20", "17.7 %", "6.5 %", "5.9 %", "0.995", "excellent", "8.0 %")
+    )
 
 
 def test_cli_validate_says_when_a_trace_decodes_larger_batches_than_the_entry_was_fitted_on(tmp_path):
