@@ -70,9 +70,10 @@ def test_parameter_recovery_3_plus_3(synthetic):
 
 
 def test_parameter_recovery_extended_form_with_prefix_caching():
-    """Cached prefixes (β3), decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0), and
-    the prefills' attention pairs (β10: ~6 % of a 512-token prompt's price, as on vLLM's CPU build)."""
-    beta = (6000.0, 20.0, 150.0, 2.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.005)
+    """Cached prefixes (priced through the pairs their tokens make with each new prompt token: β3 = 0 where β10
+    is priced), decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0), and the
+    prefills' attention pairs (β10: ~6 % of a 512-token prompt's price, as on vLLM's CPU build)."""
+    beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.005)
     model = BlackboxModel(ALPHA, beta)
     traces = [
         NamedTrace("plain", simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, model)),
@@ -88,6 +89,20 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     assert_within(fitted, beta)
     result = fit(traces, model_form="blackbox-ctx", bootstrap=0, max_evaluations=0)
     assert not any("prefill attention" in note or "cached" in note for note in result.notes)
+
+
+def test_a_cached_token_is_not_priced_twice_where_pairs_are_priced(trace_a, trace_c):
+    """Shared A + C: C's cached prefixes are all 768 tokens, so a price per cached token (β3) there is a constant
+    per prefill; with the prefills' pairs priced (n·c of them with the cache) it counted them twice (52 µs per
+    cached token against 0-4 µs on days 20-26) and over-predicted other hosts' prefix traces (docs/accuracy.md)."""
+    traces = [NamedTrace("A", read_trace(trace_a)), NamedTrace("C", read_trace(trace_c))]
+    for form in ("blackbox-ctx", "blackbox-table"):
+        fitted = direct_estimate(traces, model_forms.get(form))[1]
+        assert fitted[10] > 0 and fitted[3] == 0.0, (form, fitted)
+    rows = _collect(traces, None)
+    ctx = model_forms.get("blackbox-ctx")
+    both = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=True)[0]
+    assert both[ctx.beta_columns.index("Pctx")] > 10 * 4.0  # what the guard keeps out
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):

@@ -321,6 +321,10 @@ def _solve_beta(
         )
     if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
         return _solve_beta(form.without(PAIRS), windows, steps, decodes, picks, step_picks, start)
+    if PAIRS in form.beta_columns and "Pctx" in form.beta_columns:
+        # Priced pairs include each prompt token's with every cached one (n·c): a price per cached token on top
+        # would count them twice, and where cached prefixes are all one length it is a per-prefill constant.
+        return _solve_beta(form.without("Pctx"), windows, steps, decodes, picks, step_picks, start)
     warm = None if start is None else [start[t] for t in form.terms]
     solve = partial(_solve_columns, tie=form.decode_pays_prefill)
     if not form.floor:
