@@ -108,6 +108,10 @@ def test_an_unreachable_server_or_an_unserved_model_stops_before_anything_is_sen
 
     with pytest.raises(BlisError, match=r"cannot connect to http://v:1 \(refused\): start the server or fix"):
         asyncio.run(facts(httpx.ConnectError("refused")))
+    with pytest.raises(
+        BlisError, match=r"cannot connect to http://v:1 \(ConnectTimeout\)"
+    ):  # no message of its own
+        asyncio.run(facts(httpx.ConnectTimeout("")))
     listing = {"data": [{"id": "other"}, {"id": "lora-a"}]}
     with pytest.raises(
         ConfigError, match=r"--model 'tiny' is not served at http://v:1; it serves: other, lora-a"

@@ -195,7 +195,7 @@ async def server_facts(
         resp: httpx.Response | None = await client.get(endpoint + "/v1/models", headers=headers, timeout=10.0)
     except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
         raise BlisError(
-            f"cannot connect to {endpoint} ({exc or type(exc).__name__}): start the server or fix --endpoint; "
+            f"cannot connect to {endpoint} ({str(exc) or type(exc).__name__}): start the server or fix --endpoint; "
             "nothing was sent"
         ) from None
     except httpx.HTTPError:
