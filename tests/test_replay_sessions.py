@@ -507,10 +507,65 @@ def test_a_real_closed_loop_made_foreign_is_linked_as_recorded():
     assert len(recorded) == 96 and {c: ln.parent_id for c, ln in trace_links(stripped).items()} == recorded
 
 
+def test_a_closed_loop_with_unrecorded_think_times_is_linked_by_its_users():
+    """Think times neither recorded nor short enough for the time window: the four users are found as the four
+    rows sent before the first answer, of which never more were in flight."""
+    trace = captured(think_us=200_000)
+    links = trace_links(foreign(trace))
+    assert {c: ln.parent_id for c, ln in links.items()} == {
+        c: ln.parent_id for c, ln in trace_links(trace).items()
+    }
+    assert {ln.gap_us for ln in links.values()} == {201_500} and all(ln.waited for ln in links.values())
+    slow = replay(foreign(trace), SLOW, "adaptive")
+    assert len(slow) == len(trace.records) and max_in_flight(slow) <= USERS
+
+
+def test_a_real_closed_loop_with_think_times_made_foreign_is_linked_as_recorded():
+    """closed12_s2201: twelve users of real vLLM pausing 1 s; each row follows the oldest unclaimed answer."""
+    trace = read_trace(TRACES / "real_day22" / "closed12_s2201.csv")
+    recorded = {c: ln.parent_id for c, ln in trace_links(trace).items()}
+    assert len(recorded) == 108
+    assert {c: ln.parent_id for c, ln in trace_links(foreign(trace, overhead_us=0)).items()} == recorded
+
+
+def two_users(rounds, extra_send_us=None):
+    """Two users without ids or think times, 10 ms apart: each answer 95 ms after its send, the next request
+    200 ms after the answer; optionally one more row arriving at `extra_send_us`."""
+    rows = []
+    for k in range(rounds):
+        for u in range(2):
+            send = k * 300_000 + 10_000 * u
+            rows.append(row(len(rows), send, send + 100_000))
+    if extra_send_us is not None:
+        rows.append(row(len(rows), extra_send_us, extra_send_us + 100_000))
+    return Trace(header=TraceHeader(), records=rows, itl=None, notes=[])
+
+
+def test_users_are_found_only_while_no_more_are_ever_in_flight():
+    links = trace_links(two_users(20))
+    assert links == {r: Link(r - 2, 200_005, 0) for r in range(2, 40)}
+    # A third row in flight while both users wait for their answers: not two users, and not linked.
+    assert trace_links(two_users(20, extra_send_us=3_050_000)) == {}
+
+
+def test_users_are_not_assumed_where_an_open_loop_would_rarely_have_exceeded_them():
+    """Two rounds: both users were in flight together for 90 ms of the 310 ms run, where an open loop at the
+    same rate would have sent 0.9 more on average; never exceeding 2 in flight is no evidence of a closed loop."""
+    assert trace_links(two_users(2)) == {}
+
+
 @pytest.mark.parametrize(
-    "path", ["A_poisson_0.8.csv", "C_prefix_1.0.csv", "real/r12.csv", "real_day3/burst15.csv"]
+    "path",
+    [
+        "A_poisson_0.8.csv",
+        "C_prefix_1.0.csv",
+        "real/r12.csv",
+        "real_day3/burst15.csv",
+        "real_day24/r40_s2401.csv",  # never more in flight than its first 13 rows (evidence 2.2)
+        "real_day17/prefix10_s1702.csv",  # nor than its first 7 (0.2)
+    ],
 )
-def test_open_loop_captures_are_not_linked_by_time(path):
+def test_open_loop_captures_are_not_linked(path):
     """Some of an open loop's rows are sent just after another's answer by chance (up to 16 of 150 in r12 with
     a 50 ms window); too few to be a closed loop."""
     trace = foreign(read_trace(TRACES / path), overhead_us=0)
