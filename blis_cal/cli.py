@@ -329,8 +329,9 @@ _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
     help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
-    "simulation (default adaptive: a row sent the moment its answer came at the predecessor's simulated answer "
-    "+ the recorded gap; one sent after a pause at its recorded time, but never before that); "
+    "simulation (default aligned: a row sent the moment its answer came at the predecessor's simulated answer "
+    "+ the recorded gap; one sent after a pause at its recorded time shifted by how late the recent simulated "
+    "answers came on average, but never before its own); "
     "`blis policies` lists and describes the modes.",
 )
 

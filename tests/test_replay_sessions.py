@@ -25,6 +25,7 @@ from blis_cal.replay import (
     trace_requests,
 )
 from blis_cal.replay.from_workload import requests_from_workload, workload_trace
+from blis_cal.replay.sessions import ALIGN_ANSWERS
 from blis_cal.simulate import BlackboxModel, simulate
 from blis_cal.trace import Trace, TraceHeader, TraceRecord, read_trace, write_trace
 from blis_cal.trace_links import Link, trace_links
@@ -98,7 +99,7 @@ def test_open_loop_rows_and_early_rounds_are_not_linked():
     assert trace_links(trace) == {2: Link(0, 7005 - 5000, 2000), 5: Link(4, 10005 - 9900, 0)}
 
 
-@pytest.mark.parametrize("mode", ["fixed", "closed-loop", "causal"])
+@pytest.mark.parametrize("mode", ["fixed", "closed-loop", "causal", "adaptive", "aligned"])
 def test_same_speed_replay_reproduces_the_capture_in_every_mode(mode):
     trace = captured()
     results = replay(trace, MODEL, mode)
@@ -142,6 +143,50 @@ def test_a_slower_server_keeps_closed_loop_users_waiting_instead_of_piling_up():
     assert 1.4 < e2e_error["causal"] < 1.6 and e2e_error["fixed"] > e2e_error["causal"]
 
 
+def test_aligned_never_sends_before_the_recorded_time_or_the_predecessors_simulated_answer():
+    """Causality and conservation in the default mode, on a slower and on a faster simulation: a user sends
+    only after its simulated answer (+ its recorded client overhead), and never before its recorded time; a
+    slower simulation keeps the users waiting as causal does."""
+    trace = captured(think_us=200_000)
+    links = trace_links(trace)
+    by_id = {r.request_id: r for r in trace.records}
+    for model in (SLOW, BlackboxModel((500.0, 0.5, 50.0), (2500.0, 5.0, 100.0))):
+        aligned = {r.request_id: r for r in replay(trace, model, "aligned")}
+        assert len(aligned) == len(trace.records)
+        for rid, res in aligned.items():
+            link = links.get(rid)
+            if link is None:
+                assert res.arrival_us == by_id[rid].send_time_us
+                continue
+            overhead = link.gap_us - link.think_us
+            assert res.arrival_us >= max(
+                by_id[rid].send_time_us, aligned[link.parent_id].finish_us + overhead
+            )
+    assert max_in_flight(replay(trace, SLOW, "aligned")) <= USERS
+
+
+def test_aligned_shifts_a_paused_row_by_the_mean_lateness_of_recent_answers():
+    """The rule itself: each answer's lateness (simulated − recorded) joins a window of ALIGN_ANSWERS; a row
+    sent after a pause goes at its recorded time + their mean (never earlier), or right after its own answer
+    (+ the recorded overhead) if that is later; a row sent as soon as its answer came goes at that answer."""
+    send = session_modes.get("aligned").new_sender()
+    paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)  # 5 ms of client overhead
+    # answer 30 ms late: shifted 30 ms
+    assert send(1_000_000, 1_030_000, paused) == 1_030_000
+    # answer 50 ms early: the mean lateness −10 ms shifts nothing (never earlier than recorded)
+    assert send(2_000_000, 1_950_000, paused) == 2_000_000
+    # answer 400 ms late: mean (30 − 50 + 400) / 3 = 126.7 ms, but its own answer + 5 ms is later
+    assert send(3_000_000, 3_400_000, paused) == 3_400_000 - 200_000 + 5_000
+    # as soon as its answer came: at the simulated answer + the gap (closed-loop), and its lateness counts too
+    assert send(4_000_000, 4_090_000, Link(parent_id=0, gap_us=3_000, think_us=0)) == 4_090_000
+    # the oldest answers leave the window: after ALIGN_ANSWERS on-time answers the shift is 0 again
+    for k in range(ALIGN_ANSWERS):
+        send(5_000_000 + k, 5_000_000 + k, paused)
+    assert send(6_000_000, 6_000_000, paused) == 6_000_000
+    # a fresh sender per replay: nothing carried over
+    assert session_modes.get("aligned").new_sender()(1_000_000, 1_000_000, paused) == 1_000_000
+
+
 def test_session_mode_is_deterministic_and_notes_the_linked_rows():
     trace = captured(multi_turn={"max_rounds": 3, "context_growth": "accumulate"})
     notes: list[str] = []
@@ -158,7 +203,8 @@ def test_session_mode_is_deterministic_and_notes_the_linked_rows():
 def test_unknown_session_mode_lists_the_registered_ones(tmp_path):
     trace = captured(num_requests=12)
     with pytest.raises(
-        ConfigError, match="unknown session mode 'open'; allowed: adaptive, causal, closed-loop, fixed"
+        ConfigError,
+        match="unknown session mode 'open'; allowed: adaptive, aligned, causal, closed-loop, fixed",
     ):
         replay_trace(trace, config_from_trace(trace.header), MODEL, session_mode="open")
     write_trace(trace, tmp_path / "t.csv")
@@ -174,7 +220,8 @@ def test_unknown_session_mode_lists_the_registered_ones(tmp_path):
     )
     assert (
         out.returncode == 2
-        and "unknown session mode 'open'; allowed: adaptive, causal, closed-loop, fixed" in out.stderr
+        and "unknown session mode 'open'; allowed: adaptive, aligned, causal, closed-loop, fixed"
+        in out.stderr
     )
     policies = json.loads(blis("policies").stdout)
     assert sorted(policies["session_modes"]) == session_modes.names()
@@ -207,7 +254,7 @@ def test_fit_on_closed_loop_traces_recovers_the_coefficients_in_the_session_mode
         NamedTrace("users", captured(num_requests=80, model=BlackboxModel(alpha, beta))),
         NamedTrace("chat", captured({"max_rounds": 3}, num_requests=60, model=BlackboxModel(alpha, beta))),
     ]
-    for mode in ("causal", "closed-loop"):
+    for mode in ("causal", "closed-loop", "aligned"):
         result, report, _ = run_fit(
             traces, model="m", gpu="g", tp=1, bootstrap=0, prediction_draws=0, session_mode=mode
         )
@@ -579,7 +626,7 @@ def test_a_fast_open_loop_is_not_linked_by_time():
     assert trace_links(foreign(trace, overhead_us=0)) == {}
 
 
-@pytest.mark.parametrize("mode", ["causal", "closed-loop", "adaptive"])
+@pytest.mark.parametrize("mode", ["causal", "closed-loop", "adaptive", "aligned"])
 def test_a_replayed_closed_loop_is_written_as_a_closed_loop(mode):
     """The written trace links every row to its predecessor, and replaying it again with the same
     model reproduces it: the follow-ups arrive at their parent's simulated answer + think time."""

@@ -98,8 +98,8 @@ def results_to_trace(
     """A TraceV2 of the simulated requests (`mode: replayed`): the source rows' identity fields are kept and
     the timing fields replaced by the simulated ones (send = arrival, chunks = token deliveries, with a
     per-token ITL file when the run recorded token times). A row `released_by` a parent's simulated answer
-    (`TraceFollowUp.released_by`) arrives at that answer + its think time, as a closed-loop capture records
-    it, so the written trace replays as a closed loop again."""
+    (`TraceFollowUp.released_by`) arrives at that answer + its think time (as much of it as it paused in the
+    simulation), as a closed-loop capture records it, so the written trace replays as a closed loop again."""
     if header is None:
         header = dataclasses.replace(source.header) if source is not None else TraceHeader()
     header = dataclasses.replace(header, mode="replayed", created_at="")
@@ -117,6 +117,8 @@ def results_to_trace(
         if base is None:
             rec.input_tokens = r.input_tokens
         parent = released_by.get(r.request_id) if released_by else None
+        if parent is not None:  # the pause it took in the simulation (`aligned` may cut it short)
+            rec.think_time_us = min(rec.think_time_us, max(r.arrival_us - finish_us[parent], 0))
         rec.arrival_time_us = r.arrival_us if parent is None else finish_us[parent] + rec.think_time_us
         rec.send_time_us = r.arrival_us
         rec.first_chunk_time_us = r.first_token_us if r.first_token_us >= 0 else 0

@@ -10,6 +10,7 @@ simulated send time; `with_think_time` re-times a trace as if its users had paus
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -23,15 +24,43 @@ from blis_cal.trace import Trace
 from blis_cal.trace_links import Link, injection_time_us, trace_links
 from blis_cal.workload.spec import Distribution
 
+Sender = Callable[[int, int, Link], int]  # (recorded send, predecessor's release, link) -> simulated send
+
 
 @dataclass(frozen=True)
 class SessionMode:
     """How a linked row's simulated send time follows from its recorded one, its predecessor's release (the
-    predecessor's simulated finish + the recorded gap) and its link; `send_us` None: every row at its
-    recorded time."""
+    predecessor's simulated finish + the recorded gap) and its link; `new_sender` gives a fresh sender for
+    each replay (None: every row at its recorded time)."""
 
     description: str
-    send_us: Callable[[int, int, Link], int] | None
+    new_sender: Callable[[], Sender] | None
+
+
+def _stateless(send: Sender) -> Callable[[], Sender]:
+    return lambda: send
+
+
+# Answers over which `aligned` averages how late the simulation answers: fewer follow one answer's noise,
+# more lag a simulation falling behind (docs/accuracy.md, twenty-fourth session).
+ALIGN_ANSWERS = 12
+
+
+class _Aligned:
+    """`aligned`'s sender: a row sent after a pause goes at its recorded time shifted by how late the
+    simulation's last ALIGN_ANSWERS answers came on average (never earlier), but never before its own answer
+    (+ the recorded client overhead); a row sent as soon as its answer came, at that answer (closed-loop)."""
+
+    def __init__(self) -> None:
+        self._late: deque[int] = deque(maxlen=ALIGN_ANSWERS)  # simulated − recorded answer, latest last
+
+    def __call__(self, recorded: int, released: int, link: Link) -> int:
+        self._late.append(released - recorded)
+        if not link.waited:
+            return released
+        shift = max(0, round(sum(self._late) / len(self._late)))
+        overhead = link.gap_us - link.think_us if link.think_us else 0
+        return max(recorded + shift, released - link.gap_us + overhead)
 
 
 session_modes: Registry[SessionMode] = Registry("session mode")
@@ -41,13 +70,13 @@ session_modes.register("fixed")(
 session_modes.register("closed-loop")(
     SessionMode(
         "a follow-up at its predecessor's simulated finish + the recorded gap (BLIS --session-mode closed-loop)",
-        lambda recorded, released, link: released,
+        _stateless(lambda recorded, released, link: released),
     )
 )
 session_modes.register("causal")(
     SessionMode(
         "recorded send time, but never before the predecessor's simulated finish + the recorded gap",
-        lambda recorded, released, link: max(recorded, released),
+        _stateless(lambda recorded, released, link: max(recorded, released)),
     )
 )
 # A user sending the moment its answer came never left the server: holding it to its recorded time (causal)
@@ -55,11 +84,22 @@ session_modes.register("causal")(
 # that idling is a small share of the pause, and the recorded time keeps which requests met.
 session_modes.register("adaptive")(
     SessionMode(
-        "a row sent as soon as its predecessor answered as closed-loop, one sent after a pause as causal (default)",
-        lambda recorded, released, link: max(recorded, released) if link.waited else released,
+        "a row sent as soon as its predecessor answered as closed-loop, one sent after a pause as causal",
+        _stateless(lambda recorded, released, link: max(recorded, released) if link.waited else released),
     )
 )
-DEFAULT_SESSION_MODE = "adaptive"
+# `causal` moves a user by every ms its answer is late and never back, so per-request noise ratchets its
+# timeline later and loses which requests met; the shift averaged over recent answers keeps the users'
+# recorded order and follows a simulation slower than the capture (docs/accuracy.md).
+session_modes.register("aligned")(
+    SessionMode(
+        "a row sent as soon as its predecessor answered as closed-loop; one sent after a pause at its recorded "
+        f"time shifted by how late the last {ALIGN_ANSWERS} simulated answers came on average, never before "
+        "its predecessor's simulated answer (default)",
+        _Aligned,
+    )
+)
+DEFAULT_SESSION_MODE = "aligned"
 
 
 class TraceFollowUp:
@@ -67,7 +107,8 @@ class TraceFollowUp:
 
     def __init__(self, held: dict[int, list[tuple[SimRequest, Link]]], mode: SessionMode) -> None:
         self._held = held  # parent id -> [(child request at its recorded time, its link)]
-        self._send_us = mode.send_us
+        assert mode.new_sender is not None  # chain_requests: `fixed` needs no bridge
+        self._send_us = mode.new_sender()
         self.released_by: dict[int, int] = {}  # child id -> the parent whose simulated answer released it
 
     def __call__(self, result: RequestResult) -> list[SimRequest]:
@@ -89,7 +130,7 @@ def chain_requests(
     mode = session_modes.get(session_mode)
     ids = {r.request_id for r in requests}
     linked = {c: ln for c, ln in links.items() if c in ids and ln.parent_id in ids}
-    if mode.send_us is None or not linked:
+    if mode.new_sender is None or not linked:
         return list(requests), None
     held: dict[int, list[tuple[SimRequest, Link]]] = {}
     first = []
