@@ -575,6 +575,23 @@ def test_a_real_closed_loop_with_think_times_made_foreign_is_linked_as_recorded(
     assert {c: ln.parent_id for c, ln in trace_links(foreign(trace, overhead_us=0)).items()} == recorded
 
 
+def test_a_closed_loop_recorded_with_a_client_per_user_is_linked_one_user_each():
+    """Another tool's users as client ids, without sessions or think times: each client is one user."""
+    trace = read_trace(TRACES / "real_day22" / "closed12_s2201.csv")
+    per_user = dataclasses.replace(
+        trace,
+        records=[
+            dataclasses.replace(
+                r, client_id=r.session_id, session_id="", think_time_us=0, arrival_time_us=r.send_time_us
+            )
+            for r in trace.records
+        ],
+    )
+    assert {c: ln.parent_id for c, ln in trace_links(per_user).items()} == {
+        c: ln.parent_id for c, ln in trace_links(trace).items()
+    }
+
+
 def two_users(rounds, extra_send_us=None):
     """Two users without ids or think times, 10 ms apart: each answer 95 ms after its send, the next request
     200 ms after the answer; optionally one more row arriving at `extra_send_us`."""
