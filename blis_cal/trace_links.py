@@ -171,7 +171,7 @@ def _links_by_capacity(rows: list[TraceRecord], order: dict[int, int]) -> dict[i
     user it was does not change the population, N users each waiting for an answer."""
     answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
     sends = sorted(rows, key=lambda r: (injection_time_us(r), order[r.request_id]))
-    if not answers or len(sends) < 2:
+    if not answers:
         return {}
     users = sum(injection_time_us(r) < answers[0].last_chunk_time_us for r in sends)
     if not users or len(sends) < 2 * users:
