@@ -44,7 +44,9 @@ def captured(
     workload = generate(parse_spec({"num_requests": num_requests, "seed": 5, "clients": [client]}, "t"))
     bridge = follow_up_for(workload)
     run = simulate(requests_from_workload(workload), CONFIG, model, bridge, record_tokens=True)
-    trace = results_to_trace(run, workload_trace(workload, bridge.released))
+    trace = results_to_trace(
+        run, workload_trace(workload, bridge.released), output_delay_us=model.output_delay_us()
+    )
     trace.header.server = ServerInfo(
         type="blis-sim", **{name: getattr(CONFIG, name) for name in SERVER_FIELDS}
     )

@@ -444,6 +444,29 @@ def test_alpha_comes_from_server_side_times_when_recorded(synthetic):
     assert_within(alpha, ALPHA)
 
 
+def test_synthetic_traces_record_vllm_times_outside_the_engine(synthetic):
+    """A simulated trace records vLLM's queue and scheduled→first-token times as `blis observe` does: what
+    they leave of each TTFT is the simulator's queue delay α0 + α1·prompt (α2 = 0)."""
+    for rec in synthetic[0].trace.records:
+        assert rec.outside_engine_us == int(ALPHA[0] + ALPHA[1] * rec.total_input_tokens)
+
+
+def test_alpha_without_server_side_times_is_one_overhead(synthetic):
+    """Without vLLM's queue and scheduled→first-token times (another tool's trace), α1 is not told apart from
+    the prefill's price per token: α1 = 0 and α0 is the median time outside the step, which for these exact
+    synthetic steps is α0 + α1 × the median prompt of the idle-engine requests."""
+    from blis_cal.calibrate.features import idle_prefill_rows
+
+    trace = synthetic[1].trace
+    records = [dataclasses.replace(r, server_queue_us=None, server_ttft_us=None) for r in trace.records]
+    bare = dataclasses.replace(trace, records=records)
+    alpha, beta = direct_estimate([NamedTrace("bare", bare)], model_forms.get("blackbox"))
+    assert alpha[1] == 0.0 and alpha[2] == 0.0
+    median_prompt = float(np.median(idle_prefill_rows(bare).prompt_tokens))
+    assert alpha[0] == pytest.approx(ALPHA[0] + ALPHA[1] * median_prompt, rel=0.02)
+    assert_within(beta, BETA)  # the step price is the same either way
+
+
 def test_long_decode_gap_is_noted(trace_a):
     from blis_cal.calibrate.compare import compare
     from blis_cal.calibrate.sim_bridge import replay_with

@@ -6,7 +6,9 @@
    that arrived to an idle engine (TTFT = queue delay + one prefill step), after subtracting the prefill
    step predicted by β (blackbox-table then sets an offset per batch size of pure-decode steps from their
    medians: `with_batch_table`). α2 (delay of every token after its step) is not separable from α0 by
-   TTFT/E2E, so it stays 0 and α0 carries the fixed overhead.
+   TTFT/E2E, so it stays 0 and α0 carries the fixed overhead. α1 needs vLLM's own queue and
+   scheduled→first-token times: without them a TTFT's part per prompt token is the prefill's (β), and α0 alone
+   carries what is outside the step.
 2. Simulation in the loop: replay every trace with candidate coefficients and minimise the mean of TTFT,
    ITL and E2E MAPE over all traces (Nelder-Mead on the overall β scale, the prefill terms' scale and α0).
 3. Bootstrap (whole traces when there are several, then time blocks of requests): a confidence interval
@@ -518,18 +520,21 @@ def _solve_alpha(
     picks: Sequence[np.ndarray] | None = None,
 ) -> tuple[float, float, float]:
     """α0 + α1·L = time outside the engine over idle-engine requests (α ≥ 0, robust): TTFT minus vLLM's
-    reported queue and scheduled→first-token times when the trace has them, else TTFT − RTT − the prefill
-    step β predicts."""
-    ls, ys = [], []
+    reported queue and scheduled→first-token times when the traces have them, else TTFT − RTT − the prefill
+    step β predicts. α1 only from the former: the latter's slope in L is β's error on long prompts (another
+    tool's traces: α1 up to 22 µs/token where vLLM's times say 0-2), which α1·L then charged to every prompt
+    token, cached ones too (docs/accuracy.md, twenty-fifth session); α0 is then their median."""
+    ls, ys, measured_any = [], [], False
     for i, pr in enumerate(prefills):
         idx = picks[i] if picks is not None else slice(None)
         step = pr.matrix(form.beta_columns)[idx] @ np.asarray([beta[t] for t in form.terms])  # no decodes
         modelled = pr.ttft_us[idx] - rtts[i] - step
         measured = pr.outside_us[idx] - rtts[i]
+        measured_any = measured_any or bool(np.any(~np.isnan(measured)))
         ys.append(np.where(np.isnan(measured), modelled, measured))
         ls.append(pr.prompt_tokens[idx])
     y, lengths = np.concatenate(ys), np.concatenate(ls)
-    if y.size >= 5 and np.ptp(lengths) > 0:
+    if y.size >= 5 and np.ptp(lengths) > 0 and measured_any:
         a = np.column_stack([np.ones(y.size), lengths])
         start = np.array([max(float(np.median(y)), 0.0), 0.0])
         sol = least_squares(

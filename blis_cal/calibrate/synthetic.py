@@ -45,7 +45,8 @@ def poisson_requests(
 
 def simulated_trace(requests: list[SimRequest], config: SimConfig, model: LatencyModel) -> Trace:
     """Simulate `requests` and return them as a real-looking trace: one chunk per token at its delivery time,
-    the engine settings in the header's `server:` block and the simulator's prefix-cache hits recorded."""
+    the engine settings in the header's `server:` block, the simulator's prefix-cache hits and vLLM's
+    per-request queue and scheduled→first-token times (as `blis observe` records them) filled in."""
     chunks: dict[int, list[Chunk]] = {}
 
     def on_token(request_id: int, _index: int, delivery_us: int) -> None:
@@ -67,7 +68,7 @@ def simulated_trace(requests: list[SimRequest], config: SimConfig, model: Latenc
             enable_prefix_caching=config.enable_prefix_caching,
         ),
     )
-    trace = results_to_trace(run, header=header)
+    trace = results_to_trace(run, header=header, output_delay_us=model.output_delay_us())
     by_id = {r.request_id: r for r in requests}
     for rec in trace.records:
         key, length = by_id[rec.request_id].segments[0]

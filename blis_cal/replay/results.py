@@ -94,10 +94,13 @@ def results_to_trace(
     source: Trace | None = None,
     header: TraceHeader | None = None,
     released_by: Mapping[int, int] | None = None,
+    output_delay_us: int | None = None,
 ) -> Trace:
     """A TraceV2 of the simulated requests (`mode: replayed`): the source rows' identity fields are kept and
     the timing fields replaced by the simulated ones (send = arrival, chunks = token deliveries, with a
-    per-token ITL file when the run recorded token times). A row `released_by` a parent's simulated answer
+    per-token ITL file when the run recorded token times). Given the model's `output_delay_us` (α2), rows also
+    get vLLM's per-request queue and scheduled→first-token times (`server_queue_us`, `server_ttft_us`), as
+    `blis observe` records them; otherwise those stay empty. A row `released_by` a parent's simulated answer
     (`TraceFollowUp.released_by`) arrives at that answer + its think time (as much of it as it paused in the
     simulation), as a closed-loop capture records it, so the written trace replays as a closed loop again."""
     if header is None:
@@ -130,6 +133,9 @@ def results_to_trace(
         rec.cached_tokens = r.cached_tokens
         for name in ("server_queue_us", "server_ttft_us", "server_generation_us", "server_mean_itl_us"):
             setattr(rec, name, None)
+        if output_delay_us is not None and r.first_token_us >= 0:
+            rec.server_queue_us = r.scheduled_us - r.queued_us
+            rec.server_ttft_us = r.first_token_us - output_delay_us - r.scheduled_us
         records.append(rec)
     itl = None
     if run.token_times is not None:  # one streamed event per token, at its simulated delivery
