@@ -454,7 +454,9 @@ def _sim_model(
     return build_latency_model(latency_model, opts)
 
 
-def _sim_outputs(run, results: Path | None, trace_output: str | None, source=None, released_by=None) -> None:
+def _sim_outputs(
+    run, sim_model, results: Path | None, trace_output: str | None, source=None, released_by=None
+) -> None:
     from blis_cal.replay import results_to_trace, write_results_json
     from blis_cal.trace import write_trace
 
@@ -462,7 +464,10 @@ def _sim_outputs(run, results: Path | None, trace_output: str | None, source=Non
         write_results_json(run, results)
     if trace_output is not None:
         csv_path = trace_output if trace_output.endswith(".csv") else trace_output + ".csv"
-        write_trace(results_to_trace(run, source, released_by=released_by), csv_path)
+        trace = results_to_trace(
+            run, source, released_by=released_by, output_delay_us=sim_model.output_delay_us()
+        )
+        write_trace(trace, csv_path)
     print_json(run.summary)
 
 
@@ -595,7 +600,7 @@ def replay_cmd(
         record_tokens=trace_output is not None,
     )
     print_notes(notes)
-    _sim_outputs(run, results, trace_output, trace, follow_up.released_by if follow_up else None)
+    _sim_outputs(run, sim_model, results, trace_output, trace, follow_up.released_by if follow_up else None)
 
 
 def run_requests(
@@ -774,7 +779,7 @@ def run_cmd(
     )
     label = str(workload_spec) if workload_spec else (f"preset:{preset}" if preset else "")
     source = workload_trace(workload, getattr(follow_up, "released", ()), label)
-    _sim_outputs(run, results, trace_output, source)
+    _sim_outputs(run, sim_model, results, trace_output, source)
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

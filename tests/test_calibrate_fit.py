@@ -453,8 +453,9 @@ def test_synthetic_traces_record_vllm_times_outside_the_engine(synthetic):
 
 def test_alpha_without_server_side_times_is_one_overhead(synthetic):
     """Without vLLM's queue and scheduled→first-token times (another tool's trace), α1 is not told apart from
-    the prefill's price per token: α1 = 0 and α0 is the median time outside the step, which for these exact
-    synthetic steps is α0 + α1 × the median prompt of the idle-engine requests."""
+    the prefill's price per token: α1 = 0 and α0 is the typical time outside the step (a robust fit of one
+    constant), which for these exact synthetic steps is near α0 + α1 × the median prompt of the idle-engine
+    requests."""
     from blis_cal.calibrate.features import idle_prefill_rows
 
     trace = synthetic[1].trace

@@ -163,6 +163,9 @@ def test_cli_replay(tmp_path, trace_a):
     assert summary["completed"] == 150
     assert len(json.loads((tmp_path / "r.json").read_text())) == 150
     assert (tmp_path / "sim.csv").exists() and (tmp_path / "sim.yaml").exists()
+    # as a capture records vLLM's per-request times: what they leave of a TTFT is the queue delay α0 = 20 ms
+    written = read_trace(tmp_path / "sim.csv")
+    assert {r.outside_engine_us for r in written.records} == {20_000}
 
 
 def test_cli_missing_coefficients_says_what_exists(trace_a):

@@ -523,7 +523,7 @@ def _solve_alpha(
     reported queue and scheduled→first-token times when the traces have them, else TTFT − RTT − the prefill
     step β predicts. α1 only from the former: the latter's slope in L is β's error on long prompts (another
     tool's traces: α1 up to 22 µs/token where vLLM's times say 0-2), which α1·L then charged to every prompt
-    token, cached ones too (docs/accuracy.md, twenty-fifth session); α0 is then their median."""
+    token, cached ones too (docs/accuracy.md, twenty-fifth session); α0 alone is fitted to them then."""
     ls, ys, measured_any = [], [], False
     for i, pr in enumerate(prefills):
         idx = picks[i] if picks is not None else slice(None)
@@ -534,18 +534,19 @@ def _solve_alpha(
         ys.append(np.where(np.isnan(measured), modelled, measured))
         ls.append(pr.prompt_tokens[idx])
     y, lengths = np.concatenate(ys), np.concatenate(ls)
-    if y.size >= 5 and np.ptp(lengths) > 0 and measured_any:
-        a = np.column_stack([np.ones(y.size), lengths])
-        start = np.array([max(float(np.median(y)), 0.0), 0.0])
+    if y.size >= 5:
+        slope = measured_any and np.ptp(lengths) > 0
+        a = np.column_stack([np.ones(y.size), lengths])[:, : 2 if slope else 1]
+        start = np.array([max(float(np.median(y)), 0.0), 0.0])[: a.shape[1]]
         sol = least_squares(
             lambda c: a @ c - y,
             start,
             bounds=(0.0, np.inf),
             loss="soft_l1",
             f_scale=5_000.0,
-            x_scale=[1e4, 10.0],
+            x_scale=[1e4, 10.0][: a.shape[1]],
         )
-        return (_clean(sol.x[0]), _clean(sol.x[1]), 0.0)
+        return (_clean(sol.x[0]), _clean(sol.x[1]) if slope else 0.0, 0.0)
     if y.size:
         return (max(float(np.median(y)), 0.0), 0.0, 0.0)
     return (0.0, 0.0, 0.0)
@@ -779,6 +780,13 @@ def fit(
             f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated (see the "
             "β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
             "higher rate or a closed loop)"
+        )
+    if not any(np.any(~np.isnan(p.outside_us)) for p in rows.prefills):
+        result.notes.append(
+            "the traces have none of vLLM's per-request queue and scheduled→first-token times (`blis observe` "
+            "records them from a server started with --enable-per-request-metrics), so α1 = 0 and α0 carries "
+            "all of a TTFT outside the engine steps: without them, time per prompt token outside the engine "
+            "cannot be told from the prefill's"
         )
     if PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] == 0:
         result.notes.append(
