@@ -531,3 +531,34 @@ def test_leave_one_out_validates_each_trace_on_a_fit_without_it(synthetic):
     assert not any("extrapolated" in n for n in reports[1].notes)
     with pytest.raises(CalibrationError, match="at least two"):
         leave_one_out(synthetic[:1])
+
+
+def test_fit_notes_what_its_traces_did_not_measure(synthetic):
+    """A fit says when α1 could not be measured (no vLLM per-request times) and when cached tokens' cost
+    was not (no prefix-cache hits), and says neither when the traces measured them."""
+    bare = [
+        NamedTrace(
+            nt.name,
+            dataclasses.replace(
+                nt.trace,
+                records=[
+                    dataclasses.replace(r, server_queue_us=None, server_ttft_us=None)
+                    for r in nt.trace.records
+                ],
+            ),
+        )
+        for nt in synthetic
+    ]
+    without = fit(bare, model_form="blackbox-ctx", refine=False, bootstrap=0)
+    assert without.alpha[1] == 0.0
+    assert any("none of vLLM's per-request queue" in n for n in without.notes)
+    assert any("no prefix-cache hits" in n for n in without.notes)
+    cached = simulated_trace(
+        poisson_requests(150, 3.0, seed=3, prefix_groups=2, prefix_length=256),
+        CONFIG,
+        BlackboxModel(ALPHA, BETA),
+    )
+    measured = fit(
+        [*synthetic, NamedTrace("cached", cached)], model_form="blackbox-ctx", refine=False, bootstrap=0
+    )
+    assert not any("per-request queue" in n or "prefix-cache hits" in n for n in measured.notes)

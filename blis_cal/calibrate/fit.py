@@ -798,10 +798,16 @@ def fit(
     if "Pctx" in form.beta_columns and not any(
         r.features["Pctx"].any() for r in (*rows.windows, *rows.steps)
     ):
+        pairs_priced = PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] > 0
         result.notes.append(
-            "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost "
-            "and they are priced at 0 (β3 = 0): prompts behind a cached prefix (shared system prompts, chat "
-            "sessions) are predicted too fast; to price them, fit with a trace that has prefix hits too"
+            "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
+            + (
+                ": they are priced as attention within a prompt (β10 per pair), which measured dearer per pair "
+                "than attention to cached tokens on vLLM's CPU build"
+                if pairs_priced
+                else " and they are priced at 0 (β3 = 0): prompts behind a cached prefix are predicted too fast"
+            )
+            + "; for shared system prompts or chat sessions, fit with a trace that has prefix hits too"
         )
     if bootstrap:
         boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
