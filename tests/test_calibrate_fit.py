@@ -451,6 +451,12 @@ def test_synthetic_traces_record_vllm_times_outside_the_engine(synthetic):
         assert rec.outside_engine_us == int(ALPHA[0] + ALPHA[1] * rec.total_input_tokens)
 
 
+def without_vllm_times(trace):
+    """`trace` as another tool records it: no vLLM per-request queue or scheduled→first-token times."""
+    records = [dataclasses.replace(r, server_queue_us=None, server_ttft_us=None) for r in trace.records]
+    return dataclasses.replace(trace, records=records)
+
+
 def test_alpha_without_server_side_times_is_one_overhead(synthetic):
     """Without vLLM's queue and scheduled→first-token times (another tool's trace), α1 is not told apart from
     the prefill's price per token: α1 = 0 and α0 is the typical time outside the step (a robust fit of one
@@ -458,9 +464,7 @@ def test_alpha_without_server_side_times_is_one_overhead(synthetic):
     requests."""
     from blis_cal.calibrate.features import idle_prefill_rows
 
-    trace = synthetic[1].trace
-    records = [dataclasses.replace(r, server_queue_us=None, server_ttft_us=None) for r in trace.records]
-    bare = dataclasses.replace(trace, records=records)
+    bare = without_vllm_times(synthetic[1].trace)
     alpha, beta = direct_estimate([NamedTrace("bare", bare)], model_forms.get("blackbox"))
     assert alpha[1] == 0.0 and alpha[2] == 0.0
     median_prompt = float(np.median(idle_prefill_rows(bare).prompt_tokens))
@@ -536,19 +540,7 @@ def test_leave_one_out_validates_each_trace_on_a_fit_without_it(synthetic):
 def test_fit_notes_what_its_traces_did_not_measure(synthetic):
     """A fit says when α1 could not be measured (no vLLM per-request times) and when cached tokens' cost
     was not (no prefix-cache hits), and says neither when the traces measured them."""
-    bare = [
-        NamedTrace(
-            nt.name,
-            dataclasses.replace(
-                nt.trace,
-                records=[
-                    dataclasses.replace(r, server_queue_us=None, server_ttft_us=None)
-                    for r in nt.trace.records
-                ],
-            ),
-        )
-        for nt in synthetic
-    ]
+    bare = [NamedTrace(nt.name, without_vllm_times(nt.trace)) for nt in synthetic]
     without = fit(bare, model_form="blackbox-ctx", refine=False, bootstrap=0)
     assert without.alpha[1] == 0.0
     assert any("none of vLLM's per-request queue" in n for n in without.notes)

@@ -524,18 +524,17 @@ def _solve_alpha(
     step β predicts. α1 only from the former: the latter's slope in L is β's error on long prompts (another
     tool's traces: α1 up to 22 µs/token where vLLM's times say 0-2), which α1·L then charged to every prompt
     token, cached ones too (docs/accuracy.md, twenty-fifth session); α0 alone is fitted to them then."""
-    ls, ys, measured_any = [], [], False
+    ls, ys = [], []
     for i, pr in enumerate(prefills):
         idx = picks[i] if picks is not None else slice(None)
         step = pr.matrix(form.beta_columns)[idx] @ np.asarray([beta[t] for t in form.terms])  # no decodes
         modelled = pr.ttft_us[idx] - rtts[i] - step
         measured = pr.outside_us[idx] - rtts[i]
-        measured_any = measured_any or bool(np.any(~np.isnan(measured)))
         ys.append(np.where(np.isnan(measured), modelled, measured))
         ls.append(pr.prompt_tokens[idx])
     y, lengths = np.concatenate(ys), np.concatenate(ls)
     if y.size >= 5:
-        slope = measured_any and np.ptp(lengths) > 0
+        slope = _has_vllm_times(prefills) and np.ptp(lengths) > 0
         a = np.column_stack([np.ones(y.size), lengths])[:, : 2 if slope else 1]
         start = np.array([max(float(np.median(y)), 0.0), 0.0])[: a.shape[1]]
         sol = least_squares(
@@ -550,6 +549,11 @@ def _solve_alpha(
     if y.size:
         return (max(float(np.median(y)), 0.0), 0.0, 0.0)
     return (0.0, 0.0, 0.0)
+
+
+def _has_vllm_times(prefills: Sequence[PrefillRows]) -> bool:
+    """Whether any idle-engine request has vLLM's own queue and scheduled→first-token times."""
+    return any(np.any(~np.isnan(p.outside_us)) for p in prefills)
 
 
 def _clean(value: float) -> float:
@@ -781,7 +785,7 @@ def fit(
             "β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
             "higher rate or a closed loop)"
         )
-    if not any(np.any(~np.isnan(p.outside_us)) for p in rows.prefills):
+    if not _has_vllm_times(rows.prefills):
         result.notes.append(
             "the traces have none of vLLM's per-request queue and scheduled→first-token times (`blis observe` "
             "records them from a server started with --enable-per-request-metrics), so α1 = 0 and α0 carries "
