@@ -34,7 +34,7 @@ from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
-from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, PAST_TABLE
 from blis_cal.trace import DecodeStep, decode_steps, read_trace
 
 CONFIG = SimConfig(
@@ -211,7 +211,9 @@ def test_parameter_recovery_batch_table_form():
     line = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-floor")))
     assert abs(steps(line)[1] / steps(truth)[1] - 1) > 0.05
     plain = BlackboxModel(ALPHA, floor)
-    offsets = np.array(direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][BATCH_TABLE:])
+    offsets = np.array(
+        direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][BATCH_TABLE:PAST_TABLE]
+    )
     assert np.all(np.abs(offsets) < 0.01 * steps(plain, range(1, BATCH_TABLE_SIZES + 1)))
 
 
@@ -227,9 +229,9 @@ def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_l
         for n, extra in excess.items()
         for i in range(DECODE_STEPS_MIN)
     ]
-    table = with_batch_table(beta, [decode_step_rows(steps)])[BATCH_TABLE:]
-    assert len(table) == BATCH_TABLE_SIZES
-    assert table[:10] == (1200.0, 1200.0, 900.0, 600.0, 300.0, 0.0, -300.0, -600.0, -900.0, -1200.0)
+    *table, past = with_batch_table(beta, [decode_step_rows(steps)])[BATCH_TABLE:]
+    assert len(table) == BATCH_TABLE_SIZES and past == 0.0  # the line rises by more than 2·β1 already
+    assert table[:10] == [1200.0, 1200.0, 900.0, 600.0, 300.0, 0.0, -300.0, -600.0, -900.0, -1200.0]
     assert set(table[10:]) == {-1200.0}
     model = BlackboxModel(ALPHA, (*beta, *table))
     for n in (10, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 8):
@@ -238,7 +240,8 @@ def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_l
 
 def test_past_the_largest_batch_seen_a_step_grows_by_at_least_two_prompt_tokens_per_request():
     """A light load's line may rise more slowly than any heavier load's steps do: past the largest batch with
-    a median step, the offsets add what the line lacks of DECODE_STEP_MIN_SLOPE·β1 per decoding request."""
+    a median step, the offsets add what the line lacks of DECODE_STEP_MIN_SLOPE·β1 per decoding request, and
+    β43 adds it past the table's largest size (vLLM runs up to --max-num-seqs, 256 by default)."""
     slow = (6000.0, 600.0, 600.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # the line: 650 µs per request
     line = BlackboxModel(ALPHA, slow)
     steps = [
@@ -246,12 +249,13 @@ def test_past_the_largest_batch_seen_a_step_grows_by_at_least_two_prompt_tokens_
         for n in range(1, 7)
         for i in range(DECODE_STEPS_MIN)
     ]
-    table = with_batch_table(slow, [decode_step_rows(steps)])[BATCH_TABLE:]
+    *table, past = with_batch_table(slow, [decode_step_rows(steps)])[BATCH_TABLE:]
     extra = DECODE_STEP_MIN_SLOPE * 600.0 - 650.0
-    assert table[:6] == (0.0,) * 6
+    assert table[:6] == [0.0] * 6
     assert table[6:] == pytest.approx([extra * k for k in range(1, BATCH_TABLE_SIZES - 5)])
-    model = BlackboxModel(ALPHA, (*slow, *table))
-    for n in (7, 16, BATCH_TABLE_SIZES):
+    assert past == pytest.approx(extra)
+    model = BlackboxModel(ALPHA, (*slow, *table, past))
+    for n in (7, 16, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 1, 64):
         grown = model.decode_only_step_us(n, 100 * n) - model.decode_only_step_us(6, 600)
         assert grown == pytest.approx(DECODE_STEP_MIN_SLOPE * 600.0 * (n - 6), abs=1)
     steep = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # already past 2·β1: carried as is
@@ -259,7 +263,9 @@ def test_past_the_largest_batch_seen_a_step_grows_by_at_least_two_prompt_tokens_
     steps = [
         DecodeStep(i, line.decode_only_step_us(n, 100 * n), n, 100 * n) for n in (1, 6) for i in range(20)
     ]
-    assert with_batch_table(steep, [decode_step_rows(steps)])[BATCH_TABLE:] == (0.0,) * BATCH_TABLE_SIZES
+    assert with_batch_table(steep, [decode_step_rows(steps)])[BATCH_TABLE:] == (0.0,) * (
+        BATCH_TABLE_SIZES + 1
+    )
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():

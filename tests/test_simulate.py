@@ -172,7 +172,12 @@ def test_unknown_scheduler_lists_allowed():
         (
             (1, 2, 3),
             (1, 2, 3, *[0] * 7, -1),
-            r"beta\[10\] is -1.0; .*only beta\[11:\], offsets, may be negative",
+            r"beta\[10\] is -1.0; .*only beta\[11:43\], offsets, may be negative",
+        ),
+        (
+            (1, 2, 3),
+            (1, 2, 3, *[0] * 40, -1),
+            r"beta\[43\] is -1.0; .*only beta\[11:43\], offsets, may be negative",
         ),
     ],
 )
@@ -214,6 +219,17 @@ def test_batch_size_offsets_move_pure_decode_steps_of_that_size_only_and_never_b
         StepBatch(100, 2, 1, 2, 0, 0)
     )
     assert BlackboxModel((0, 0, 0), (*line, *[0] * 8, -5000)).decode_only_step_us(1, 0) == 0
+
+
+def test_past_the_table_a_pure_decode_step_takes_the_last_offset_and_beta43_per_request_beyond():
+    line = (1000, 0, 300)
+    table = (*[0] * 31, 700)  # β42: steps of 32 or more decoding requests
+    old = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table))  # an entry from before β43
+    grown = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table, 50))
+    plain = BlackboxModel((0, 0, 0), line)
+    for n in (32, 33, 64):
+        assert old.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) == 700
+        assert grown.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) == 700 + 50 * (n - 32)
 
 
 def test_coefficients_lookup_and_missing_triple():

@@ -120,9 +120,9 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 43 betas in simulate.latency.BETA_TERMS order; this form fits
+# The simulator's blackbox model takes up to 44 betas in simulate.latency.BETA_TERMS order; this form fits
 # β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
-# floor; β9: 0; β11-β42: blackbox-table).
+# floor; β9: 0; β11-β43: blackbox-table).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
@@ -161,7 +161,8 @@ model_forms.register("blackbox-table")(
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
         "that size over the floor form's, centred on the steps; sizes without one interpolated, past the "
         "largest seen its offset, growing by at least "
-        f"{DECODE_STEP_MIN_SLOPE:g}·β1 per request, and larger batches that of the last size), for what a line and a floor "
+        f"{DECODE_STEP_MIN_SLOPE:g}·β1 per request, and larger batches that of the last size, growing so too: "
+        f"β{BATCH_TABLE + BATCH_TABLE_SIZES} per request past {BATCH_TABLE_SIZES}), for what a line and a floor "
         "cannot follow (vLLM's CPU build runs 2 decoding requests slower than 1 or 3 and grows more slowly "
         "past 8; GPU builds pad decode batches to CUDA-graph sizes)",
         batch_table=True,
@@ -358,12 +359,13 @@ def _solve_beta(
 
 
 def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tuple[float, ...]:
-    """`beta` with β11-β42 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
+    """`beta` with β11-β43 set: for each batch size of 1..BATCH_TABLE_SIZES with median pure-decode steps in
     `decodes`, the median over traces of how much the median step exceeds what `beta` predicts, less the
     mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
     level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
     light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md). Past the
-    largest size seen, a step grows by at least DECODE_STEP_MIN_SLOPE·β1 per decoding request."""
+    largest size seen (and past the table: β43), a step grows by at least DECODE_STEP_MIN_SLOPE·β1 per decoding
+    request."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
     contexts: dict[int, list[float]] = {}  # Σ context of the size's median rows
@@ -379,24 +381,22 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
                 contexts.setdefault(n, []).append(float(context))
                 steps[n] = steps.get(n, 0) + int(count)
     if not excess:
-        return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES)
+        return (*beta[:BATCH_TABLE], *[0.0] * BATCH_TABLE_SIZES, 0.0)
     median = {n: float(np.median(values)) for n, values in excess.items()}
     centre = sum(median[n] * steps[n] for n in median) / sum(steps.values())
     # Sizes between two with medians take the offset interpolated between them, sizes past the largest (and
     # below the smallest) the offset of that one: the line's slope carries on from the last median step ...
     sizes = sorted(median)
     table = np.interp(np.arange(1, BATCH_TABLE_SIZES + 1), sizes, [median[n] - centre for n in sizes])
-    # ... but never more slowly than DECODE_STEP_MIN_SLOPE prompt tokens per decoding request.
+    # ... but never more slowly than DECODE_STEP_MIN_SLOPE prompt tokens per decoding request, past the table too.
     top = sizes[-1]
-    if top < BATCH_TABLE_SIZES:
-        per_request = float(np.median(contexts[top])) / top
-        line = model.decode_only_step_us(top + 1, round(per_request * (top + 1))) - model.decode_only_step_us(
-            top, round(per_request * top)
-        )
-        table[top:] += max(DECODE_STEP_MIN_SLOPE * beta[1] - line, 0.0) * np.arange(
-            1, BATCH_TABLE_SIZES - top + 1
-        )
-    return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table))
+    per_request = float(np.median(contexts[top])) / top
+    line = model.decode_only_step_us(top + 1, round(per_request * (top + 1))) - model.decode_only_step_us(
+        top, round(per_request * top)
+    )
+    lacking = max(DECODE_STEP_MIN_SLOPE * beta[1] - line, 0.0)
+    table[top:] += lacking * np.arange(1, BATCH_TABLE_SIZES - top + 1)
+    return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table), _clean(lacking))
 
 
 # Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the

@@ -11,7 +11,7 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
     step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·Pa + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
-                      + [P = 0]·(max(0, β8 − β7·Nd) + β(10+min(Nd, 32)) for Nd ≥ 1))
+                      + [P = 0]·(max(0, β8 − β7·Nd) + β(10+min(Nd, 32)) + β43·max(0, Nd − 32) for Nd ≥ 1))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
@@ -23,14 +23,15 @@ decode requests (per-sequence overheads); the β7/β8 term is a floor under pure
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
 compute-bound and pays every decode in full. β11–β42, the only terms that may be negative, are offsets of
-pure-decode steps of 1–32 requests (larger ones take the offset of 32): what a line and a floor cannot follow
+pure-decode steps of 1–32 requests (larger ones take the offset of 32, and β43 more per request past 32: the
+table's growth carried on): what a line and a floor cannot follow
 (vLLM's CPU build runs a step of 2 decoding requests ~1.4 ms slower than one of 1 or 3, and its steps grow
 more slowly past 8 than a line through the smaller ones; on GPUs vLLM pads decode batches to CUDA-graph
 sizes).
 β9 defaults to β4 when an entry has fewer than ten betas (shared
 tokens then cost what any context token does, as before the term existed); β10 is 0 when an entry has fewer
 than eleven, the offsets are 0 where an entry has none (entries of the fifteenth and sixteenth sessions
-have eight).
+have eight), and β43 is 0 where an entry has 43 or fewer (past 32 requests a step grows by the line alone).
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ BETA_TERMS = (
     "shared_context_tokens",
     "prefill_attention_pairs",
     *(f"pure_decode_step_of_{n}" for n in range(1, BATCH_TABLE_SIZES + 1)),
+    f"pure_decode_growth_past_{BATCH_TABLE_SIZES}",
 )
-BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42: the only signed coefficients
+BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42
+OFFSET_TERMS = range(BATCH_TABLE, BATCH_TABLE + BATCH_TABLE_SIZES)  # the only signed coefficients
+PAST_TABLE = BATCH_TABLE + BATCH_TABLE_SIZES  # β43
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -136,10 +140,10 @@ def check_coefficients(
     values: tuple[float, ...] | list[float],
     min_len: int,
     max_len: int,
-    signed_from: int | None = None,
+    signed: range = range(0),
 ) -> tuple[float, ...]:
-    """Finite, non-negative (but those from index `signed_from` on), right count; raises ConfigError naming
-    the offending value."""
+    """Finite, non-negative (but those at indices in `signed`), right count; raises ConfigError naming the
+    offending value."""
     values = tuple(float(v) for v in values)
     if not min_len <= len(values) <= max_len:
         want = str(min_len) if min_len == max_len else f"{min_len} to {max_len}"
@@ -147,12 +151,12 @@ def check_coefficients(
     for i, v in enumerate(values):
         if not math.isfinite(v):
             raise ConfigError(f"{name}[{i}] is {v}; coefficients must be finite numbers")
-        if v < 0 and (signed_from is None or i < signed_from):
-            signed = (
-                "" if signed_from is None else f" (only {name}[{signed_from}:], offsets, may be negative)"
+        if v < 0 and i not in signed:
+            which = (
+                f" (only {name}[{signed.start}:{signed.stop}], offsets, may be negative)" if signed else ""
             )
             raise ConfigError(
-                f"{name}[{i}] is {v}; coefficients must be >= 0{signed}: times cannot be negative"
+                f"{name}[{i}] is {v}; coefficients must be >= 0{which}: times cannot be negative"
             )
     return values
 
@@ -165,7 +169,7 @@ class BlackboxModel(LatencyModel):
 
     def __init__(self, alpha: tuple[float, ...] | list[float], beta: tuple[float, ...] | list[float]) -> None:
         self.alpha = check_coefficients("alpha", alpha, 3, 3)
-        self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS), signed_from=BATCH_TABLE)
+        self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS), signed=OFFSET_TERMS)
         b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
         # Without β9 a shared prefix token costs what any context token does (β4): entries from before it.
         self._b = b if len(self.beta) > 9 else (*b[:9], b[4], *b[10:])
@@ -204,8 +208,10 @@ class BlackboxModel(LatencyModel):
 
     def _pure_decode_us(self, num_decode: int) -> float:
         """What a step without prefill adds: the floor, and the offset of its batch size."""
-        offset = self._b[BATCH_TABLE + min(num_decode, BATCH_TABLE_SIZES) - 1] if num_decode >= 1 else 0.0
-        return max(0.0, self._b[8] - self._b[7] * num_decode) + offset
+        b = self._b
+        offset = b[BATCH_TABLE + min(num_decode, BATCH_TABLE_SIZES) - 1] if num_decode >= 1 else 0.0
+        past = b[PAST_TABLE] * max(num_decode - BATCH_TABLE_SIZES, 0)
+        return max(0.0, b[8] - b[7] * num_decode) + offset + past
 
     def _context_us(self, context: int, shared: int) -> float:
         """β4 per context token of the decoding requests, β9 instead for the shared ones past their first."""
