@@ -24,6 +24,7 @@ from blis_cal.calibrate.fit import (
     LIGHT_LOAD_BATCH,
     PAIRS,
     PAIRS_MAX_SHIFT,
+    UNMEASURED_CACHED_PAIR_SHARE,
     _collect,
     _solve_columns,
     floor_of,
@@ -86,9 +87,30 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     ]
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
-    assert_within(fitted, beta)
+    assert_within(fitted[:11], beta)
+    assert fitted[11:44] == (0.0,) * 33 and fitted[44] == fitted[10]  # hits measured: cached pairs at β10
     result = fit(traces, model_form="blackbox-ctx", bootstrap=0, max_evaluations=0)
     assert not any("prefill attention" in note or "cached" in note for note in result.notes)
+
+
+def test_without_prefix_hits_a_pair_with_a_cached_token_is_priced_at_the_measured_share():
+    """Traces with no prefix-cache hits measure β10 on pairs within prompts only, which fits that saw both
+    measured dearer than pairs with cached tokens: β44 = UNMEASURED_CACHED_PAIR_SHARE·β10, with a note; the
+    simulator then prices a prompt behind a cached prefix that way."""
+    beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.005)
+    traces = [
+        NamedTrace(
+            "plain",
+            simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, BlackboxModel(ALPHA, beta)),
+        )
+    ]
+    for form in ("blackbox-ctx", "blackbox-table"):
+        fitted = direct_estimate(traces, model_forms.get(form))[1]
+        assert len(fitted) == len(BETA_TERMS) and fitted[10] > 0
+        assert fitted[44] == pytest.approx(UNMEASURED_CACHED_PAIR_SHARE * fitted[10])
+    result = fit(traces, model_form="blackbox-ctx", bootstrap=0, max_evaluations=0)
+    assert any(f"{UNMEASURED_CACHED_PAIR_SHARE:g} of a pair within a prompt" in note for note in result.notes)
+    assert len(direct_estimate(traces, model_forms.get("blackbox"))[1]) == 3  # BLIS's 3+3 layout kept
 
 
 def test_a_cached_token_is_not_priced_twice_where_pairs_are_priced(trace_a, trace_c):
@@ -177,7 +199,7 @@ def test_parameter_recovery_floor_form(per_short):
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-floor"))
     assert floor_of(fitted) == 4
     assert_within(alpha, ALPHA)
-    for got, want in zip(fitted, beta, strict=True):
+    for got, want in zip(fitted[:11], beta, strict=True):
         assert got == pytest.approx(want, rel=0.02, abs=1.0)  # µs: β5 may take a fraction of a µs
     plain = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
     assert plain[6:9] == (0.0, 0.0, 0.0)
@@ -515,11 +537,15 @@ def test_cli_extended_form_is_reported_beside_3_plus_3(tmp_path, trace_c):
     proc = CliRunner().invoke(app, args)
     assert proc.exit_code == 0, proc.output
     entry = yaml.safe_load(out.read_text())["models"][0]
-    assert len(entry["beta_coeffs"]) == 11 and entry["fit"]["model_form"] == "blackbox-ctx"
+    beta = entry["beta_coeffs"]
+    assert len(beta) == len(BETA_TERMS) and entry["fit"]["model_form"] == "blackbox-ctx"
+    assert (
+        beta[11:44] == [0.0] * 33 and beta[44] == beta[10]
+    )  # no offsets; C's hits price cached pairs at β10
     data = json.loads(rep.read_text())
     assert len(data["baseline_3plus3"]["beta"]) == 3
     assert data["baseline_3plus3"]["summary_rows"][0]["trace"] == "C_prefix_1.0"
-    # The 6-beta entry replays through the simulator's blackbox model.
+    # The entry replays through the simulator's blackbox model.
     proc = CliRunner().invoke(
         app, ["validate", str(trace_c), "--coeffs", str(out), "--model", "tiny", "--gpu", "cpu"]
     )

@@ -65,6 +65,20 @@ def test_prefix_hit_only_full_blocks():
     assert rb.ttft_us == 100 + (50 - 32)  # only the uncached tokens are prefilled
 
 
+def test_pairs_with_prefix_hits_cost_beta44_those_within_the_new_tokens_beta10():
+    # b's 18 new tokens after a 32-token hit: 18·32 = 576 pairs with cached tokens, 18·17/2 = 153 among themselves.
+    shared = (("prefix:g", 40),)
+    a = req(0, 0, 50, 1, (*shared, ("req:0", 10)))
+    b = req(1, 10**6, 50, 1, (*shared, ("req:1", 10)))
+    line = (100, 1, 1, 0, 0, 0, 0, 0, 0, 0, 1.0)
+    old = simulate([a, b], SimConfig(block_size=16), BlackboxModel((0, 0, 0), line)).results[1]
+    new = simulate(
+        [a, b], SimConfig(block_size=16), BlackboxModel((0, 0, 0), (*line, *[0] * 33, 0.25))
+    ).results[1]
+    assert old.ttft_us == 100 + 18 + (576 + 153)  # an entry without β44 prices every pair at β10
+    assert new.ttft_us == 100 + 18 + 153 + 576 // 4
+
+
 def test_full_prompt_hit_recomputes_last_token():
     # vLLM: at most num_tokens − 1 tokens hit, so a 32-token prompt seen before hits one block, not two.
     same = (("doc", 32),)

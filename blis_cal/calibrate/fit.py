@@ -52,7 +52,13 @@ from blis_cal.calibrate.features import (
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
-from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BlackboxModel
+from blis_cal.simulate.latency import (
+    BATCH_TABLE,
+    BATCH_TABLE_SIZES,
+    CACHED_PAIRS_TERM,
+    PAIRS_TERM,
+    BlackboxModel,
+)
 from blis_cal.stats import percentile
 from blis_cal.trace import Trace, ok_records
 
@@ -62,8 +68,13 @@ PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 # widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
 # 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). Each of days 8-13 moved β1 3-10 %.
 PAIRS_MAX_SHIFT = 0.15
+# Where the fit's traces have no prefix-cache hits, a pair of a prompt token with a cached one costs this share
+# of a pair within a prompt (β44 = share·β10; with hits, the fit prices both at β10). Fits that priced the two
+# apart (24 days' a08 + prefix10 pairs) put it at 0.30-1.15, median 0.5; priced at a whole pair, the prefix
+# captures of days 29-32 came out 15-23 % over in TTFT when left out (docs/accuracy.md, twenty-sixth session).
+UNMEASURED_CACHED_PAIR_SHARE = 0.5
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
-TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: 10}
+TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: PAIRS_TERM}
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,7 @@ class ModelForm:
 
     def full_beta(self, solved: Sequence[float], floor: int = 0) -> tuple[float, ...]:
         """The β tuple from the solved column coefficients (and the floor in decoding requests). Forms with
-        decode context write β0-β10 (the offsets β11-β42: `with_batch_table`), β9 = 0: a prefix block several
+        decode context write β0-β10 (β11-β43: `with_batch_table`; β44: `_with_cached_pairs`), β9 = 0: a prefix block several
         decoding requests share is read once per step (the features count it once, as the simulator's KV cache
         holds it once)."""
         beta = [0.0] * (BATCH_TABLE if "Dctx" in self.beta_columns else max(self.terms) + 1)
@@ -120,9 +131,9 @@ model_forms.register("blackbox")(
         "BLIS 3+3: step = β0 + β1·prefill tokens + β2·decode tokens",
     )
 )
-# The simulator's blackbox model takes up to 44 betas in simulate.latency.BETA_TERMS order; this form fits
+# The simulator's blackbox model takes up to 45 betas in simulate.latency.BETA_TERMS order; this form fits
 # β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
-# floor; β9: 0; β11-β43: blackbox-table).
+# floor; β9: 0; β11-β43: blackbox-table; β44 from β10: `_with_cached_pairs`).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
@@ -130,8 +141,9 @@ model_forms.register("blackbox-ctx")(
         ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (a prefix block several running "
         "requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
-        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%}); "
-        "β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
+        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%}), "
+        "those of a prompt token with a prefix-cache hit at β44 (β10 where the traces have hits, else "
+        f"{UNMEASURED_CACHED_PAIR_SHARE:g}·β10); β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
         decode_pays_prefill=True,
     )
 )
@@ -434,6 +446,36 @@ def _prices_pairs(
     return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
 
 
+def _with_cached_pairs(
+    form: ModelForm,
+    beta: tuple[float, ...],
+    windows: Sequence[WindowRows],
+    steps: Sequence[StepRows],
+    picks: Sequence[np.ndarray] | None = None,
+    step_picks: Sequence[np.ndarray] | None = None,
+) -> tuple[float, ...]:
+    """`beta` with β44, the price of a prefill's pair with a prefix-cache hit, in forms that price attention
+    pairs: β10 where the (picked) rows have hits (the fit priced those pairs with the others), else
+    UNMEASURED_CACHED_PAIR_SHARE·β10 (β10 measured on attention within prompts only)."""
+    if PAIRS not in form.beta_columns:
+        return beta
+    share = 1.0 if _measured("Pctx", windows, steps, picks, step_picks) else UNMEASURED_CACHED_PAIR_SHARE
+    return (*beta, *[0.0] * (CACHED_PAIRS_TERM - len(beta)), share * beta[PAIRS_TERM])
+
+
+def _measured(
+    column: str,
+    windows: Sequence[WindowRows],
+    steps: Sequence[StepRows],
+    picks: Sequence[np.ndarray] | None,
+    step_picks: Sequence[np.ndarray] | None,
+) -> bool:
+    """Whether any (picked) request window or observed step has `column` non-zero."""
+    rows = [(w, None if picks is None else picks[i]) for i, w in enumerate(windows)]
+    rows += [(s, None if step_picks is None else step_picks[i]) for i, s in enumerate(steps)]
+    return any(r.features[column][slice(None) if idx is None else idx].any() for r, idx in rows)
+
+
 def _lifts(decodes: Sequence[StepRows], k: int, per_request: float) -> bool:
     """Whether a floor at `k` requests costing `per_request` (β7) for each one short of it adds FLOOR_MIN_LIFT
     to the median pure-decode step of the fewest decoding requests in `decodes` (the least over traces)."""
@@ -569,7 +611,9 @@ def direct_estimate(
 
 
 def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
-    beta = _solve_beta(form, rows.windows, rows.steps, rows.decodes)
+    beta = _with_cached_pairs(
+        form, _solve_beta(form, rows.windows, rows.steps, rows.decodes), rows.windows, rows.steps
+    )
     return _solve_alpha(form, beta, rows.prefills, rows.rtts), beta
 
 
@@ -620,7 +664,14 @@ def _bootstrap(
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
-        beta = _solve_beta(form, windows, steps, decodes, picks, step_picks, start)
+        beta = _with_cached_pairs(
+            form,
+            _solve_beta(form, windows, steps, decodes, picks, step_picks, start),
+            windows,
+            steps,
+            picks,
+            step_picks,
+        )
         alpha = _solve_alpha(form, beta, prefills, rtts, pre_picks)
         out.append((*alpha, *beta))
     return np.asarray(out, dtype=float)
@@ -682,7 +733,10 @@ def refined_coefficients(base: np.ndarray, theta: Sequence[float], form: ModelFo
     c = np.asarray(base, dtype=float).copy()
     c[0] = max(c[0] + ALPHA0_STEP_US * theta[1], 0.0)
     c[3:] *= np.exp(theta[0])
-    c[[3 + TERM_OF_COLUMN[col] for col in form.beta_columns if col in PREFILL_COLUMNS]] *= np.exp(theta[2])
+    terms = [TERM_OF_COLUMN[col] for col in form.beta_columns if col in PREFILL_COLUMNS]
+    if PAIRS in form.beta_columns:
+        terms.append(CACHED_PAIRS_TERM)  # β44 moves with β10
+    c[[3 + t for t in terms]] *= np.exp(theta[2])
     if form.decode_pays_prefill:
         c[3 + 2] = max(c[3 + 2], c[3 + 1])
     return c
@@ -799,15 +853,14 @@ def fit(
             f"{PAIRS_MAX_SHIFT:.0%}); prompts much longer than the fit's are predicted at their per-token price, "
             "so to price it, fit with prompts of widely different lengths too"
         )
-    if "Pctx" in form.beta_columns and not any(
-        r.features["Pctx"].any() for r in (*rows.windows, *rows.steps)
-    ):
+    if "Pctx" in form.beta_columns and not _measured("Pctx", rows.windows, rows.steps, None, None):
         pairs_priced = PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] > 0
         result.notes.append(
             "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
             + (
-                ": they are priced as attention within a prompt (β10 per pair), which measured dearer per pair "
-                "than attention to cached tokens on vLLM's CPU build"
+                f": a pair of a prompt token with a cached one is priced at {UNMEASURED_CACHED_PAIR_SHARE:g} of a pair "
+                f"within a prompt (β44 = {UNMEASURED_CACHED_PAIR_SHARE:g}·β10), the median of what fits that measured "
+                "both found on vLLM's CPU build (0.3-1.15)"
                 if pairs_priced
                 else " and they are priced at 0 (β3 = 0): prompts behind a cached prefix are predicted too fast"
             )

@@ -10,12 +10,13 @@ Models are a registry (`latency_models`); the CLI's `--latency-model` values com
 "blackbox" (BLIS α/β, blis-formats.md §7), with P = prefill tokens computed in the step after prefix-cache
 hits and D = decode tokens in the step:
     queue delay = int(α0 + α1·input_len)      output delay = int(α2)
-    step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·Pa + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
+    step time   = int(β0 + β1·P + β2·D + β3·Cp + β10·(Pa − Ph) + β44·Ph + β4·(Cd − Cs) + β9·Cs + β5·Np + β6·Nd
                       + [P = 0]·(max(0, β8 − β7·Nd) + β(10+min(Nd, 32)) + β43·max(0, Nd − 32) for Nd ≥ 1))
 where the terms beyond β2 are ours (BLIS's published entries have three betas and these default to 0):
 Cp = prefill_context_tokens (tokens already in the KV cache before each prefill chunk: attention over the
 cached prefix), Pa = prefill_attention_pairs (Σ over prefill chunks of the (query, key) pairs their causal
-attention computes, `attention_pairs`: the cost growing with the square of a prompt), Cd =
+attention computes, `attention_pairs`: the cost growing with the square of a prompt), Ph =
+prefill_cached_pairs (those of Pa pairing a chunk's tokens with its request's prefix-cache hits), Cd =
 decode_context_tokens (Σ context length of the decoding requests: attention reads), Cs =
 shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the first
 holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
@@ -31,7 +32,8 @@ sizes).
 β9 defaults to β4 when an entry has fewer than ten betas (shared
 tokens then cost what any context token does, as before the term existed); β10 is 0 when an entry has fewer
 than eleven, the offsets are 0 where an entry has none (entries of the fifteenth and sixteenth sessions
-have eight), and β43 is 0 where an entry has 43 or fewer (past 32 requests a step grows by the line alone).
+have eight), β43 is 0 where an entry has 43 or fewer (past 32 requests a step grows by the line alone), and
+β44 is β10 where an entry has 44 or fewer (a pair with a cached token costs what any pair does).
 """
 
 from __future__ import annotations
@@ -59,10 +61,13 @@ BETA_TERMS = (
     "prefill_attention_pairs",
     *(f"pure_decode_step_of_{n}" for n in range(1, BATCH_TABLE_SIZES + 1)),
     f"pure_decode_growth_past_{BATCH_TABLE_SIZES}",
+    "prefill_cached_pairs",
 )
 BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42
 OFFSET_TERMS = range(BATCH_TABLE, BATCH_TABLE + BATCH_TABLE_SIZES)  # the only signed coefficients
 PAST_TABLE = BATCH_TABLE + BATCH_TABLE_SIZES  # β43
+PAIRS_TERM = BETA_TERMS.index("prefill_attention_pairs")  # β10
+CACHED_PAIRS_TERM = BETA_TERMS.index("prefill_cached_pairs")  # β44
 
 
 def attention_pairs(new_tokens: int, cached_tokens: int) -> int:
@@ -84,6 +89,8 @@ class StepBatch:
     prefill_attention_pairs: int = 0
     # KV tokens in blocks several running requests hold (prefix-cache hits), counted past the first holder.
     shared_context_tokens: int = 0
+    # Of prefill_attention_pairs, those of a chunk's tokens with its request's prefix-cache hits.
+    prefill_cached_pairs: int = 0
 
 
 @dataclass
@@ -170,9 +177,14 @@ class BlackboxModel(LatencyModel):
     def __init__(self, alpha: tuple[float, ...] | list[float], beta: tuple[float, ...] | list[float]) -> None:
         self.alpha = check_coefficients("alpha", alpha, 3, 3)
         self.beta = check_coefficients("beta", beta, 3, len(BETA_TERMS), signed=OFFSET_TERMS)
-        b = self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta))
-        # Without β9 a shared prefix token costs what any context token does (β4): entries from before it.
-        self._b = b if len(self.beta) > 9 else (*b[:9], b[4], *b[10:])
+        b = list(self.beta + (0.0,) * (len(BETA_TERMS) - len(self.beta)))
+        # Entries from before a term: a shared prefix token costs what any context token does (β9 = β4), a
+        # pair with a cached token what any pair does (β44 = β10).
+        if len(self.beta) <= 9:
+            b[9] = b[4]
+        if len(self.beta) <= CACHED_PAIRS_TERM:
+            b[CACHED_PAIRS_TERM] = b[PAIRS_TERM]
+        self._b = tuple(b)
         self._out = int(self.alpha[2])
 
     def queue_delay_us(self, input_len: int) -> int:
@@ -185,7 +197,8 @@ class BlackboxModel(LatencyModel):
             + b[1] * batch.num_prefill_tokens
             + b[2] * batch.num_decode_tokens
             + b[3] * batch.prefill_context_tokens
-            + b[10] * batch.prefill_attention_pairs
+            + b[PAIRS_TERM] * (batch.prefill_attention_pairs - batch.prefill_cached_pairs)
+            + b[CACHED_PAIRS_TERM] * batch.prefill_cached_pairs
             + self._context_us(batch.decode_context_tokens, batch.shared_context_tokens)
             + b[5] * batch.num_prefill_reqs
             + b[6] * batch.num_decode_reqs

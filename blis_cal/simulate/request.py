@@ -48,6 +48,7 @@ class ReqState:
         "instance",
         "lazy_base",
         "num_computed",
+        "num_hit",
         "num_output",
         "num_preemptions",
         "output_len",
@@ -74,6 +75,7 @@ class ReqState:
         self.private_from = NEVER_PRIVATE
         self.num_preemptions = 0
         self.cached_tokens = -1  # prefix-cache hit at first admission; -1 = not admitted yet
+        self.num_hit = 0  # prefix-cache hit at its latest admission (after a preemption: its own blocks too)
         self.instance = -1
         self.queued_us = -1
         self.scheduled_us = -1
