@@ -70,8 +70,8 @@ PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 PAIRS_MAX_SHIFT = 0.15
 # Where the fit's traces have no prefix-cache hits, a pair of a prompt token with a cached one costs this share
 # of a pair within a prompt (β44 = share·β10; with hits, the fit prices both at β10). Fits that priced the two
-# apart (24 days' a08 + prefix10 pairs) put it at 0.30-1.15, median 0.5; priced at a whole pair, the prefix
-# captures of days 29-32 came out 15-23 % over in TTFT when left out (docs/accuracy.md, twenty-sixth session).
+# apart (17 days' a08 + prefix10 pairs) put it at 0.30-1.15, median 0.46; priced at a whole pair, the prefix
+# captures of days 9-32 came out 15-25 % over in TTFT when left out (docs/accuracy.md, twenty-sixth session).
 UNMEASURED_CACHED_PAIR_SHARE = 0.5
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
 TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: PAIRS_TERM}
@@ -859,8 +859,8 @@ def fit(
             "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
             + (
                 f": a pair of a prompt token with a cached one is priced at {UNMEASURED_CACHED_PAIR_SHARE:g} of a pair "
-                f"within a prompt (β44 = {UNMEASURED_CACHED_PAIR_SHARE:g}·β10), the median of what fits that measured "
-                "both found on vLLM's CPU build (0.3-1.15)"
+                f"within a prompt (β44 = {UNMEASURED_CACHED_PAIR_SHARE:g}·β10), about the median of what fits that "
+                "measured both found on vLLM's CPU build (0.30-1.15)"
                 if pairs_priced
                 else " and they are priced at 0 (β3 = 0): prompts behind a cached prefix are predicted too fast"
             )
