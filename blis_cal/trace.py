@@ -981,6 +981,10 @@ class SpeedDrift:
     drift: float
     steps: int
     series: tuple[tuple[int, float], ...] = ()  # (time µs, step ÷ typical step) per step, for plots
+    # The typical step's price per context token (µs), and what measures it: Σ over the steps of (context −
+    # the mean context of its batch size)². A fit over several runs weighs each run's price by it.
+    context_us: float = 0.0
+    context_spread: float = 0.0
 
 
 def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> SpeedDrift | None:
@@ -1022,8 +1026,15 @@ def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> S
     ratios = y / typical
     parts = tuple(float(np.median(ratios[i * size : (i + 1) * size])) for i in range(DRIFT_PARTS))
     series = tuple(zip((s.time_us for s in kept), ratios.tolist(), strict=True))
+    batch_mean = (x[:, :-1].T @ x[:, -1]) / x[:, :-1].sum(axis=0)
+    spread = float(np.sum((x[:, -1] - x[:, :-1] @ batch_mean) ** 2))
     return SpeedDrift(
-        tuple(round(p, 4) for p in parts), round(max(parts) / min(parts) - 1, 4), len(kept), series
+        tuple(round(p, 4) for p in parts),
+        round(max(parts) / min(parts) - 1, 4),
+        len(kept),
+        series,
+        float(coef[-1]),
+        spread,
     )
 
 

@@ -27,6 +27,8 @@ from blis_cal.calibrate.fit import (
     UNMEASURED_CACHED_PAIR_SHARE,
     _collect,
     _solve_columns,
+    bootstrap_coefficients,
+    decode_context_price,
     floor_of,
     refined_coefficients,
     with_batch_table,
@@ -133,15 +135,41 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     traces = [NamedTrace("A", read_trace(trace_a))]
     rows = _collect(traces, None)
     ctx = model_forms.get("blackbox-ctx")
-    tie = ctx.decode_pays_prefill
-    free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=tie)[0]
-    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie)[0]
+    tie, fixed = ctx.decode_pays_prefill, {"Dctx": decode_context_price(rows.context_prices)}
+    free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[0]
+    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[
+        0
+    ]
     assert free[ctx.beta_columns.index(PAIRS)] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
     result = fit(traces, model_form="blackbox-floor", bootstrap=0, max_evaluations=0)
     assert any("prefill attention is not priced" in note for note in result.notes)
+
+
+def test_decode_context_is_priced_from_pure_decode_steps_of_one_batch_size():
+    """β4 is the traces' typical-step price per context token (`SpeedDrift.context_us`: steps of one batch size
+    compared with each other), weighted by how widely each trace's contexts spread; bootstrap replicates take
+    it over the traces they draw, so its interval spans the traces' prices."""
+    assert decode_context_price([(1.0, 1.0), (3.0, 3.0)]) == 2.5
+    assert decode_context_price([(5.0, 0.0)]) is None and decode_context_price([]) is None
+    beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0)
+    traces = [
+        NamedTrace(
+            f"r{rate}",
+            simulated_trace(poisson_requests(150, rate, seed=seed), CONFIG, BlackboxModel(ALPHA, beta)),
+        )
+        for rate, seed in ((6.0, 3), (3.0, 5))
+    ]
+    drifts = [t.diagnostics().drift for t in traces]
+    prices = [d.context_us for d in drifts if d]
+    assert len(prices) == 2 and all(d.context_spread > 0 for d in drifts if d)
+    fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
+    assert fitted[4] == decode_context_price([(d.context_us, d.context_spread) for d in drifts if d])
+    assert fitted[4] == pytest.approx(beta[4], rel=0.02)
+    boot = bootstrap_coefficients(traces, model_forms.get("blackbox-ctx"), replicates=20)[:, 3 + 4]
+    assert min(prices) - 1e-9 <= boot.min() and boot.max() <= max(prices) + 1e-9
 
 
 def test_a_decode_token_costs_at_least_a_prompt_token_in_forms_that_price_attention_apart():
@@ -330,7 +358,8 @@ def test_a_fit_without_cached_prompt_tokens_says_their_price_is_unmeasured():
     trace = simulated_trace(poisson_requests(150, 1.0, seed=10), CONFIG, BlackboxModel(ALPHA, BETA))
     extended = fit([NamedTrace("plain", trace)], model_form="blackbox-table", bootstrap=0, max_evaluations=0)
     assert extended.beta[3] == 0.0
-    assert sum("β3 = 0" in note for note in extended.notes) == 1
+    notes = [n for n in extended.notes if "nothing measured what a prefill's cached tokens cost" in n]
+    assert len(notes) == 1 and ("β3 = 0" in notes[0]) == (extended.beta[10] == 0.0)
     plain = fit([NamedTrace("plain", trace)], bootstrap=0, max_evaluations=0)  # the library's default: 3+3
     assert not any("β3" in note for note in plain.notes)  # 3+3 has no cached-context term to leave unpriced
 

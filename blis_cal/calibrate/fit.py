@@ -283,6 +283,7 @@ class _Rows:
     prefills: list[PrefillRows]
     rtts: list[int]
     decodes: list[StepRows]  # per batch size, median pure-decode steps (floor forms fit on them too)
+    context_prices: list[tuple[float, float]]  # per trace, its typical decode step's price per context token
 
 
 def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
@@ -309,7 +310,21 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
             f"({sum(len(w.itl_us) for w in windows)} in {', '.join(t.name for t in traces)}; need >= 3)"
         )
     decodes = [decode_step_rows(nt.diagnostics().steps) for nt in traces]  # the steps, worked out once
-    return _Rows(windows, steps, prefills, rtts, decodes)
+    drifts = [nt.diagnostics().drift for nt in traces]
+    prices = [(d.context_us, d.context_spread) if d else (0.0, 0.0) for d in drifts]
+    return _Rows(windows, steps, prefills, rtts, decodes, prices)
+
+
+def decode_context_price(prices: Sequence[tuple[float, float]]) -> float | None:
+    """β4, the price of a context token in a decode step, from the traces' (price, spread) pairs
+    (`SpeedDrift.context_us`, `.context_spread`): the mean weighted by spread, None when no trace measures it.
+
+    Each trace's price compares its pure-decode steps of one batch size with each other, so load, batch size
+    and prefills do not enter it. Solved with β2 from request windows, where every request has a few hundred
+    tokens of context, β4 traded against β2: 0.5-3.1 µs per token in the a08 + prefix10 fits of twelve days
+    whose steps measured 0.6-2.0 (docs/accuracy.md, twenty-seventh session)."""
+    weight = sum(spread for _, spread in prices)
+    return sum(price * spread for price, spread in prices) / weight if weight > 0 else None
 
 
 def floor_of(beta: Sequence[float]) -> int:
@@ -325,23 +340,32 @@ def _solve_beta(
     picks: Sequence[np.ndarray] | None = None,
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
+    context_price: float | None = None,
 ) -> tuple[float, ...]:
-    """The form's β (BETA_TERMS order). A floor form tries every floor `_supported_floors` allows, fitting the
-    `decodes` medians too (request windows average a floor away), and keeps the one that fits best if it
-    beats no floor by FLOOR_MIN_GAIN, or keeps the floor of `start` (bootstrap replicates)."""
+    """The form's β (BETA_TERMS order), β4 at `context_price` when given (`decode_context_price`). A floor
+    form tries every floor `_supported_floors` allows, fitting the `decodes` medians too (request windows
+    average a floor away), and keeps the one that fits best if it beats no floor by FLOOR_MIN_GAIN, or keeps
+    the floor of `start` (bootstrap replicates)."""
     if form.batch_table:
         plain = replace(form, batch_table=False)
         return with_batch_table(
-            _solve_beta(plain, windows, steps, decodes, picks, step_picks, start), decodes
+            _solve_beta(plain, windows, steps, decodes, picks, step_picks, start, context_price), decodes
         )
-    if PAIRS in form.beta_columns and not _prices_pairs(form, windows, steps, picks, step_picks, start):
-        return _solve_beta(form.without(PAIRS), windows, steps, decodes, picks, step_picks, start)
+    fixed = {"Dctx": context_price} if context_price is not None else {}
+    if PAIRS in form.beta_columns and not _prices_pairs(
+        form, windows, steps, picks, step_picks, start, fixed
+    ):
+        return _solve_beta(
+            form.without(PAIRS), windows, steps, decodes, picks, step_picks, start, context_price
+        )
     if PAIRS in form.beta_columns and "Pctx" in form.beta_columns:
         # Priced pairs include each prompt token's with every cached one (n·c): a price per cached token on top
         # would count them twice, and where cached prefixes are all one length it is a per-prefill constant.
-        return _solve_beta(form.without("Pctx"), windows, steps, decodes, picks, step_picks, start)
+        return _solve_beta(
+            form.without("Pctx"), windows, steps, decodes, picks, step_picks, start, context_price
+        )
     warm = None if start is None else [start[t] for t in form.terms]
-    solve = partial(_solve_columns, tie=form.decode_pays_prefill)
+    solve = partial(_solve_columns, tie=form.decode_pays_prefill, fixed=fixed)
     if not form.floor:
         return form.full_beta(solve(form.beta_columns, windows, steps, picks, step_picks, warm)[0])
     # The medians are aggregates already: kept whole in bootstrap replicates.
@@ -433,6 +457,7 @@ def _prices_pairs(
     picks: Sequence[np.ndarray] | None,
     step_picks: Sequence[np.ndarray] | None,
     start: Sequence[float] | None,
+    fixed: dict[str, float],
 ) -> bool:
     """Whether the fit prices prefill attention pairs (β10): as `start` did (bootstrap replicates), else when
     pricing them moves β1 by at most PAIRS_MAX_SHIFT (fitted on the form's columns, without a floor)."""
@@ -440,7 +465,7 @@ def _prices_pairs(
         return start[TERM_OF_COLUMN[PAIRS]] > 0
     plain = form.without(PAIRS).beta_columns
     p = form.beta_columns.index("P")
-    solve = partial(_solve_columns, tie=form.decode_pays_prefill)
+    solve = partial(_solve_columns, tie=form.decode_pays_prefill, fixed=fixed)
     with_pairs = solve(form.beta_columns, windows, steps, picks, step_picks)[0][p]
     without = solve(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
     return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
@@ -503,10 +528,12 @@ def _solve_columns(
     step_picks: Sequence[np.ndarray] | None = None,
     start: Sequence[float] | None = None,
     tie: bool = False,
+    fixed: dict[str, float] | None = None,
 ) -> tuple[tuple[float, ...], float]:
     """Coefficients ≥ 0 of `columns` minimising relative errors of every request's mean ITL and of every
     observed prefill step, and the robust cost they reach; with `tie`, the "D" coefficient is at least the
     "P" one (solved as "P" on prompt + decode tokens and "D" for the rest: ModelForm.decode_pays_prefill).
+    Columns in `fixed` keep the given coefficient (their part of each row is not solved for).
 
     Robust (soft-L1 on log ratios): a step whose burst boundary was misread (events of one step split across
     two network reads) gives a wild relative error that must not steer the fit.
@@ -523,6 +550,9 @@ def _solve_columns(
     x, y = np.vstack(mats), np.concatenate(ys)
     keep = y > 0
     a = x[keep] / y[keep, None]
+    held = {columns.index(c): v for c, v in (fixed or {}).items() if c in columns}
+    given = a[:, list(held)] @ np.asarray(list(held.values())) if held else np.zeros(len(a))
+    a[:, list(held)] = 0.0  # unused below: solved as the rest of each row's time
     if tie:
         ip, idd = columns.index("P"), columns.index("D")
         a[:, ip] += a[:, idd]
@@ -532,15 +562,13 @@ def _solve_columns(
     used = scale > 0
     if start is None:
         first = np.zeros(a.shape[1])
-        first[used] = (
-            lsq_linear(a[:, used] / scale[used], np.ones(a.shape[0]), bounds=(0.0, np.inf)).x / scale[used]
-        )
+        first[used] = lsq_linear(a[:, used] / scale[used], 1.0 - given, bounds=(0.0, np.inf)).x / scale[used]
     else:  # warm start (bootstrap replicates start from the point estimate)
         first = np.asarray(start, dtype=float)
     a_used = a[:, used]
     # Log-ratio residuals: a misread step (tiny observed duration) costs a bounded, y-independent gradient.
     sol = least_squares(
-        lambda b: np.log(np.maximum(a_used @ b, 1e-3)),
+        lambda b: np.log(np.maximum(a_used @ b + given, 1e-3)),
         first[used],
         bounds=(0.0, np.inf),
         loss="soft_l1",
@@ -549,6 +577,7 @@ def _solve_columns(
     )
     beta = np.zeros(a.shape[1])
     beta[used] = sol.x
+    beta[list(held)] = list(held.values())
     if tie:
         beta[idd] += beta[ip]
     return tuple(_clean(v) for v in beta), float(sol.cost)
@@ -611,8 +640,12 @@ def direct_estimate(
 
 
 def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
+    price = decode_context_price(rows.context_prices)
     beta = _with_cached_pairs(
-        form, _solve_beta(form, rows.windows, rows.steps, rows.decodes), rows.windows, rows.steps
+        form,
+        _solve_beta(form, rows.windows, rows.steps, rows.decodes, context_price=price),
+        rows.windows,
+        rows.steps,
     )
     return _solve_alpha(form, beta, rows.prefills, rows.rtts), beta
 
@@ -664,9 +697,10 @@ def _bootstrap(
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
+        price = decode_context_price([rows.context_prices[c] for c in chosen])
         beta = _with_cached_pairs(
             form,
-            _solve_beta(form, windows, steps, decodes, picks, step_picks, start),
+            _solve_beta(form, windows, steps, decodes, picks, step_picks, start, price),
             windows,
             steps,
             picks,
