@@ -18,12 +18,15 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
 from blis_cal.errors import TraceFormatError
 from blis_cal.stats import count_summary, latency_summary, percentile
+
+if TYPE_CHECKING:  # numpy is imported lazily: the observer imports this module and needs none of it
+    import numpy as np
 
 STATUSES = ("ok", "error", "timeout", "cancelled", "rejected", "incomplete")
 # A request sent this much after its scheduled arrival means the recording client was held up (starved of CPU):
@@ -981,10 +984,12 @@ class SpeedDrift:
     drift: float
     steps: int
     series: tuple[tuple[int, float], ...] = ()  # (time µs, step ÷ typical step) per step, for plots
-    # The typical step's price per context token (µs), and what measures it: Σ over the steps of (context −
-    # the mean context of its batch size)². A fit over several runs weighs each run's price by it.
-    context_us: float = 0.0
-    context_spread: float = 0.0
+    # The typical step's price per context token (µs) and what measures it, Σ over the steps of (context − the
+    # mean context of its batch size)²: a fit over several runs weighs each run's price by it
+    # (calibrate.fit.decode_context_price). The same of each part alone (against its own time per batch size)
+    # gives the fit's bootstrap the price's spread within the run.
+    context_price: tuple[float, float] = (0.0, 0.0)
+    context_parts: tuple[tuple[float, float], ...] = ()
 
 
 def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> SpeedDrift | None:
@@ -993,7 +998,6 @@ def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> S
     fit over the run: a time per batch size plus a shared time per context token, so a change of load or
     of context lengths is not one of speed. None with too few steps to tell."""
     import numpy as np  # lazily: the observer imports this module and needs neither
-    from scipy.optimize import least_squares
 
     steps = decode_steps(trace) if steps is None else steps
     counts: dict[int, int] = {}
@@ -1009,33 +1013,54 @@ def decode_speed_drift(trace: Trace, steps: list[DecodeStep] | None = None) -> S
     x[np.arange(len(kept)), [column[s.num_decode] for s in kept]] = 1.0
     x[:, -1] = [s.context_tokens for s in kept]
     y = np.array([s.duration_us for s in kept], dtype=float)
-    # Robust (soft L1) least squares, so stalls and coalesced reads barely pull the fit; times are >= 0.
-    # Every batch column keeps all its (at least DRIFT_MIN_STEPS) rows, so none is ever left undetermined.
-    start = np.append([np.median(y[x[:, j] == 1]) for j in range(len(batches))], 0.0)
-    coef = least_squares(
-        lambda c: x @ c - y,
-        start,
-        jac=lambda _c: x,
-        bounds=(0, np.inf),
-        loss="soft_l1",
-        f_scale=max(0.1 * float(np.median(y)), 1.0),
-    ).x
+    f_scale = max(0.1 * float(np.median(y)), 1.0)
+    coef = _typical_step_fit(x, y, f_scale)
     typical = x @ coef
     if np.any(typical <= 0):
         return None
     ratios = y / typical
-    parts = tuple(float(np.median(ratios[i * size : (i + 1) * size])) for i in range(DRIFT_PARTS))
+    chunks = [slice(i * size, (i + 1) * size) for i in range(DRIFT_PARTS)]
+    parts = tuple(float(np.median(ratios[c])) for c in chunks)
     series = tuple(zip((s.time_us for s in kept), ratios.tolist(), strict=True))
-    batch_mean = (x[:, :-1].T @ x[:, -1]) / x[:, :-1].sum(axis=0)
-    spread = float(np.sum((x[:, -1] - x[:, :-1] @ batch_mean) ** 2))
+    context_parts = tuple(
+        (float(_typical_step_fit(x[c], y[c], f_scale)[-1]), _context_spread(x[c])) for c in chunks
+    )
     return SpeedDrift(
         tuple(round(p, 4) for p in parts),
         round(max(parts) / min(parts) - 1, 4),
         len(kept),
         series,
-        float(coef[-1]),
-        spread,
+        (float(coef[-1]), _context_spread(x)),
+        context_parts,
     )
+
+
+def _typical_step_fit(x: np.ndarray, y: np.ndarray, f_scale: float) -> np.ndarray:
+    """Coefficients of step durations `y` on `x` (a column per batch size, the context last), ≥ 0: robust
+    (soft L1) least squares, so stalls and coalesced reads barely pull them. Batch columns without rows
+    (a part of the run without that size) stay 0."""
+    import numpy as np
+    from scipy.optimize import least_squares
+
+    present = np.append(x[:, :-1].any(axis=0), True)
+    xs = x[:, present]
+    start = np.append([np.median(y[xs[:, j] == 1]) for j in range(xs.shape[1] - 1)], 0.0)
+    coef = np.zeros(x.shape[1])
+    coef[present] = least_squares(
+        lambda c: xs @ c - y, start, jac=lambda _c: xs, bounds=(0, np.inf), loss="soft_l1", f_scale=f_scale
+    ).x
+    return coef
+
+
+def _context_spread(x: np.ndarray) -> float:
+    """Σ over the rows of `x` (a column per batch size, the context last) of (context − the mean context of
+    its batch size)²: how well the rows measure a price per context token apart from a time per size."""
+    import numpy as np
+
+    counts = x[:, :-1].sum(axis=0)
+    sums = x[:, :-1].T @ x[:, -1]
+    batch_mean = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+    return float(np.sum((x[:, -1] - x[:, :-1] @ batch_mean) ** 2))
 
 
 def single_decode_step_us(trace: Trace) -> float | None:

@@ -135,7 +135,7 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     traces = [NamedTrace("A", read_trace(trace_a))]
     rows = _collect(traces, None)
     ctx = model_forms.get("blackbox-ctx")
-    tie, fixed = ctx.decode_pays_prefill, {"Dctx": decode_context_price(rows.context_prices)}
+    tie, fixed = ctx.decode_pays_prefill, {"Dctx": rows.context_price}
     free = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[0]
     linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[
         0
@@ -149,9 +149,9 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
 
 
 def test_decode_context_is_priced_from_pure_decode_steps_of_one_batch_size():
-    """β4 is the traces' typical-step price per context token (`SpeedDrift.context_us`: steps of one batch size
-    compared with each other), weighted by how widely each trace's contexts spread; bootstrap replicates take
-    it over the traces they draw, so its interval spans the traces' prices."""
+    """β4 is the traces' typical pure-decode step's price per context token (`SpeedDrift.context_price`: steps
+    of one batch size compared with each other), weighted by how widely their contexts spread; bootstrap
+    replicates move each drawn trace's price as its run's parts, redrawn, move, so one trace gives an interval."""
     assert decode_context_price([(1.0, 1.0), (3.0, 3.0)]) == 2.5
     assert decode_context_price([(5.0, 0.0)]) is None and decode_context_price([]) is None
     beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0)
@@ -163,13 +163,18 @@ def test_decode_context_is_priced_from_pure_decode_steps_of_one_batch_size():
         for rate, seed in ((6.0, 3), (3.0, 5))
     ]
     drifts = [t.diagnostics().drift for t in traces]
-    prices = [d.context_us for d in drifts if d]
-    assert len(prices) == 2 and all(d.context_spread > 0 for d in drifts if d)
+    assert all(d is not None and d.context_price[1] > 0 and len(d.context_parts) == 4 for d in drifts)
     fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
-    assert fitted[4] == decode_context_price([(d.context_us, d.context_spread) for d in drifts if d])
-    assert fitted[4] == pytest.approx(beta[4], rel=0.02)
-    boot = bootstrap_coefficients(traces, model_forms.get("blackbox-ctx"), replicates=20)[:, 3 + 4]
-    assert min(prices) - 1e-9 <= boot.min() and boot.max() <= max(prices) + 1e-9
+    assert (
+        fitted[4]
+        == decode_context_price([d.context_price for d in drifts])
+        == pytest.approx(beta[4], rel=0.02)
+    )
+    reach = max(max(p for p, _ in d.context_parts) - min(p for p, _ in d.context_parts) for d in drifts)
+    for n in (2, 1):
+        boot = bootstrap_coefficients(traces[:n], model_forms.get("blackbox-ctx"), replicates=20)[:, 3 + 4]
+        centre = decode_context_price([d.context_price for d in drifts[:n]])
+        assert boot.min() < boot.max() and np.all(np.abs(boot - centre) <= reach)
 
 
 def test_a_decode_token_costs_at_least_a_prompt_token_in_forms_that_price_attention_apart():

@@ -269,7 +269,9 @@ def test_speed_drift_accounts_for_context_so_longer_prompts_are_no_drift():
     assert {round(s.context_tokens / 2) for s in decode_steps(trace)} >= {65, 164, 2_001, 2_100}
     drift = decode_speed_drift(trace)
     assert drift is not None and drift.drift < 0.001
-    assert drift.context_us == pytest.approx(2.0, rel=0.01) and drift.context_spread > 0
+    prices = [drift.context_price, *drift.context_parts]
+    assert [price for price, _ in prices] == pytest.approx([2.0] * 5, rel=0.01)
+    assert all(spread > 0 for _, spread in prices)
 
 
 def test_speed_drift_is_robust_to_stalls_and_to_a_batch_size_of_scattered_steps():

@@ -60,7 +60,7 @@ from blis_cal.simulate.latency import (
     BlackboxModel,
 )
 from blis_cal.stats import percentile
-from blis_cal.trace import Trace, ok_records
+from blis_cal.trace import SpeedDrift, Trace, ok_records
 
 PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 # The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
@@ -283,7 +283,12 @@ class _Rows:
     prefills: list[PrefillRows]
     rtts: list[int]
     decodes: list[StepRows]  # per batch size, median pure-decode steps (floor forms fit on them too)
-    context_prices: list[tuple[float, float]]  # per trace, its typical decode step's price per context token
+    drifts: list[SpeedDrift | None]  # per trace: its typical pure-decode step's price per context token
+
+    @property
+    def context_price(self) -> float | None:
+        """β4 from every trace (`decode_context_price`)."""
+        return decode_context_price([d.context_price for d in self.drifts if d])
 
 
 def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
@@ -310,14 +315,12 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
             f"({sum(len(w.itl_us) for w in windows)} in {', '.join(t.name for t in traces)}; need >= 3)"
         )
     decodes = [decode_step_rows(nt.diagnostics().steps) for nt in traces]  # the steps, worked out once
-    drifts = [nt.diagnostics().drift for nt in traces]
-    prices = [(d.context_us, d.context_spread) if d else (0.0, 0.0) for d in drifts]
-    return _Rows(windows, steps, prefills, rtts, decodes, prices)
+    return _Rows(windows, steps, prefills, rtts, decodes, [nt.diagnostics().drift for nt in traces])
 
 
 def decode_context_price(prices: Sequence[tuple[float, float]]) -> float | None:
     """β4, the price of a context token in a decode step, from the traces' (price, spread) pairs
-    (`SpeedDrift.context_us`, `.context_spread`): the mean weighted by spread, None when no trace measures it.
+    (`SpeedDrift.context_price`): the mean weighted by spread, None when none measures it.
 
     Each trace's price compares its pure-decode steps of one batch size with each other, so load, batch size
     and prefills do not enter it. Solved with β2 from request windows, where every request has a few hundred
@@ -640,10 +643,9 @@ def direct_estimate(
 
 
 def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
-    price = decode_context_price(rows.context_prices)
     beta = _with_cached_pairs(
         form,
-        _solve_beta(form, rows.windows, rows.steps, rows.decodes, context_price=price),
+        _solve_beta(form, rows.windows, rows.steps, rows.decodes, context_price=rows.context_price),
         rows.windows,
         rows.steps,
     )
@@ -697,7 +699,7 @@ def _bootstrap(
         picks = [_resample(rng, win_blocks[c]) for c in chosen]
         step_picks = [_resample(rng, step_blocks[c]) for c in chosen]
         pre_picks = [rng.integers(0, len(p.ttft_us), size=len(p.ttft_us)) for p in prefills]
-        price = decode_context_price([rows.context_prices[c] for c in chosen])
+        price = _redrawn_context_price(rng, [rows.drifts[c] for c in chosen])
         beta = _with_cached_pairs(
             form,
             _solve_beta(form, windows, steps, decodes, picks, step_picks, start, price),
@@ -709,6 +711,20 @@ def _bootstrap(
         alpha = _solve_alpha(form, beta, prefills, rtts, pre_picks)
         out.append((*alpha, *beta))
     return np.asarray(out, dtype=float)
+
+
+def _redrawn_context_price(rng: np.random.Generator, drifts: Sequence[SpeedDrift | None]) -> float | None:
+    """β4 of a bootstrap replicate: each drawn trace's price moved by how far the weighted mean of its run's
+    parts, redrawn with replacement, lies from that of all of them (a time-block bootstrap within the run)."""
+    prices = []
+    for d in drifts:
+        if d is None:
+            continue
+        drawn = [d.context_parts[i] for i in rng.integers(0, len(d.context_parts), size=len(d.context_parts))]
+        whole, redrawn = decode_context_price(d.context_parts), decode_context_price(drawn)
+        shift = redrawn - whole if whole is not None and redrawn is not None else 0.0
+        prices.append((max(d.context_price[0] + shift, 0.0), d.context_price[1]))
+    return decode_context_price(prices)
 
 
 # ---------------------------------------------------------------------------------------------- refine
