@@ -22,8 +22,8 @@ from blis_cal.calibrate.fit import (
     DECODE_STEP_MIN_SLOPE,
     FLOOR_SUPPORT,
     LIGHT_LOAD_BATCH,
+    PAIR_MAX_TOKEN_SHARE,
     PAIRS,
-    PAIRS_MAX_SHIFT,
     UNMEASURED_CACHED_PAIR_SHARE,
     _collect,
     _solve_columns,
@@ -130,8 +130,9 @@ def test_a_cached_token_is_not_priced_twice_where_pairs_are_priced(trace_a, trac
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):
-    """Shared A alone (prompts of 43-497 tokens, no cached prefix): priced freely, the pairs would take more
-    than PAIRS_MAX_SHIFT off β1; the fit keeps the linear prefill price instead."""
+    """Shared A alone (prompts of 43-497 tokens, no cached prefix): priced freely, a pair would cost more than
+    PAIR_MAX_TOKEN_SHARE of a prompt token (9× what day 13's probes measure); the fit keeps the linear prefill
+    price instead."""
     traces = [NamedTrace("A", read_trace(trace_a))]
     rows = _collect(traces, None)
     ctx = model_forms.get("blackbox-ctx")
@@ -140,12 +141,38 @@ def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_toke
     linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[
         0
     ]
-    assert free[ctx.beta_columns.index(PAIRS)] > 0 and free[1] < (1 - PAIRS_MAX_SHIFT) * linear[1]
+    assert free[ctx.beta_columns.index(PAIRS)] > PAIR_MAX_TOKEN_SHARE * free[1] > 0
     for form in ("blackbox-ctx", "blackbox-floor"):
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] == 0.0 and fitted[1] == pytest.approx(linear[1])
     result = fit(traces, model_form="blackbox-floor", bootstrap=0, max_evaluations=0)
     assert any("prefill attention is not priced" in note for note in result.notes)
+
+
+def test_attention_pairs_of_long_prompts_are_priced_however_far_they_move_the_token_price():
+    """~1,800-token prompts beside ~250-token ones, a pair at 4e-4 of a prompt token (vLLM's CPU build: 2.2e-4 to
+    6.1e-4): the pairs take over a quarter of a long prompt's prefill, so pricing them moves β1 far (day 33's
+    captures: 20 %), and the fit prices them, both back within 2 %."""
+    beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.008)
+    model = BlackboxModel(ALPHA, beta)
+    traces = [
+        NamedTrace("short", simulated_trace(poisson_requests(150, 4.0, seed=3), CONFIG, model)),
+        NamedTrace(
+            "long",
+            simulated_trace(
+                poisson_requests(100, 1.0, seed=8, input_mean=1800, max_input=3500), CONFIG, model
+            ),
+        ),
+    ]
+    rows = _collect(traces, None)
+    ctx = model_forms.get("blackbox-ctx")
+    tie, fixed = ctx.decode_pays_prefill, {"Dctx": rows.context_price}
+    linear = _solve_columns(ctx.without(PAIRS).beta_columns, rows.windows, rows.steps, tie=tie, fixed=fixed)[
+        0
+    ]
+    fitted = direct_estimate(traces, ctx)[1]
+    assert fitted[1] < 0.85 * linear[1]  # the shift the former rule refused
+    assert fitted[1] == pytest.approx(beta[1], rel=0.02) and fitted[10] == pytest.approx(beta[10], rel=0.02)
 
 
 def test_decode_context_is_priced_from_pure_decode_steps_of_one_batch_size():

@@ -63,11 +63,14 @@ from blis_cal.stats import percentile
 from blis_cal.trace import SpeedDrift, Trace, ok_records
 
 PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
-# The attention pair price must not take more than this fraction off the per-token prefill price (β1) of the
-# fit without it. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary
-# widely tell them from tokens; on narrow traces the solver trades one for the other (shared A alone: β1 −29 %,
-# 1.77 µs per pair, 9× what day 13's probes measure; C alone: β1 → 0). Each of days 8-13 moved β1 3-10 %.
-PAIRS_MAX_SHIFT = 0.15
+# An attention pair may cost at most this share of a prompt token (β10 ≤ share·β1), else the fit leaves pairs
+# unpriced. Pairs grow with the square of a prompt, so only prompt lengths or cached prefixes that vary widely
+# tell them from tokens; on narrow traces the solver trades one for the other: shared A alone 2.3e-3 (1.77 µs
+# per pair, 9× what day 13's probes measure), C alone β1 → 0. The fits of 27 days' captures (each day's and its
+# a08 + prefix10 pair's) put it at 2.2e-4-6.1e-4; by arithmetic a pair is 2·hidden·layers multiply-adds against
+# about the parameter count per token (1.7e-4 for the tiny model, less for larger ones). The rule before (pairs
+# may move β1 by at most 15 %) refused day 33's ~1,400-token prompts, where they moved it 20 %.
+PAIR_MAX_TOKEN_SHARE = 1e-3
 # Where the fit's traces have no prefix-cache hits, a pair of a prompt token with a cached one costs this share
 # of a pair within a prompt (β44 = share·β10; with hits, the fit prices both at β10). Fits that priced the two
 # apart (17 days' a08 + prefix10 pairs) put it at 0.30-1.15, median 0.46; priced at a whole pair, the prefix
@@ -141,7 +144,7 @@ model_forms.register("blackbox-ctx")(
         ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (measured from pure-decode steps of one "
         "batch size; a prefix block several running requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
-        f"traces measure them apart from tokens: pricing them may move β1 by at most {PAIRS_MAX_SHIFT:.0%}), "
+        f"traces measure them apart from tokens: a pair may cost at most {PAIR_MAX_TOKEN_SHARE:g} of a prompt token), "
         "those of a prompt token with a prefix-cache hit at β44 (β10 where the traces have hits, else "
         f"{UNMEASURED_CACHED_PAIR_SHARE:g}·β10); β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
         decode_pays_prefill=True,
@@ -463,15 +466,14 @@ def _prices_pairs(
     fixed: dict[str, float],
 ) -> bool:
     """Whether the fit prices prefill attention pairs (β10): as `start` did (bootstrap replicates), else when
-    pricing them moves β1 by at most PAIRS_MAX_SHIFT (fitted on the form's columns, without a floor)."""
+    the form's columns, fitted without a floor, price a pair at most PAIR_MAX_TOKEN_SHARE of a prompt token."""
     if start is not None:
         return start[TERM_OF_COLUMN[PAIRS]] > 0
-    plain = form.without(PAIRS).beta_columns
-    p = form.beta_columns.index("P")
-    solve = partial(_solve_columns, tie=form.decode_pays_prefill, fixed=fixed)
-    with_pairs = solve(form.beta_columns, windows, steps, picks, step_picks)[0][p]
-    without = solve(plain, windows, steps, picks, step_picks)[0][plain.index("P")]
-    return with_pairs >= (1 - PAIRS_MAX_SHIFT) * without
+    solved = _solve_columns(
+        form.beta_columns, windows, steps, picks, step_picks, tie=form.decode_pays_prefill, fixed=fixed
+    )[0]
+    per_token, per_pair = solved[form.beta_columns.index("P")], solved[form.beta_columns.index(PAIRS)]
+    return per_token > 0 and per_pair <= PAIR_MAX_TOKEN_SHARE * per_token
 
 
 def _with_cached_pairs(
@@ -899,8 +901,9 @@ def fit(
     if PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] == 0:
         result.notes.append(
             "prefill attention is not priced (β10 = 0): the traces show none, or their prompt lengths and cached "
-            "prefixes did not measure it apart from the per-token price (pricing it moved β1 by more than "
-            f"{PAIRS_MAX_SHIFT:.0%}); prompts much longer than the fit's are predicted at their per-token price, "
+            "prefixes did not measure it apart from the per-token price (priced, a pair cost more than "
+            f"{PAIR_MAX_TOKEN_SHARE:g} of a prompt token); prompts much longer than the fit's are predicted at "
+            "their per-token price, "
             "so to price it, fit with prompts of widely different lengths too"
         )
     if "Pctx" in form.beta_columns and not _measured("Pctx", rows.windows, rows.steps, None, None):
