@@ -64,6 +64,12 @@ def assert_within(fitted, truth, rel=0.02):
         assert got == pytest.approx(want, rel=rel, abs=1e-6), (fitted, truth)
 
 
+def simulated(beta, **requests) -> list[NamedTrace]:
+    """A trace per keyword, its requests simulated with ALPHA and `beta`."""
+    model = BlackboxModel(ALPHA, beta)
+    return [NamedTrace(name, simulated_trace(reqs, CONFIG, model)) for name, reqs in requests.items()]
+
+
 def test_parameter_recovery_3_plus_3(synthetic):
     result = fit(synthetic, bootstrap=0, max_evaluations=10)
     assert_within(result.alpha, ALPHA)
@@ -77,16 +83,11 @@ def test_parameter_recovery_extended_form_with_prefix_caching():
     is priced), decoding requests sharing a prefix's blocks, which a step reads once (β9 = 0), and the
     prefills' attention pairs (β10: ~6 % of a 512-token prompt's price, as on vLLM's CPU build)."""
     beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.005)
-    model = BlackboxModel(ALPHA, beta)
-    traces = [
-        NamedTrace("plain", simulated_trace(poisson_requests(150, 6.0, seed=3), CONFIG, model)),
-        NamedTrace(
-            "prefix",
-            simulated_trace(
-                poisson_requests(150, 6.0, seed=4, prefix_groups=3, prefix_length=512), CONFIG, model
-            ),
-        ),
-    ]
+    traces = simulated(
+        beta,
+        plain=poisson_requests(150, 6.0, seed=3),
+        prefix=poisson_requests(150, 6.0, seed=4, prefix_groups=3, prefix_length=512),
+    )
     alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))
     assert_within(alpha, ALPHA)
     assert_within(fitted[:11], beta)
@@ -154,16 +155,11 @@ def test_attention_pairs_of_long_prompts_are_priced_however_far_they_move_the_to
     6.1e-4): the pairs take over a quarter of a long prompt's prefill, so pricing them moves β1 far (day 33's
     captures: 20 %), and the fit prices them, both back within 2 %."""
     beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0, 0.0, 0.0, 0.0, 0.0, 0.008)
-    model = BlackboxModel(ALPHA, beta)
-    traces = [
-        NamedTrace("short", simulated_trace(poisson_requests(150, 4.0, seed=3), CONFIG, model)),
-        NamedTrace(
-            "long",
-            simulated_trace(
-                poisson_requests(100, 1.0, seed=8, input_mean=1800, max_input=3500), CONFIG, model
-            ),
-        ),
-    ]
+    traces = simulated(
+        beta,
+        short=poisson_requests(150, 4.0, seed=3),
+        long=poisson_requests(100, 1.0, seed=8, input_mean=1800, max_input=3500),
+    )
     rows = _collect(traces, None)
     ctx = model_forms.get("blackbox-ctx")
     tie, fixed = ctx.decode_pays_prefill, {"Dctx": rows.context_price}
@@ -182,13 +178,7 @@ def test_decode_context_is_priced_from_pure_decode_steps_of_one_batch_size():
     assert decode_context_price([(1.0, 1.0), (3.0, 3.0)]) == 2.5
     assert decode_context_price([(5.0, 0.0)]) is None and decode_context_price([]) is None
     beta = (6000.0, 20.0, 150.0, 0.0, 0.5, 400.0)
-    traces = [
-        NamedTrace(
-            f"r{rate}",
-            simulated_trace(poisson_requests(150, rate, seed=seed), CONFIG, BlackboxModel(ALPHA, beta)),
-        )
-        for rate, seed in ((6.0, 3), (3.0, 5))
-    ]
+    traces = simulated(beta, r6=poisson_requests(150, 6.0, seed=3), r3=poisson_requests(150, 3.0, seed=5))
     drifts = [t.diagnostics().drift for t in traces]
     assert all(d is not None and d.context_price[1] > 0 and len(d.context_parts) == 4 for d in drifts)
     fitted = direct_estimate(traces, model_forms.get("blackbox-ctx"))[1]
