@@ -1113,6 +1113,7 @@ def trace_summary(trace: Trace) -> dict[str, Any]:
     drift = decode_speed_drift(trace) if trace.itl else None
     if drift is not None:
         out["decode_speed_drift"] = drift.drift
+        out["decode_context_us_per_token"] = round(drift.context_price[0], 4)  # what a fit takes as β4
     lags = send_lags_us(trace)
     if lags:
         out["send_lag_p99_ms"] = round(percentile(lags, 99) / 1000, 3)

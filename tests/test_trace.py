@@ -272,6 +272,7 @@ def test_speed_drift_accounts_for_context_so_longer_prompts_are_no_drift():
     prices = [drift.context_price, *drift.context_parts]
     assert [price for price, _ in prices] == pytest.approx([2.0] * 5, rel=0.01)
     assert all(spread > 0 for _, spread in prices)
+    assert trace_summary(trace)["decode_context_us_per_token"] == pytest.approx(2.0, rel=0.01)
 
 
 def test_speed_drift_is_robust_to_stalls_and_to_a_batch_size_of_scattered_steps():
