@@ -780,6 +780,20 @@ def itl_means_us(trace: Trace) -> dict[int, float]:
     return out
 
 
+# A request whose tokens all reached the client in one read (mean gap under this share of its trace's median ITL)
+# was held up on its way (a stalled server or client process), not decoded that fast: its ITL times no step.
+# Measured: 125 of 49,000 captured requests, all under 0.1 % of their trace's median; the next smallest, 12 %.
+ITL_BURST_SHARE = 0.05
+
+
+def burst_delivered(itl: dict[int, float]) -> set[int]:
+    """The ids in `itl` (`itl_means_us`) whose streamed tokens reached the client in one burst."""
+    if not itl:
+        return set()
+    floor = ITL_BURST_SHARE * statistics.median(itl.values())
+    return {rid for rid, value in itl.items() if value < floor}
+
+
 def ok_records(trace: Trace) -> list[TraceRecord]:
     """`ok` rows past warm-up that received output (the rows latency statistics are taken over)."""
     warm = trace.header.warm_up_requests

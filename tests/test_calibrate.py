@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from blis_cal.calibrate import CalibrationError, compare, mape, pearson_r, quality, summary_row
 from blis_cal.calibrate.compare import bias_direction, pooled, workload_level
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
+from blis_cal.calibrate.features import window_rows
 from blis_cal.calibrate.report_html import render_html
 from blis_cal.cli import app
 from blis_cal.replay import config_from_trace, replay_trace
@@ -689,3 +690,28 @@ def test_html_pictures_where_ttft_goes_when_the_trace_has_vllm_times():
     page = render_html([compare(Trace(header=TraceHeader(), records=recs), results, trace_name="t")])
     assert "Where TTFT goes: mean ms, observed and predicted" in page
     assert page.count("data:image/png;base64,") == 4  # the three of every trace, and this one
+
+
+def test_a_request_whose_tokens_reached_the_client_in_one_burst_leaves_the_itl_metrics_only():
+    """A stalled stream delivers a request's tokens in one read: its ~0 ITL times no step, so it is left out of
+    the ITL pairs (counted, noted) and of the fit's windows, while its TTFT and E2E are still compared."""
+    recs = [
+        record(i, i * 1_000_000, i * 1_000_000 + 100_000, i * 1_000_000 + 300_000, out=11)
+        for i in range(1, 6)
+    ]
+    itl = {i: [Chunk(i * 1_000_000 + 100_000 + k * 20_000) for k in range(11)] for i in range(1, 6)}
+    itl[3] = [Chunk(3_300_000)] * 10 + [Chunk(3_300_006)]  # every token in one read, 6 µs spread
+    trace = Trace(header=TraceHeader(), records=recs, itl=itl)
+    results = [result(i, 100_000, 300_000, out=11) for i in range(1, 6)]
+    rep = compare(trace, results)
+    assert rep.pairs.request_ids == [1, 2, 3, 4, 5]  # conservation: TTFT and E2E keep every request
+    assert rep.pairs.itl_ids == [1, 2, 4, 5]
+    assert rep.mape("itl") == 0.0  # without it the 6 µs / 10 gap would read as a 3,000-fold error
+    assert rep.trace_info["itl_one_burst"] == 1
+    (note,) = [n for n in rep.notes if "one burst" in n]
+    assert note.startswith("trace: 1 request(s) received all their tokens in one burst")
+    assert list(window_rows(trace).request_ids) == [1, 2, 4, 5]
+    del itl[3]  # a steady stream again: nothing left out, nothing noted
+    recs[2] = record(3, 3_000_000, 3_100_000, 3_300_000, out=11)
+    rep = compare(Trace(header=TraceHeader(), records=recs), results)
+    assert rep.trace_info["itl_one_burst"] == 0 and not any("one burst" in n for n in rep.notes)

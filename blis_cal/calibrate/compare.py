@@ -23,11 +23,13 @@ from blis_cal.errors import BlisError
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.stats import percentile
 from blis_cal.trace import (
+    ITL_BURST_SHARE,
     LATE_SEND_US,
     DecodeStep,
     SpeedDrift,
     Trace,
     TraceRecord,
+    burst_delivered,
     decode_speed_drift,
     decode_steps,
     itl_means_us,
@@ -430,6 +432,7 @@ def compare(
     if not by_id:
         raise CalibrationError(f"{where}: no simulated results to compare with")
     real_itl = itl_means_us(trace)
+    bursts = burst_delivered(real_itl)
     counts = dict.fromkeys(
         (
             "warm_up_excluded",
@@ -439,6 +442,7 @@ def compare(
             "token_mismatches",
             "negative_latency",
             "itl_dropped",
+            "itl_one_burst",
         ),
         0,
     )
@@ -474,7 +478,9 @@ def compare(
         pairs.sim["e2e"].append(float(res.e2e_us) + rtt)
         sim_itl = _sim_itl(res)
         if rec.output_tokens > 1:
-            if rec.request_id in real_itl and sim_itl is not None:
+            if rec.request_id in bursts:
+                counts["itl_one_burst"] += 1
+            elif rec.request_id in real_itl and sim_itl is not None:
                 pairs.itl_ids.append(rec.request_id)
                 pairs.real["itl"].append(real_itl[rec.request_id])
                 pairs.sim["itl"].append(sim_itl)
@@ -521,10 +527,18 @@ def compare(
         compared=len(pairs.request_ids),
         network_rtt_us=rtt,
         offered_rate_rps=round((len(sends) - 1) / span_s, 4) if span_s > 0 else 0.0,
+        itl_one_burst=counts["itl_one_burst"],
     )
     notes = []
     if "itl" not in metrics:
         notes.append(f"{where}: no ITL pairs (no request with two or more streamed tokens)")
+    if counts["itl_one_burst"]:
+        notes.append(
+            f"{where}: {counts['itl_one_burst']} request(s) received all their tokens in one burst (a mean gap "
+            f"under {ITL_BURST_SHARE:.0%} of the trace's median ITL): the stream was held up on its way (the "
+            "server or the recording client stalled), so their ITL times no decode step and is left out of the "
+            "ITL metrics; their TTFT and E2E are compared"
+        )
     diagnostics = diagnostics or trace_diagnostics(trace)
     gap_us, gap_at = diagnostics.longest_gap_us, diagnostics.longest_gap_at_us
     trace_info["longest_decode_gap_s"] = round(gap_us / 1e6, 3)

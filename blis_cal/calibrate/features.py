@@ -23,6 +23,7 @@ from blis_cal.trace import (
     DecodeStep,
     Trace,
     TraceRecord,
+    burst_delivered,
     duplicated_prefix_tokens,
     estimate_cached_tokens,
     itl_means_us,
@@ -162,14 +163,15 @@ def _short_of_floors(decodes: np.ndarray, pure: np.ndarray) -> np.ndarray:
 
 
 def window_rows(trace: Trace) -> WindowRows:
-    """One row per `ok` request with ≥ 2 output tokens and a measured ITL."""
+    """One row per `ok` request with ≥ 2 output tokens and a measured ITL (not one delivered in a burst)."""
     records = ok_records(trace)
     cached = estimate_cached_tokens(trace, records)
     t, cum = _events(trace, records, cached)
     itl = itl_means_us(trace)
+    bursts = burst_delivered(itl)  # their ITL times no step
     ids, ys, sends, rows = [], [], [], []
     for rec in records:
-        if rec.request_id not in itl or rec.output_tokens < 2:
+        if rec.request_id not in itl or rec.request_id in bursts or rec.output_tokens < 2:
             continue
         chunks = chunks_of(trace, rec)
         steps = sum(c.tokens for c in chunks[1:])
