@@ -54,6 +54,26 @@ def test_attention_pairs_of_a_chunked_prompt_sum_to_the_whole_prompts():
     assert whole.ttft_us == 1000 + 1000 + 4950 == chunked.ttft_us - 1000
 
 
+def test_a_chunked_prompt_pays_the_per_request_prefill_term_once():
+    # β5 = 500 µs per prefill request: vLLM sets a request up when it is admitted, so the 36-token second
+    # chunk of a 100-token prompt through a 64-token budget does not pay it again (steps 1000 + 640 + 500,
+    # 1000 + 360); a request preempted and readmitted starts its prefill over and pays it again (test_preempted_request_resumes_from_its_surviving_head_block).
+    model = BlackboxModel((0, 0, 0), (1000, 10, 1, 0, 0, 500))
+    (chunked,) = simulate([req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64), model).results
+    (whole,) = simulate([req(0, 0, 100, 1)], SimConfig(), model).results
+    assert chunked.ttft_us == 2140 + 1360
+    assert whole.ttft_us == 1000 + 1000 + 500 == chunked.ttft_us - 1000
+    steps = []
+    sim = Simulation(
+        SimConfig(max_num_batched_tokens=64),
+        model,
+        on_step=lambda i, t, batch, used, free: steps.append(batch),
+    )
+    sim.add_requests([req(0, 0, 100, 1)])
+    sim.run()
+    assert [(b.num_prefill_reqs, b.continued_prefill_reqs) for b in steps] == [(1, 0), (1, 1)]
+
+
 def test_prefix_hit_only_full_blocks():
     shared = (("prefix:g", 40),)
     a = req(0, 0, 50, 2, (*shared, ("req:0", 10)))
@@ -134,6 +154,7 @@ def test_preempted_request_resumes_from_its_surviving_head_block(jump):
         (b.num_prefill_reqs, b.num_prefill_tokens, b.num_decode_reqs) for b in steps if b.num_prefill_reqs
     ]
     assert prefills == [(2, 32, 0), (1, 17, 0)]
+    assert [b.continued_prefill_reqs for b in steps if b.num_prefill_reqs] == [0, 0]  # a resume starts over
     # Step 17 (the one computing token 33) preempts r1 and admits nobody, although r1 waits at the head.
     assert [b.num_decode_reqs for b in steps[16:18]] == [2, 1]
     assert len(steps) == 17 + 13 + 1 + 12  # both to 32 tokens; r0 alone to 30 outputs; r1's resume and rest

@@ -251,7 +251,7 @@ class Instance:
 
     def _launch(self, now_us: int, scheduled: list[tuple[ReqState, int]], d_reqs: int, d_ctx: int) -> int:
         """Build the step's batch (lazy decoders given as counts), advance progress, return the duration."""
-        p_tokens = p_reqs = p_ctx = p_pairs = p_cached_pairs = 0
+        p_tokens = p_reqs = p_continued = p_ctx = p_pairs = p_cached_pairs = 0
         for state, num_new in scheduled:
             if num_new == 1 and state.num_computed >= state.prompt_len:
                 d_reqs += 1
@@ -259,13 +259,23 @@ class Instance:
             else:
                 p_tokens += num_new
                 p_reqs += 1
+                p_continued += state.num_computed > state.num_hit  # a later chunk (vLLM chunked prefill)
                 p_ctx += state.num_computed
                 p_pairs += attention_pairs(num_new, state.num_computed)
                 p_cached_pairs += num_new * state.num_hit
             state.num_computed += num_new  # vLLM _update_after_schedule
         self._scheduled = scheduled
         batch = StepBatch(
-            p_tokens, d_reqs, p_reqs, d_reqs, p_ctx, d_ctx, p_pairs, self.kv.shared_tokens, p_cached_pairs
+            p_tokens,
+            d_reqs,
+            p_reqs,
+            d_reqs,
+            p_ctx,
+            d_ctx,
+            p_pairs,
+            self.kv.shared_tokens,
+            p_cached_pairs,
+            p_continued,
         )
         self.last_batch = batch
         self._record_step(now_us, batch)

@@ -19,8 +19,9 @@ attention computes, `attention_pairs`: the cost growing with the square of a pro
 prefill_cached_pairs (those of Pa pairing a chunk's tokens with its request's prefix-cache hits), Cd =
 decode_context_tokens (Σ context length of the decoding requests: attention reads), Cs =
 shared_context_tokens (≤ Cd: tokens of prefix-cached blocks several running requests hold, past the first
-holder; vLLM keeps one copy, which a step may read at another price), Np / Nd = number of prefill /
-decode requests (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
+holder; vLLM keeps one copy, which a step may read at another price), Np = prefill requests starting in
+the step (per-sequence setup: a later chunk of a chunked prefill is not counted again), Nd = decode requests
+(per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
 compute-bound and pays every decode in full. β11–β42, the only terms that may be negative, are offsets of
@@ -91,6 +92,8 @@ class StepBatch:
     shared_context_tokens: int = 0
     # Of prefill_attention_pairs, those of a chunk's tokens with its request's prefix-cache hits.
     prefill_cached_pairs: int = 0
+    # Of num_prefill_reqs, chunks continuing a prefill an earlier step began (admitted then: no setup now).
+    continued_prefill_reqs: int = 0
 
 
 @dataclass
@@ -200,7 +203,7 @@ class BlackboxModel(LatencyModel):
             + b[PAIRS_TERM] * (batch.prefill_attention_pairs - batch.prefill_cached_pairs)
             + b[CACHED_PAIRS_TERM] * batch.prefill_cached_pairs
             + self._context_us(batch.decode_context_tokens, batch.shared_context_tokens)
-            + b[5] * batch.num_prefill_reqs
+            + b[5] * (batch.num_prefill_reqs - batch.continued_prefill_reqs)
             + b[6] * batch.num_decode_reqs
             + (self._pure_decode_us(batch.num_decode_reqs) if batch.num_prefill_tokens == 0 else 0.0)
         )
