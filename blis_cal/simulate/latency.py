@@ -54,7 +54,7 @@ BETA_TERMS = (
     "decode_tokens",
     "prefill_context_tokens",
     "decode_context_tokens",
-    "prefill_requests",
+    "prefill_starts",  # requests whose prefill starts in the step (not a chunked prompt's later chunks)
     "decode_requests",
     "decode_requests_under_floor",
     "pure_decode_floor",
