@@ -143,7 +143,8 @@ model_forms.register("blackbox-ctx")(
         "blackbox",
         ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
         "3+3 plus β3·cached context of prefills + β4·Σ decode context (measured from pure-decode steps of one "
-        "batch size; a prefix block several running requests share counted once: β9 = 0) + β5·prefill requests + β10·prefill attention pairs (when the "
+        "batch size; a prefix block several running requests share counted once: β9 = 0) + β5·prefill requests "
+        "(once per prefill, when it starts) + β10·prefill attention pairs (when the "
         f"traces measure them apart from tokens: a pair may cost at most {PAIR_MAX_TOKEN_SHARE:g} of a prompt token), "
         "those of a prompt token with a prefix-cache hit at β44 (β10 where the traces have hits, else "
         f"{UNMEASURED_CACHED_PAIR_SHARE:g}·β10); β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
