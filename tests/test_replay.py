@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from blis_cal.errors import ConfigError
 from blis_cal.replay import (
     config_from_trace,
     read_results_json,
@@ -40,6 +41,17 @@ def test_header_sets_engine_and_flags_override(trace_a):
     assert (config.block_size, config.num_gpu_blocks, config.max_num_seqs) == (128, 1024, 64)
     assert (config.max_num_batched_tokens, config.max_model_len) == (2048, 4096)
     assert config_from_trace(header, max_num_seqs=8, block_size=None).max_num_seqs == 8
+
+
+def test_unknown_seats_are_capped_at_the_headers_token_budget(trace_a):
+    # vLLM refuses a budget below max_num_seqs, so a 32-token server ran with at most 32 seats.
+    header = read_trace(trace_a).header
+    header.server.max_num_seqs = 0
+    header.server.max_num_batched_tokens = 32
+    assert config_from_trace(header).max_num_seqs == 32
+    assert config_from_trace(header, max_num_seqs=16).max_num_seqs == 16
+    with pytest.raises(ConfigError, match=r"must be >= max_num_seqs \(64\)"):
+        config_from_trace(header, max_num_seqs=64)
 
 
 def test_prefix_groups_hit_the_simulated_cache(trace_a, trace_c):

@@ -307,7 +307,8 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
         if not nt.trace.itl:
             raise CalibrationError(
                 f"{nt.name}: no per-chunk ITL file (<stem>.itl.csv beside the trace); fitting needs chunk "
-                "timestamps (record them with `blis observe`, which writes the ITL file by default)"
+                "timestamps (record them with `blis observe`, which writes the ITL file by default, or BLIS's "
+                "`observe --record-itl`)"
             )
         windows.append(window_rows(nt.trace))
         steps.append(prefill_step_rows(nt.trace))

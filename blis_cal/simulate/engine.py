@@ -64,6 +64,11 @@ class SimConfig:
             raise ConfigError(
                 f"num_gpu_blocks must be at least 2 (vLLM keeps one null block), got {self.num_gpu_blocks}"
             )
+        if self.max_num_batched_tokens < self.max_num_seqs:  # vLLM's SchedulerConfig refuses to start
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}), as vLLM requires: lower max_num_seqs or raise the token budget"
+            )
         value = self.long_prefill_token_threshold
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"long_prefill_token_threshold must be an integer >= 0, got {value!r}")
