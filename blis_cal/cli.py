@@ -262,7 +262,9 @@ _OPT_MODEL_CONFIG = typer.Option(None, "--model-config", help="roofline: HF conf
 _OPT_HARDWARE_CONFIG = typer.Option(None, "--hardware-config", help="roofline: hardware_config.json.")
 _OPT_BLOCK_SIZE = typer.Option(16, "--block-size", help="KV block size in tokens.")
 _OPT_NUM_GPU_BLOCKS = typer.Option(65536, "--num-gpu-blocks", help="KV blocks.")
-_OPT_MAX_NUM_SEQS = typer.Option(256, "--max-num-seqs", help="Max running requests.")
+_OPT_MAX_NUM_SEQS = typer.Option(
+    None, "--max-num-seqs", help="Max running requests (default 256, at most the token budget, as vLLM)."
+)
 _OPT_MAX_BATCHED = typer.Option(2048, "--max-num-batched-tokens", help="Token budget per step.")
 _OPT_MAX_MODEL_LEN = typer.Option(8192, "--max-model-len", help="Context window (prompt + output).")
 _OPT_LONG_PREFILL = typer.Option(
@@ -691,7 +693,7 @@ def run_cmd(
     hardware_config: str | None = _OPT_HARDWARE_CONFIG,
     block_size: int = _OPT_BLOCK_SIZE,
     num_gpu_blocks: int = _OPT_NUM_GPU_BLOCKS,
-    max_num_seqs: int = _OPT_MAX_NUM_SEQS,
+    max_num_seqs: int | None = _OPT_MAX_NUM_SEQS,
     max_num_batched_tokens: int = _OPT_MAX_BATCHED,
     max_model_len: int = _OPT_MAX_MODEL_LEN,
     long_prefill_token_threshold: int = _OPT_LONG_PREFILL,
@@ -1369,7 +1371,7 @@ def serve_cmd(
     hardware_config: str | None = _OPT_HARDWARE_CONFIG,
     block_size: int = _OPT_BLOCK_SIZE,
     num_gpu_blocks: int = _OPT_NUM_GPU_BLOCKS,
-    max_num_seqs: int = _OPT_MAX_NUM_SEQS,
+    max_num_seqs: int | None = _OPT_MAX_NUM_SEQS,
     max_num_batched_tokens: int = _OPT_MAX_BATCHED,
     max_model_len: int = _OPT_MAX_MODEL_LEN,
     long_prefill_token_threshold: int = _OPT_LONG_PREFILL,

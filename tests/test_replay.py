@@ -196,6 +196,11 @@ def test_cli_run_and_bad_flags():
     assert out.returncode == 2 and "--rate" in out.stderr
     out = _blis("run", "--rate", "5", "--alpha", "1,x,1", "--beta", "1,1,1")
     assert out.returncode == 2 and "--alpha" in out.stderr
+    small = ("run", "--rate", "5", "--num-requests", "5", "--alpha", "1,1,1", "--beta", "1,1,1")
+    out = _blis(*small, "--max-num-batched-tokens", "64")  # seats default to the budget, as in vLLM
+    assert out.returncode == 0, out.stderr
+    out = _blis(*small, "--max-num-batched-tokens", "64", "--max-num-seqs", "128")
+    assert out.returncode == 2 and "must be >= max_num_seqs (128)" in out.stderr
 
 
 def test_replayed_trace_carries_per_token_times(tmp_path, trace_c):

@@ -36,7 +36,7 @@ def test_chunked_prefill_and_budget_hand_computed():
     # Budget 64: r0's 100-token prompt is split 64 + 36; r1 gets the 28 left in step 2, 63 in step 3
     # (r0 decodes first), its last 9 in step 4.
     model = BlackboxModel((0, 0, 0), (1000, 10, 1))
-    config = SimConfig(max_num_batched_tokens=64, max_num_seqs=64)
+    config = SimConfig(max_num_batched_tokens=64)
     r0, r1 = simulate([req(0, 0, 100, 2), req(1, 0, 100, 2)], config, model).results
     assert r0.ttft_us == 1640 + 1640
     assert r0.e2e_us == 3280 + 1631
@@ -48,9 +48,7 @@ def test_attention_pairs_of_a_chunked_prompt_sum_to_the_whole_prompts():
     # β10 = 1 µs per pair. Budget 64: chunks 64 (64·63/2 = 2016 pairs) + 36 after 64 (36·64 + 36·35/2 = 2934),
     # steps 1000 + 640 + 2016 and 1000 + 360 + 2934; unchunked: 1000 + 1000 + 100·99/2, one β0 less.
     model = BlackboxModel((0, 0, 0), (1000, 10, 1, 0, 0, 0, 0, 0, 0, 0, 1.0))
-    (chunked,) = simulate(
-        [req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64, max_num_seqs=64), model
-    ).results
+    (chunked,) = simulate([req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64), model).results
     (whole,) = simulate([req(0, 0, 100, 1)], SimConfig(), model).results
     assert chunked.ttft_us == 3656 + 4294
     assert whole.ttft_us == 1000 + 1000 + 4950 == chunked.ttft_us - 1000
@@ -61,15 +59,13 @@ def test_a_chunked_prompt_pays_the_per_request_prefill_term_once():
     # chunk of a 100-token prompt through a 64-token budget does not pay it again (steps 1000 + 640 + 500,
     # 1000 + 360); a request preempted and readmitted starts its prefill over and pays it again (test_preempted_request_resumes_from_its_surviving_head_block).
     model = BlackboxModel((0, 0, 0), (1000, 10, 1, 0, 0, 500))
-    (chunked,) = simulate(
-        [req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64, max_num_seqs=64), model
-    ).results
+    (chunked,) = simulate([req(0, 0, 100, 1)], SimConfig(max_num_batched_tokens=64), model).results
     (whole,) = simulate([req(0, 0, 100, 1)], SimConfig(), model).results
     assert chunked.ttft_us == 2140 + 1360
     assert whole.ttft_us == 1000 + 1000 + 500 == chunked.ttft_us - 1000
     steps = []
     sim = Simulation(
-        SimConfig(max_num_batched_tokens=64, max_num_seqs=64),
+        SimConfig(max_num_batched_tokens=64),
         model,
         on_step=lambda i, t, batch, used, free: steps.append(batch),
     )
@@ -197,10 +193,12 @@ def test_bad_config_is_a_clear_error(field, value):
         SimConfig(**{field: value})
 
 
-def test_a_budget_below_the_seats_is_refused_as_vllm_refuses_it():
+def test_seats_default_to_at_most_the_budget_and_more_are_refused_as_vllm_does():
+    assert SimConfig().max_num_seqs == 256
+    assert SimConfig(max_num_batched_tokens=32).max_num_seqs == 32  # vLLM caps its default at the budget
+    assert SimConfig(max_num_batched_tokens=32, max_num_seqs=8).max_num_seqs == 8
     with pytest.raises(ConfigError, match=r"max_num_batched_tokens \(32\) must be >= max_num_seqs \(64\)"):
         SimConfig(max_num_batched_tokens=32, max_num_seqs=64)
-    assert SimConfig(max_num_batched_tokens=32, max_num_seqs=32).max_num_seqs == 32
 
 
 def test_unknown_scheduler_lists_allowed():

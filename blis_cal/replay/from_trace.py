@@ -142,7 +142,7 @@ def config_from_trace(header: TraceHeader, base: SimConfig | None = None, **over
             values["enable_prefix_caching"] = server.enable_prefix_caching
     values |= {k: v for k, v in overrides.items() if v is not None}
     if overrides.get("max_num_seqs") is None and not (server and server.max_num_seqs):
-        # Seats unknown: a server with this budget ran with at most as many (vLLM requires budget >= seats).
+        # Seats unknown: vLLM's default is capped at the budget, and it refuses more seats than that.
         values["max_num_seqs"] = min(values["max_num_seqs"], values["max_num_batched_tokens"])
     return SimConfig(**values)
 

@@ -29,13 +29,16 @@ class SimulationError(BlisError):
     """A request or call the simulator cannot accept (bad request fields, time going backwards)."""
 
 
+DEFAULT_MAX_NUM_SEQS = 256
+
+
 @dataclass
 class SimConfig:
     """One instance's engine settings (vLLM flags), and how many instances share the clock."""
 
     block_size: int = 16
     num_gpu_blocks: int = 65536
-    max_num_seqs: int = 256
+    max_num_seqs: int | None = None  # None: DEFAULT_MAX_NUM_SEQS, at most the token budget (as vLLM)
     max_num_batched_tokens: int = 2048
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
@@ -49,6 +52,10 @@ class SimConfig:
     jump_decode: bool = True
 
     def __post_init__(self) -> None:
+        if self.max_num_seqs is None:  # vLLM's EngineArgs caps a default max_num_seqs at the token budget
+            budget = self.max_num_batched_tokens
+            valid = isinstance(budget, int) and not isinstance(budget, bool) and budget > 0
+            self.max_num_seqs = min(DEFAULT_MAX_NUM_SEQS, budget) if valid else DEFAULT_MAX_NUM_SEQS
         for name in (
             "block_size",
             "num_gpu_blocks",
@@ -67,7 +74,8 @@ class SimConfig:
         if self.max_num_batched_tokens < self.max_num_seqs:  # vLLM's SchedulerConfig refuses to start
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
-                f"({self.max_num_seqs}), as vLLM requires: lower max_num_seqs or raise the token budget"
+                f"({self.max_num_seqs}), as vLLM requires: lower max_num_seqs (or leave it unset: it "
+                "then defaults to at most the budget) or raise the token budget"
             )
         value = self.long_prefill_token_threshold
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
