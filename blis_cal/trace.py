@@ -8,6 +8,7 @@ Writing always produces the 27-column layout with relative times.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import dataclasses
 import itertools
@@ -839,12 +840,24 @@ def _step_bursts(trace: Trace) -> list[list[tuple[int, int, int, int]]]:
 def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
     """Engine steps with one request alone decoding one token, as (duration µs, that request's context: tokens
     in its KV cache), from consecutive bursts of streamed events that each hold a single one-token event of
-    the same request. They show the server's speed free of batching."""
+    the same request, while no other request was between its send and its first token (a prompt's chunks
+    stream nothing, so such a gap may hold one). They show the server's speed free of batching."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
+    started = [r for r in trace.records if r.first_chunk_time_us]
+    sends = sorted(r.send_time_us for r in started)
+    firsts = sorted(r.first_chunk_time_us for r in started)
+
+    def prefilling(start_us: int, end_us: int) -> bool:
+        # Sent before the gap ends and first token after it starts (every first token <= start was sent before).
+        return bisect.bisect_left(sends, end_us) > bisect.bisect_right(firsts, start_us)
+
     return [
         (b[0][0] - a[0][0], prompts.get(b[0][1], 0) + b[0][3])
         for a, b in itertools.pairwise(_step_bursts(trace))
-        if len(a) == len(b) == 1 and a[0][1] == b[0][1] and a[0][2] == b[0][2] == 1
+        if len(a) == len(b) == 1
+        and a[0][1] == b[0][1]
+        and a[0][2] == b[0][2] == 1
+        and not prefilling(a[0][0], b[0][0])
     ]
 
 

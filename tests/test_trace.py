@@ -247,6 +247,20 @@ def test_single_request_decode_step_ignores_batched_and_coalesced_events():
     assert single_decode_step_us(few) is None and "single_decode_step_ms" not in trace_summary(few)
 
 
+def test_single_request_decode_step_leaves_out_gaps_while_another_prompt_is_prefilling():
+    # Request 0 streams alone: 25 gaps of 15 ms, then 30 of 40 ms while request 1 (sent at 390 ms, first token
+    # at 1,600 ms) is prefilling, its chunks sharing those steps unseen. Only the first 25 are its own steps.
+    times = [15_000 * k for k in range(26)] + [375_000 + 40_000 * k for k in range(1, 31)]
+    records = [
+        _record(0, output_tokens=len(times), send_time_us=0, first_chunk_time_us=0),
+        _record(1, output_tokens=1, send_time_us=390_000, first_chunk_time_us=1_600_000),
+    ]
+    trace = Trace(TraceHeader(), records, {0: [Chunk(t, 1) for t in times], 1: [Chunk(1_600_000, 1)]})
+    assert single_decode_step_us(trace) == 15_000
+    alone = Trace(TraceHeader(), records[:1], {0: [Chunk(t, 1) for t in times]})
+    assert single_decode_step_us(alone) == 40_000  # without request 1 the gaps read as request 0's steps
+
+
 def test_decode_steps_are_timed_from_the_previous_step_and_count_the_batch():
     trace = lockstep_trace([(3, 40, 25_000)])
     steps = decode_steps(trace)
