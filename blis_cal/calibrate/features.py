@@ -3,10 +3,11 @@
 Between a request's first and last streamed token, the engine ran exactly one step per output token of that
 request, and its decode time is the sum of those steps. With a step time linear in batch features
 (β0 + β1·P + β2·D + ...), that sum is linear in the features summed over the steps in the window: the
-number of steps, the prefill tokens computed (requests whose first token arrived inside the window), the
-decode tokens produced (every request's tokens after its first, inside the window), and context sums.
-Counting tokens over a window is robust to several SSE events sharing one network read, which makes single
-inter-chunk gaps noisy. Dividing by the request's token count gives its mean ITL as a linear function.
+number of steps, the prefill tokens computed (each prompt laid over the steps up to its first token as the
+token budget chunks it), the decode tokens produced (every request's tokens after its first, inside the
+window), and context sums. Counting tokens over a window is robust to several SSE events sharing one
+network read, which makes single inter-chunk gaps noisy. Dividing by the request's token count gives its
+mean ITL as a linear function.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from blis_cal.trace import (
 # Event feature columns accumulated over windows (per-step features summed over the steps in a window), named
 # after simulate.latency.StepBatch: P prefill tokens computed, D decode tokens, Pctx tokens already in KV
 # before each prefill (cached prefix), Dctx Σ context of decoding requests (a shared prefix's blocks counted
-# once per step), Np prefill requests, Ppairs the prefills' attention pairs (the same sum however vLLM chunked
-# a prompt, so a window counts a whole prompt's).
+# once per step), Np prefill requests (with a prompt's first chunk), Ppairs the prefills' attention pairs (a
+# chunk's own: a prompt's chunks sum to the whole prompt's).
 EVENT_COLUMNS = ("P", "D", "Pctx", "Dctx", "Np", "Ppairs")
 DCTX = EVENT_COLUMNS.index("Dctx")
 # Per step without prefill, the decode requests short of a floor of k: max(0, k − D), for every k a fit may
@@ -103,6 +104,68 @@ def _decode_event(tokens: int, context: int) -> tuple[float, ...]:
     return (0.0, float(tokens), 0.0, float(tokens * context), 0.0, 0.0)
 
 
+def _chunk_event(tokens: int, done: int, hit: int) -> tuple[float, ...]:
+    """A prompt's chunk of `tokens` after `done` of its new tokens: the prompt's hits and its request count go
+    with its first chunk, so a prompt's chunks sum to `_prefill_event`; its pairs are the chunk's own."""
+    first = done == 0
+    pairs = attention_pairs(tokens, hit + done)
+    return (float(tokens), 0.0, float(hit if first else 0), 0.0, float(first), float(pairs))
+
+
+def _chunked_prefills(
+    t: np.ndarray,
+    v: np.ndarray,
+    owners: np.ndarray,
+    firsts: dict[int, int],
+    sends: dict[int, int],
+    budget: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The prompts laid over the steps that computed them (vLLM's chunked prefill): each prompt's new tokens
+    fill what the token budget leaves beside the step's decodes, from the step that emitted its first token
+    back to the first step begun after it was sent, prompts that finished earlier first. One event per chunk,
+    at the time of its step's events (a prompt that fits its last step stays one event, as before)."""
+    starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
+    step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
+    room = budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)
+    extra_t: list[int] = []
+    extra_v: list[tuple[float, ...]] = []
+    for i in sorted(firsts.values()):  # index of each prompt's event: earliest first token first
+        rid = int(owners[i])
+        new, hit = int(v[i, 0]), int(v[i, 2])
+        last = int(step_of[i])
+        taken: list[tuple[int, int]] = []
+        left = new
+        for step in range(last, -1, -1):
+            if step < last and (step == 0 or t[starts[step - 1]] <= sends[rid]):
+                break  # the step began (as the one before it ended) before the prompt was sent
+            take = min(left, max(int(room[step]), 0))
+            if take:
+                taken.append((step, take))
+                room[step] -= take
+                left -= take
+            if not left:
+                break
+        if len(taken) <= 1:
+            continue  # in one step: the event as it is
+        taken[0] = (taken[0][0], taken[0][1] + left)  # past the budget (a wrong header): its last step
+        done = 0
+        for k, (step, take) in enumerate(reversed(taken)):
+            chunk = _chunk_event(take, done, hit)
+            done += take
+            if k == len(taken) - 1:
+                v[i] = chunk
+            else:
+                extra_t.append(int(t[starts[step]]))
+                extra_v.append(chunk)
+    if not extra_t:
+        return t, v, owners
+    t2 = np.r_[t, np.asarray(extra_t, dtype=np.int64)]
+    order = np.argsort(t2, kind="stable")
+    v2 = np.vstack([v, np.asarray(extra_v)])[order]
+    owners2 = np.r_[owners, np.full(len(extra_t), -1)][order]  # a chunk holds no decode context
+    return t2[order], v2, owners2
+
+
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
     times: list[int] = []
     owners: list[int] = []
@@ -122,18 +185,22 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     t = np.asarray(times, dtype=np.int64)[order]
     v = np.asarray(values)[order]
+    owner = np.asarray(owners, dtype=np.int64)[order]
+    first_event = {int(owner[i]): i for i in np.nonzero(v[:, 4] > 0)[0]}
+    sends = {r.request_id: r.send_time_us for r in records}
+    t, v, owner = _chunked_prefills(t, v, owner, first_event, sends, token_budget(trace))
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     v[starts, DCTX] -= _burst_duplicates(
-        np.asarray(owners)[order],
+        owner,
         starts,
         shared_prefix_tokens(trace, records, cached),
         np.add.reduceat(v[:, DCTX], starts),
     )
     short = np.zeros((len(t), len(FLOORS)))
     short[starts] = _short_of_floors(
-        np.add.reduceat((v[:, 1] > 0).astype(float), starts), np.add.reduceat(v[:, 4], starts) == 0
+        np.add.reduceat((v[:, 1] > 0).astype(float), starts), np.add.reduceat(v[:, 0], starts) == 0
     )
     cum = np.vstack([np.zeros((1, v.shape[1] + len(FLOORS))), np.cumsum(np.hstack([v, short]), axis=0)])
     return t, cum
