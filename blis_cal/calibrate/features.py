@@ -138,7 +138,8 @@ def _chunked_prefills(
         for step in range(last, -1, -1):
             if step < last and (step == 0 or t[starts[step - 1]] <= sends[rid]):
                 break  # the step began (as the one before it ended) before the prompt was sent
-            take = min(left, max(int(room[step]), 0))
+            # The step of its first token computed at least its last prompt token, whatever the budget left.
+            take = min(left, max(int(room[step]), 1 if step == last else 0))
             if take:
                 taken.append((step, take))
                 room[step] -= take
@@ -147,7 +148,7 @@ def _chunked_prefills(
                 break
         if len(taken) <= 1:
             continue  # in one step: the event as it is
-        taken[0] = (taken[0][0], taken[0][1] + left)  # past the budget (a wrong header): its last step
+        taken[0] = (last, taken[0][1] + left)  # past the budget (a wrong header): its last step
         done = 0
         for k, (step, take) in enumerate(reversed(taken)):
             chunk = _chunk_event(take, done, hit)
