@@ -502,7 +502,9 @@ def replay_cmd(
     ),
     num_gpu_blocks: int | None = typer.Option(None, "--num-gpu-blocks", help="KV blocks (default: header)."),
     max_num_seqs: int | None = typer.Option(
-        None, "--max-num-seqs", help="Max running requests (default: header)."
+        None,
+        "--max-num-seqs",
+        help="Max running requests (default: header, else 256 but at most the token budget, as vLLM).",
     ),
     max_num_batched_tokens: int | None = typer.Option(
         None, "--max-num-batched-tokens", help="Token budget per step (default: header)."
