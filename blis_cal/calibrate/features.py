@@ -116,7 +116,6 @@ def _chunked_prefills(
     t: np.ndarray,
     v: np.ndarray,
     owners: np.ndarray,
-    firsts: dict[int, int],
     sends: dict[int, int],
     budget: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -129,7 +128,9 @@ def _chunked_prefills(
     room = budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)
     extra_t: list[int] = []
     extra_v: list[tuple[float, ...]] = []
-    for i in sorted(firsts.values()):  # index of each prompt's event: earliest first token first
+    for i in np.nonzero(v[:, 4] > 0)[
+        0
+    ]:  # each prompt's event (its request count), earliest first token first
         rid = int(owners[i])
         new, hit = int(v[i, 0]), int(v[i, 2])
         last = int(step_of[i])
@@ -187,9 +188,8 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     t = np.asarray(times, dtype=np.int64)[order]
     v = np.asarray(values)[order]
     owner = np.asarray(owners, dtype=np.int64)[order]
-    first_event = {int(owner[i]): i for i in np.nonzero(v[:, 4] > 0)[0]}
     sends = {r.request_id: r.send_time_us for r in records}
-    t, v, owner = _chunked_prefills(t, v, owner, first_event, sends, token_budget(trace))
+    t, v, owner = _chunked_prefills(t, v, owner, sends, token_budget(trace))
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
