@@ -8,7 +8,6 @@ Writing always produces the 27-column layout with relative times.
 
 from __future__ import annotations
 
-import bisect
 import csv
 import dataclasses
 import itertools
@@ -837,27 +836,80 @@ def _step_bursts(trace: Trace) -> list[list[tuple[int, int, int, int]]]:
     return bursts
 
 
+@dataclass(frozen=True, slots=True)
+class PromptToLay:
+    """A prompt as `lay_prompt_chunks` places it: the step that streamed its first token, when it was sent and
+    the tokens the engine computed for it (its prompt less its prefix-cache hit)."""
+
+    first_token_step: int
+    send_us: int
+    new_tokens: int
+
+
+def lay_prompt_chunks(
+    step_begins_us: Sequence[int], room: list[int], prompts: Iterable[PromptToLay]
+) -> list[list[tuple[int, int]]]:
+    """vLLM's chunked prefill as the client can rebuild it: a prompt's chunks stream nothing, so each prompt
+    (in order of first token) takes the steps it needs (`room`, per step: what the token budget leaves beside
+    the step's decodes; consumed here) from the step of its first token back to the first step begun after it
+    was sent (`step_begins_us[s]`: when step s's events arrived, so step s began at step s − 1's). vLLM
+    schedules chunks forward, so every chunk but the last is as large as its step's room and the last, in the
+    step of its first token, is the rest (at least one token; past the budget when no step had room: a header
+    with a wrong budget). Per prompt: [(step, tokens)] from its last step back."""
+    laid = []
+    for prompt in prompts:
+        last = prompt.first_token_step
+        steps = [last]
+        need = prompt.new_tokens - max(room[last], 1)
+        for step in range(last - 1, 0, -1):
+            if need <= 0 or step_begins_us[step - 1] <= prompt.send_us:
+                break  # enough room, or the step began (as the one before it ended) before the prompt was sent
+            if room[step] > 0:
+                steps.append(step)
+                need -= room[step]
+        taken = []
+        left = prompt.new_tokens
+        for step in reversed(steps[1:]):  # earliest first
+            take = min(room[step], left - 1)
+            taken.append((step, take))
+            room[step] -= take
+            left -= take
+        room[last] -= left
+        laid.append([(last, left), *taken[::-1]])
+    return laid
+
+
+def chunked_steps(
+    trace: Trace, bursts: list[list[tuple[int, int, int, int]]], cached: dict[int, int]
+) -> set[int]:
+    """Indexes of the `bursts` (engine steps) that computed a chunk of a prompt whose first token came in a
+    later step (`lay_prompt_chunks`; `cached`: `estimate_cached_tokens`): their events alone do not say what
+    the step did."""
+    records = {r.request_id: r for r in trace.records}
+    budget = token_budget(trace)
+    room = [budget - sum(e[2] > 0 for e in burst) for burst in bursts]
+    prompts = [
+        PromptToLay(i, records[e[1]].send_time_us, records[e[1]].total_input_tokens - cached.get(e[1], 0))
+        for i, burst in enumerate(bursts)
+        for e in burst
+        if e[3] == 0 and e[1] in records
+    ]
+    laid = lay_prompt_chunks([b[0][0] for b in bursts], room, prompts)
+    return {step for taken in laid for step, _ in taken[1:]}
+
+
 def single_decode_steps(trace: Trace) -> list[tuple[int, int]]:
     """Engine steps with one request alone decoding one token, as (duration µs, that request's context: tokens
     in its KV cache), from consecutive bursts of streamed events that each hold a single one-token event of
-    the same request, while no other request was between its send and its first token (a prompt's chunks
-    stream nothing, so such a gap may hold one). They show the server's speed free of batching."""
+    the same request, the later not one that computed a chunk of a prompt (`chunked_steps`: a prompt's chunks
+    stream nothing). They show the server's speed free of batching."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
-    started = [r for r in trace.records if r.first_chunk_time_us]
-    sends = sorted(r.send_time_us for r in started)
-    firsts = sorted(r.first_chunk_time_us for r in started)
-
-    def prefilling(start_us: int, end_us: int) -> bool:
-        # Sent before the gap ends and first token after it starts (every first token <= start was sent before).
-        return bisect.bisect_left(sends, end_us) > bisect.bisect_right(firsts, start_us)
-
+    bursts = _step_bursts(trace)
+    chunked = chunked_steps(trace, bursts, estimate_cached_tokens(trace, trace.records))
     return [
         (b[0][0] - a[0][0], prompts.get(b[0][1], 0) + b[0][3])
-        for a, b in itertools.pairwise(_step_bursts(trace))
-        if len(a) == len(b) == 1
-        and a[0][1] == b[0][1]
-        and a[0][2] == b[0][2] == 1
-        and not prefilling(a[0][0], b[0][0])
+        for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1)
+        if len(a) == len(b) == 1 and a[0][1] == b[0][1] and a[0][2] == b[0][2] == 1 and i not in chunked
     ]
 
 
@@ -965,22 +1017,13 @@ def decode_steps(trace: Trace) -> list[DecodeStep]:
     """Every step whose events are one-token decode events of distinct requests, timed from the previous
     step's events, and streamed to exactly the requests of that step that had tokens still to come (every
     running request decodes in every step): the events of one step that reached the client more than
-    STEP_BURST_GAP_US apart read as two short steps of fewer requests, which this leaves out. A step may still
-    have computed a chunk of a prompt too long for one step's token budget (vLLM chunked prefill: only the last
-    chunk's step streams a first token), so the steps just before each long prompt's first token are left out:
-    as many as its other chunks, plus one for the budget the decoding requests take."""
+    STEP_BURST_GAP_US apart read as two short steps of fewer requests, which this leaves out, as it does the
+    steps that computed a chunk of a prompt streaming its first token later (`chunked_steps`)."""
     prompts = {r.request_id: r.total_input_tokens for r in trace.records}
-    uncached = {r.request_id: r.total_input_tokens - (r.cached_tokens or 0) for r in trace.records}
-    budget = token_budget(trace)
     bursts = _step_bursts(trace)
-    chunked: set[int] = set()  # burst indexes whose step may have computed part of a prompt
-    for i, burst in enumerate(bursts):
-        for e in burst:
-            if e[3] == 0:  # a first token: its prompt's earlier chunks ran in the steps before
-                other_chunks = -(-uncached.get(e[1], 0) // max(budget - len(burst), 1)) - 1
-                if other_chunks > 0:
-                    chunked.update(range(max(i - other_chunks - 1, 0), i))
-    shares = shared_prefix_tokens(trace, trace.records, estimate_cached_tokens(trace, trace.records))
+    cached = estimate_cached_tokens(trace, trace.records)
+    chunked = chunked_steps(trace, bursts, cached)
+    shares = shared_prefix_tokens(trace, trace.records, cached)
     last = {rid: len(chunks) - 1 for rid, chunks in trace.itl.items()}
     steps = []
     for i, (a, b) in enumerate(itertools.pairwise(bursts), start=1):

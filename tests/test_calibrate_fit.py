@@ -18,6 +18,7 @@ from blis_cal.calibrate.features import (
     decode_step_rows,
     estimate_cached_tokens,
     idle_prefill_rows,
+    prefill_step_rows,
     window_rows,
 )
 from blis_cal.calibrate.fit import (
@@ -478,6 +479,19 @@ def test_window_features_follow_prompts_chunked_through_a_small_budget():
     totals = dict(zip(EVENT_COLUMNS, cum[-1], strict=False))
     assert totals["P"] == sum(n for n, _ in new) and totals["Np"] == len(records)
     assert totals["Ppairs"] == sum(attention_pairs(n, hit) for n, hit in new)
+
+
+def test_prefill_steps_hold_the_chunks_vllm_computed_in_them():
+    """Through a 128-token budget a prompt runs over several steps, its first chunks filling them (vLLM
+    schedules chunks forward) and its last one the rest. Rebuilt so, the steps measured with a prefill cost
+    what the true β says of their features (with every prompt counted in the step of its first token, only 15
+    steps of the 200 requests stayed within the budget to be measured)."""
+    config = dataclasses.replace(CONFIG, max_num_batched_tokens=128)
+    trace = simulated_trace(poisson_requests(200, 6.0, seed=1), config, BlackboxModel(ALPHA, BETA))
+    rows = prefill_step_rows(trace)
+    ratio = rows.duration_us / (rows.matrix(("const", "P", "D")) @ np.asarray(BETA))
+    assert len(ratio) > 400 and np.mean(np.abs(ratio - 1) < 0.01) > 0.95
+    assert np.all(np.abs(np.quantile(ratio, [0.01, 0.99]) - 1) < 0.1)
 
 
 def test_fit_rejects_bad_input(trace_a):

@@ -14,6 +14,7 @@ from blis_cal.trace import (
     BASE_COLUMNS,
     FEB_COLUMNS,
     Chunk,
+    PromptToLay,
     ServerInfo,
     Trace,
     TraceHeader,
@@ -25,6 +26,7 @@ from blis_cal.trace import (
     estimate_cached_tokens,
     is_user_session,
     itl_means_us,
+    lay_prompt_chunks,
     read_trace,
     single_decode_step_us,
     trace_frame,
@@ -247,18 +249,44 @@ def test_single_request_decode_step_ignores_batched_and_coalesced_events():
     assert single_decode_step_us(few) is None and "single_decode_step_ms" not in trace_summary(few)
 
 
-def test_single_request_decode_step_leaves_out_gaps_while_another_prompt_is_prefilling():
-    # Request 0 streams alone: 25 gaps of 15 ms, then 30 of 40 ms while request 1 (sent at 390 ms, first token
-    # at 1,600 ms) is prefilling, its chunks sharing those steps unseen. Only the first 25 are its own steps.
+def test_single_request_decode_step_leaves_out_steps_that_computed_another_prompts_chunks():
+    # Request 0 streams alone: 25 gaps of 15 ms, then 30 of 40 ms while request 1 (sent at 370 ms, first token
+    # at 1,600 ms) prefills 1,458 tokens through a 48-token budget: 47 beside request 0's decode in each of
+    # those 30 steps (all begun after its send) and 48 in the step of its first token. They stream nothing, so
+    # only the first 25 gaps are request 0's own steps.
     times = [15_000 * k for k in range(26)] + [375_000 + 40_000 * k for k in range(1, 31)]
+    prompt = {"input_tokens": 1458, "server_input_tokens": 1458}
     records = [
         _record(0, output_tokens=len(times), send_time_us=0, first_chunk_time_us=0),
-        _record(1, output_tokens=1, send_time_us=390_000, first_chunk_time_us=1_600_000),
+        _record(1, output_tokens=1, send_time_us=370_000, first_chunk_time_us=1_600_000, **prompt),
     ]
-    trace = Trace(TraceHeader(), records, {0: [Chunk(t, 1) for t in times], 1: [Chunk(1_600_000, 1)]})
-    assert single_decode_step_us(trace) == 15_000
-    alone = Trace(TraceHeader(), records[:1], {0: [Chunk(t, 1) for t in times]})
+    itl = {0: [Chunk(t, 1) for t in times], 1: [Chunk(1_600_000, 1)]}
+    header = TraceHeader(server=ServerInfo(max_num_batched_tokens=48))
+    assert single_decode_step_us(Trace(header, records, itl)) == 15_000
+    # Through a 2,048-token budget the prompt is one step, that of its first token: the gaps are request 0's.
+    assert single_decode_step_us(Trace(TraceHeader(), records, itl)) == 40_000
+    alone = Trace(header, records[:1], {0: itl[0]})
     assert single_decode_step_us(alone) == 40_000  # without request 1 the gaps read as request 0's steps
+
+
+def test_prompts_are_laid_over_the_steps_before_their_first_token_each_chunk_but_the_last_filling_its_step():
+    # Steps' events at 10, 20, ..., 80 ms; room beside the decodes 5 tokens per step (the last 2). vLLM
+    # schedules chunks forward: a prompt's first chunks take all the room, its last one the rest.
+    begins = [10_000 * k for k in range(1, 9)]
+    room = [5] * 7 + [2]
+    prompts = [
+        PromptToLay(first_token_step=3, send_us=15_000, new_tokens=9),  # steps 2 and 3 begun after its send
+        PromptToLay(first_token_step=7, send_us=35_000, new_tokens=30),  # more than steps 4-7 can hold
+        PromptToLay(first_token_step=7, send_us=75_000, new_tokens=4),  # sent as step 7 began: no room
+    ]
+    laid = lay_prompt_chunks(begins, room, prompts)
+    assert laid[0] == [(3, 4), (2, 5)]  # the first chunk fills its step, the last is the rest
+    # Steps 4-6 (begun after its send) are full; the 15 left, more than step 7's room, go there (a wrong budget).
+    assert laid[1] == [(7, 15), (6, 5), (5, 5), (4, 5)]
+    assert laid[2] == [(7, 4)]  # no room left: all of it in the step of its first token, past the budget
+    for prompt, taken in zip(prompts, laid, strict=True):  # conservation
+        assert sum(tokens for _, tokens in taken) == prompt.new_tokens
+    assert room == [5, 5, 0, 1, 0, 0, 0, -17]  # consumed
 
 
 def test_decode_steps_are_timed_from_the_previous_step_and_count_the_batch():

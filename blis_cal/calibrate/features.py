@@ -22,12 +22,14 @@ from blis_cal.trace import (
     STEP_BURST_GAP_US,
     Chunk,
     DecodeStep,
+    PromptToLay,
     Trace,
     TraceRecord,
     burst_delivered,
     duplicated_prefix_tokens,
     estimate_cached_tokens,
     itl_means_us,
+    lay_prompt_chunks,
     ok_records,
     shared_prefix_tokens,
     token_budget,
@@ -119,38 +121,23 @@ def _chunked_prefills(
     sends: dict[int, int],
     budget: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The prompts laid over the steps that computed them (vLLM's chunked prefill): each prompt's new tokens
-    fill what the token budget leaves beside the step's decodes, from the step that emitted its first token
-    back to the first step begun after it was sent, prompts that finished earlier first. One event per chunk,
-    at the time of its step's events (a prompt that fits its last step stays one event, as before)."""
+    """The prompts laid over the steps that computed them (`trace.lay_prompt_chunks`, vLLM's chunked prefill).
+    One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
-    room = budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)
+    room = (budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)).tolist()
+    events = np.nonzero(v[:, 4] > 0)[0]  # each prompt's event (its request count), earliest first token first
+    laid = lay_prompt_chunks(
+        t[starts].tolist(),
+        room,
+        (PromptToLay(int(step_of[i]), sends[int(owners[i])], int(v[i, 0])) for i in events),
+    )
     extra_t: list[int] = []
     extra_v: list[tuple[float, ...]] = []
-    for i in np.nonzero(v[:, 4] > 0)[
-        0
-    ]:  # each prompt's event (its request count), earliest first token first
-        rid = int(owners[i])
-        new, hit = int(v[i, 0]), int(v[i, 2])
-        last = int(step_of[i])
-        taken: list[tuple[int, int]] = []
-        left = new
-        for step in range(last, -1, -1):
-            if step < last and (step == 0 or t[starts[step - 1]] <= sends[rid]):
-                break  # the step began (as the one before it ended) before the prompt was sent
-            # The step of its first token computed at least its last prompt token, whatever the budget left.
-            take = min(left, max(int(room[step]), 1 if step == last else 0))
-            if take:
-                taken.append((step, take))
-                room[step] -= take
-                left -= take
-            if not left:
-                break
+    for i, taken in zip(events, laid, strict=True):
         if len(taken) <= 1:
             continue  # in one step: the event as it is
-        taken[0] = (last, taken[0][1] + left)  # past the budget (a wrong header): its last step
-        done = 0
+        hit, done = int(v[i, 2]), 0
         for k, (step, take) in enumerate(reversed(taken)):
             chunk = _chunk_event(take, done, hit)
             done += take
@@ -168,7 +155,11 @@ def _chunked_prefills(
     return t2[order], v2, owners2
 
 
-def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
+def _laid_events(
+    trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every streamed event in time order, (time µs, EVENT_COLUMNS, owner request id), each prompt laid over
+    the steps that computed it (`_chunked_prefills`; its earlier chunks owned by no request)."""
     times: list[int] = []
     owners: list[int] = []
     values: list[tuple[float, ...]] = []
@@ -189,7 +180,11 @@ def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]
     v = np.asarray(values)[order]
     owner = np.asarray(owners, dtype=np.int64)[order]
     sends = {r.request_id: r.send_time_us for r in records}
-    t, v, owner = _chunked_prefills(t, v, owner, sends, token_budget(trace))
+    return _chunked_prefills(t, v, owner, sends, token_budget(trace))
+
+
+def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
+    t, v, owner = _laid_events(trace, records, cached)
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
@@ -325,49 +320,46 @@ class StepRows(FeatureMatrix):
     counts: np.ndarray | None = None  # rows that are medians: how many steps each is the median of
 
 
-def prefill_step_rows(trace: Trace, burst_gap_us: int = STEP_BURST_GAP_US) -> StepRows:
+def prefill_step_rows(trace: Trace) -> StepRows:
     """Steps reconstructed from bursts of streamed events (the events of one step arrive within a few ms).
 
     A burst holding a request's first token and other requests' decode tokens ends a step that ran back to
     back with the previous one (those decodes were in flight), so its duration is the time since the
-    previous burst. These steps measure the prefill cost inside the step (β1), which stalls every decode.
+    previous burst. These steps measure the prefill cost inside the step (β1), which stalls every decode. A
+    prompt's chunks are laid over the steps that computed them (`_laid_events`), so a step holds what vLLM
+    computed in it, the chunk of a prompt whose first token came later included.
     """
     records = ok_records(trace)
     cached = estimate_cached_tokens(trace, records)
-    ev_t: list[int] = []
-    ev_owner: list[int] = []
-    ev_v: list[tuple[float, ...]] = []  # EVENT_COLUMNS, then the send time of a prefilled request
-    for rec in records:
-        chunks = chunks_of(trace, rec)
-        total, hit = rec.total_input_tokens, cached.get(rec.request_id, 0)
-        ev_t.append(chunks[0].timestamp_us)
-        ev_v.append((*_prefill_event(total, hit), float(rec.send_time_us)))
-        produced = chunks[0].tokens
-        for chunk in chunks[1:]:
-            produced += chunk.tokens
-            ev_t.append(chunk.timestamp_us)
-            ev_v.append((*_decode_event(chunk.tokens, total + produced - 1), 0.0))
-        ev_owner += [rec.request_id] * len(chunks)
-    if not ev_t:
+    t, v, owner = _laid_events(trace, records, cached)
+    if not len(t):
         return StepRows(
             np.zeros(0),
             np.zeros(0, dtype=np.int64),
             {c: np.zeros(0) for c in ("const", *EVENT_COLUMNS, *FLOOR_COLUMNS)},
         )
-    order = np.argsort(np.asarray(ev_t), kind="stable")
-    t = np.asarray(ev_t, dtype=np.int64)[order]
-    v = np.asarray(ev_v, dtype=float)[order]
-    starts = np.r_[0, np.nonzero(np.diff(t) > burst_gap_us)[0] + 1]
+    starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     sums = np.add.reduceat(v, starts, axis=0)
     sums[:, DCTX] -= _burst_duplicates(
-        np.asarray(ev_owner)[order], starts, shared_prefix_tokens(trace, records, cached), sums[:, DCTX]
+        owner, starts, shared_prefix_tokens(trace, records, cached), sums[:, DCTX]
     )
-    latest_send = np.maximum.reduceat(v[:, -1], starts)
+    # A prompt's last chunk (its first token) keeps its request; the chunks before it ran in steps begun after
+    # its send.
+    send_of = {r.request_id: r.send_time_us for r in records}
+    sends = np.fromiter(
+        (
+            send_of[o] if p > 0 and o >= 0 else 0
+            for o, p in zip(owner.tolist(), v[:, 0].tolist(), strict=True)
+        ),
+        np.int64,
+        len(owner),
+    )
+    latest_send = np.maximum.reduceat(sends, starts)
     begin = t[starts]
     durations = np.diff(begin)
     s = sums[1:]
     # Prefill in the burst, decodes in flight, the prefilled requests sent before the step began, and the
-    # step within the token budget (a larger prefill was chunked over earlier steps: vLLM's chunked prefill).
+    # step within the token budget (a wrong header's budget).
     budget = token_budget(trace)
     keep = (s[:, 0] > 0) & (s[:, 1] > 0) & (latest_send[1:] < begin[:-1]) & (s[:, 0] + s[:, 1] <= budget)
     features = {"const": np.ones(int(keep.sum()))}
