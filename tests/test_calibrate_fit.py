@@ -494,6 +494,14 @@ def test_prefill_steps_hold_the_chunks_vllm_computed_in_them():
     assert np.all(np.abs(np.quantile(ratio, [0.01, 0.99]) - 1) < 0.1)
 
 
+def test_a_trace_without_answered_requests_gives_no_feature_rows():
+    trace = simulated_trace(poisson_requests(5, 1.0, seed=2), CONFIG, BlackboxModel(ALPHA, BETA))
+    failed = dataclasses.replace(
+        trace, records=[dataclasses.replace(r, status="error") for r in trace.records]
+    )
+    assert len(window_rows(failed).itl_us) == 0 and len(prefill_step_rows(failed).duration_us) == 0
+
+
 def test_fit_rejects_bad_input(trace_a):
     with pytest.raises(CalibrationError, match="no traces"):
         fit([])

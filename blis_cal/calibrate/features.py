@@ -123,6 +123,8 @@ def _chunked_prefills(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The prompts laid over the steps that computed them (`trace.lay_prompt_chunks`, vLLM's chunked prefill).
     One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
+    if not len(t):
+        return t, v, owners
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
     room = (budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)).tolist()
@@ -177,7 +179,7 @@ def _laid_events(
         owners += [rec.request_id] * len(chunks)
     order = np.argsort(np.asarray(times, dtype=np.int64), kind="stable")
     t = np.asarray(times, dtype=np.int64)[order]
-    v = np.asarray(values)[order]
+    v = np.asarray(values, dtype=float).reshape(-1, len(EVENT_COLUMNS))[order]
     owner = np.asarray(owners, dtype=np.int64)[order]
     sends = {r.request_id: r.send_time_us for r in records}
     return _chunked_prefills(t, v, owner, sends, token_budget(trace))
@@ -185,6 +187,8 @@ def _laid_events(
 
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):
     t, v, owner = _laid_events(trace, records, cached)
+    if not len(t):
+        return t, np.zeros((1, v.shape[1] + len(FLOORS)))
     # Each pure-decode step's requests short of each floor, counted at the step's first event (a burst: its
     # events; an event carrying several tokens of one request is one request).
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
