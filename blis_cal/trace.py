@@ -871,9 +871,10 @@ def lay_prompt_chunks(
         left = prompt.new_tokens
         for step in reversed(steps[1:]):  # earliest first
             take = min(room[step], left - 1)
-            taken.append((step, take))
-            room[step] -= take
-            left -= take
+            if take > 0:  # 0: an earlier step had more room than the prompt needed (it waited, not computed)
+                taken.append((step, take))
+                room[step] -= take
+                left -= take
         room[last] -= left
         laid.append([(last, left), *taken[::-1]])
     return laid

@@ -287,6 +287,10 @@ def test_prompts_are_laid_over_the_steps_before_their_first_token_each_chunk_but
     for prompt, taken in zip(prompts, laid, strict=True):  # conservation
         assert sum(tokens for _, tokens in taken) == prompt.new_tokens
     assert room == [5, 5, 0, 1, 0, 0, 0, -17]  # consumed
+    # A step with more room than the prompt needed before it computes the prompt's first chunk; no step is
+    # left holding an empty one.
+    wide = lay_prompt_chunks([10_000, 20_000, 30_000, 40_000], [0, 100, 3, 2], [PromptToLay(3, 5_000, 10)])
+    assert wide == [[(3, 1), (1, 9)]]
 
 
 def test_decode_steps_are_timed_from_the_previous_step_and_count_the_batch():
