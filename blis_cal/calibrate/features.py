@@ -123,8 +123,6 @@ def _chunked_prefills(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The prompts laid over the steps that computed them (`trace.lay_prompt_chunks`, vLLM's chunked prefill).
     One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
-    if not len(t):
-        return t, v, owners
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
     room = (budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)).tolist()
@@ -181,6 +179,8 @@ def _laid_events(
     t = np.asarray(times, dtype=np.int64)[order]
     v = np.asarray(values, dtype=float).reshape(-1, len(EVENT_COLUMNS))[order]
     owner = np.asarray(owners, dtype=np.int64)[order]
+    if not len(t):
+        return t, v, owner
     sends = {r.request_id: r.send_time_us for r in records}
     return _chunked_prefills(t, v, owner, sends, token_budget(trace))
 
@@ -350,14 +350,9 @@ def prefill_step_rows(trace: Trace) -> StepRows:
     # A prompt's last chunk (its first token) keeps its request; the chunks before it ran in steps begun after
     # its send.
     send_of = {r.request_id: r.send_time_us for r in records}
-    sends = np.fromiter(
-        (
-            send_of[o] if p > 0 and o >= 0 else 0
-            for o, p in zip(owner.tolist(), v[:, 0].tolist(), strict=True)
-        ),
-        np.int64,
-        len(owner),
-    )
+    last_chunks = np.nonzero((v[:, 0] > 0) & (owner >= 0))[0]
+    sends = np.zeros(len(owner), dtype=np.int64)
+    sends[last_chunks] = [send_of[o] for o in owner[last_chunks].tolist()]
     latest_send = np.maximum.reduceat(sends, starts)
     begin = t[starts]
     durations = np.diff(begin)
