@@ -22,7 +22,7 @@ from blis_cal.calibrate.features import (
     window_rows,
 )
 from blis_cal.calibrate.fit import (
-    DECODE_STEP_MIN_SLOPE,
+    DECODE_STEP_SLOPE,
     FLOOR_SUPPORT,
     LIGHT_LOAD_BATCH,
     PAIR_MAX_TOKEN_SHARE,
@@ -40,7 +40,7 @@ from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
-from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, PAST_TABLE, attention_pairs
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, attention_pairs
 from blis_cal.trace import DecodeStep, decode_steps, ok_records, read_trace
 
 CONFIG = SimConfig(
@@ -262,7 +262,8 @@ def test_parameter_recovery_batch_table_form():
     """Pure-decode steps with an offset per batch size on top of a floor (the CPU build's shape: a step of 2
     decoding requests slower than one of 1 or 3): blackbox-table gives every pure-decode step of 1-8 requests
     within 2 %, where blackbox-floor, a line and a floor, misses the step of 2 by more than 5 %; and a
-    trace without offsets gets none (each within 1 % of its step)."""
+    trace without offsets gets none at the sizes it shows (each within 1 % of its step), past which a step
+    grows by DECODE_STEP_SLOPE·β1 per request besides context, not by the line's β2."""
     floor = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 1500.0, 6000.0, 0.0, 0.0)
     table = (-800.0, 1400.0, -300.0, 0.0, 600.0, 0.0, 0.0, 0.0)
     truth = BlackboxModel(ALPHA, (*floor, *table))
@@ -285,18 +286,24 @@ def test_parameter_recovery_batch_table_form():
     np.testing.assert_allclose(steps(fitted), steps(truth), rtol=0.02)
     line = BlackboxModel(*direct_estimate(traces, model_forms.get("blackbox-floor")))
     assert abs(steps(line)[1] / steps(truth)[1] - 1) > 0.05
-    plain = BlackboxModel(ALPHA, floor)
-    offsets = np.array(
-        direct_estimate(traces_of(plain), model_forms.get("blackbox-table"))[1][BATCH_TABLE:PAST_TABLE]
+    plain = traces_of(BlackboxModel(ALPHA, floor))
+    top = int(max(max(decode_step_rows(nt.diagnostics().steps).features["D"], default=0) for nt in plain))
+    beta = direct_estimate(plain, model_forms.get("blackbox-table"))[1]
+    offsets = np.array(beta[BATCH_TABLE : BATCH_TABLE + top])
+    assert np.all(np.abs(offsets) < 0.01 * steps(BlackboxModel(ALPHA, floor), range(1, top + 1)))
+    fitted = BlackboxModel(ALPHA, beta)
+    grown = steps(fitted, (top, top + 10))
+    assert grown[1] - grown[0] == pytest.approx(
+        10 * (DECODE_STEP_SLOPE * beta[1] + beta[4] * context), rel=0.01
     )
-    assert np.all(np.abs(offsets) < 0.01 * steps(plain, range(1, BATCH_TABLE_SIZES + 1)))
 
 
 def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_largest():
     """Offsets come from the batch sizes with median pure-decode steps; a size between two of them takes the
-    offset interpolated between theirs, sizes past the largest keep its offset (the line's slope carries on
-    from the last median step, with no jump back onto the line), and batches past the table take its last."""
-    beta = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    offset interpolated between theirs, sizes past the largest keep its offset where the line already rises by
+    DECODE_STEP_SLOPE·β1 per request besides context (no jump back onto the line), and batches past the table
+    take its last."""
+    beta = (6000.0, 1000.0, DECODE_STEP_SLOPE * 1000.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     line = BlackboxModel(ALPHA, beta)
     excess = {2: 900, 6: -300, 10: -1500}  # over the line; centred on their steps (equal counts): -300
     steps = [
@@ -305,7 +312,7 @@ def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_l
         for i in range(DECODE_STEPS_MIN)
     ]
     *table, past = with_batch_table(beta, [decode_step_rows(steps)])[BATCH_TABLE:]
-    assert len(table) == BATCH_TABLE_SIZES and past == 0.0  # the line rises by more than 2·β1 already
+    assert len(table) == BATCH_TABLE_SIZES and past == 0.0
     assert table[:10] == [1200.0, 1200.0, 900.0, 600.0, 300.0, 0.0, -300.0, -600.0, -900.0, -1200.0]
     assert set(table[10:]) == {-1200.0}
     model = BlackboxModel(ALPHA, (*beta, *table))
@@ -313,34 +320,29 @@ def test_batch_table_offsets_interpolate_between_sizes_seen_and_carry_past_the_l
         assert model.decode_only_step_us(n, 100 * n) - line.decode_only_step_us(n, 100 * n) == -1200
 
 
-def test_past_the_largest_batch_seen_a_step_grows_by_at_least_two_prompt_tokens_per_request():
-    """A light load's line may rise more slowly than any heavier load's steps do: past the largest batch with
-    a median step, the offsets add what the line lacks of DECODE_STEP_MIN_SLOPE·β1 per decoding request, and
-    β43 adds it past the table's largest size (vLLM runs up to --max-num-seqs, 256 by default)."""
-    slow = (6000.0, 600.0, 600.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # the line: 650 µs per request
-    line = BlackboxModel(ALPHA, slow)
+@pytest.mark.parametrize("decode_price", [600.0, 1500.0], ids=["flat line", "steep line"])
+def test_past_the_largest_batch_seen_a_step_grows_by_the_decode_step_slope(decode_price):
+    """A light load measures the price of a decoding request (β2) loosely: past the largest batch with a median
+    step, the offsets make a step grow by DECODE_STEP_SLOPE·β1 per decoding request besides its context at β4,
+    whether the line rises more slowly or faster, and β43 carries that past the table's largest size (vLLM runs
+    up to --max-num-seqs, 256 by default). A step still grows with every request."""
+    beta = (6000.0, 600.0, decode_price, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    line = BlackboxModel(ALPHA, beta)
     steps = [
         DecodeStep(i, line.decode_only_step_us(n, 100 * n), n, 100 * n)
         for n in range(1, 7)
         for i in range(DECODE_STEPS_MIN)
     ]
-    *table, past = with_batch_table(slow, [decode_step_rows(steps)])[BATCH_TABLE:]
-    extra = DECODE_STEP_MIN_SLOPE * 600.0 - 650.0
+    *table, past = with_batch_table(beta, [decode_step_rows(steps)])[BATCH_TABLE:]
+    growth = DECODE_STEP_SLOPE * 600.0 + 0.5 * 100  # per request: β1's share and its 100 tokens of context
+    correction = growth - (decode_price + 50.0)
     assert table[:6] == [0.0] * 6
-    assert table[6:] == pytest.approx([extra * k for k in range(1, BATCH_TABLE_SIZES - 5)])
-    assert past == pytest.approx(extra)
-    model = BlackboxModel(ALPHA, (*slow, *table, past))
+    assert table[6:] == pytest.approx([correction * k for k in range(1, BATCH_TABLE_SIZES - 5)])
+    assert past == pytest.approx(correction)
+    model = BlackboxModel(ALPHA, (*beta, *table, past))
     for n in (7, 16, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 1, 64):
         grown = model.decode_only_step_us(n, 100 * n) - model.decode_only_step_us(6, 600)
-        assert grown == pytest.approx(DECODE_STEP_MIN_SLOPE * 600.0 * (n - 6), abs=1)
-    steep = (6000.0, 20.0, 1500.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)  # already past 2·β1: carried as is
-    line = BlackboxModel(ALPHA, steep)
-    steps = [
-        DecodeStep(i, line.decode_only_step_us(n, 100 * n), n, 100 * n) for n in (1, 6) for i in range(20)
-    ]
-    assert with_batch_table(steep, [decode_step_rows(steps)])[BATCH_TABLE:] == (0.0,) * (
-        BATCH_TABLE_SIZES + 1
-    )
+        assert grown == pytest.approx(growth * (n - 6), abs=1)
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():

@@ -215,12 +215,12 @@ def test_unknown_scheduler_lists_allowed():
         (
             (1, 2, 3),
             (1, 2, 3, *[0] * 7, -1),
-            r"beta\[10\] is -1.0; .*only beta\[11:43\], offsets, may be negative",
+            r"beta\[10\] is -1.0; .*only beta\[11:44\], offsets, may be negative",
         ),
         (
             (1, 2, 3),
-            (1, 2, 3, *[0] * 40, -1),
-            r"beta\[43\] is -1.0; .*only beta\[11:43\], offsets, may be negative",
+            (1, 2, 3, *[0] * 41, -1),
+            r"beta\[44\] is -1.0; .*only beta\[11:44\], offsets, may be negative",
         ),
     ],
 )
@@ -269,10 +269,12 @@ def test_past_the_table_a_pure_decode_step_takes_the_last_offset_and_beta43_per_
     table = (*[0] * 31, 700)  # β42: steps of 32 or more decoding requests
     old = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table))  # an entry from before β43
     grown = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table, 50))
+    flatter = BlackboxModel((0, 0, 0), (*line, *[0] * 8, *table, -50))  # growth below the line's
     plain = BlackboxModel((0, 0, 0), line)
     for n in (32, 33, 64):
         assert old.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) == 700
         assert grown.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) == 700 + 50 * (n - 32)
+        assert flatter.decode_only_step_us(n, 0) - plain.decode_only_step_us(n, 0) == 700 - 50 * (n - 32)
 
 
 def test_coefficients_lookup_and_missing_triple():

@@ -163,12 +163,13 @@ model_forms.register("blackbox-floor")(
         decode_pays_prefill=True,
     )
 )
-# Past the batch sizes a fit saw, a pure-decode step grows by at least this many prompt tokens' price (β1)
-# per decoding request: a decoding request runs the linear layers a prompt token does, and its attention,
-# sampling and bookkeeping cost about as much again. The fits on each of days 13-18 (20-64 requests at once)
-# grow 2.1-2.7 β1 per request past the floor; day 18's a08 + prefix10 pair, whose steps barely grow up to the
-# 6 requests it saw, drew 1.3 β1 and under-predicted a step of 16 requests by 22 % (docs/accuracy.md).
-DECODE_STEP_MIN_SLOPE = 2.0
+# Past the batch sizes a fit saw, a pure-decode step grows by this many prompt tokens' price (β1) per decoding
+# request besides its context's (β4): a decoding request runs the linear layers a prompt token does, plus its
+# sampling and bookkeeping. Within 94 captures of days 4-38, steps past the largest size their day's a08 +
+# prefix10 pair saw grew by a median 1.28 β1 per request (quartiles 1.16-1.47; 1.29 on days 4-25, 1.25 on
+# 26-38), while the pairs' own lines rose by 1.0-2.2 β1 (β2): a light load measures β2 loosely
+# (docs/accuracy.md, thirty-first session).
+DECODE_STEP_SLOPE = 1.28
 model_forms.register("blackbox-table")(
     replace(
         model_forms.get("blackbox-floor"),
@@ -176,8 +177,8 @@ model_forms.register("blackbox-table")(
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
         "that size over the floor form's, centred on the steps; sizes without one interpolated, past the "
-        "largest seen its offset, growing by at least "
-        f"{DECODE_STEP_MIN_SLOPE:g}·β1 per request, and larger batches that of the last size, growing so too: "
+        "largest seen its offset, corrected so that a step grows by "
+        f"{DECODE_STEP_SLOPE:g}·β1 per request besides context, and larger batches that of the last size, growing so too: "
         f"β{BATCH_TABLE + BATCH_TABLE_SIZES} per request past {BATCH_TABLE_SIZES}), for what a line and a floor "
         "cannot follow (vLLM's CPU build runs 2 decoding requests slower than 1 or 3 and grows more slowly "
         "past 8; GPU builds pad decode batches to CUDA-graph sizes)",
@@ -408,8 +409,8 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     mean of that over all those steps. Centred, the offsets move time between batch sizes and leave the
     level to `beta`: the medians sit below the mean steps a request's ITL averages, and offsets that lowered
     light loads had the refinement scale every β up, over-predicting heavier loads (docs/accuracy.md). Past the
-    largest size seen (and past the table: β43), a step grows by at least DECODE_STEP_MIN_SLOPE·β1 per decoding
-    request."""
+    largest size seen (and past the table: β43), a step grows by DECODE_STEP_SLOPE·β1 per decoding request
+    besides its context at β4, whatever the line's slope."""
     model = BlackboxModel((0.0, 0.0, 0.0), beta)
     excess: dict[int, list[float]] = {}
     contexts: dict[int, list[float]] = {}  # Σ context of the size's median rows
@@ -432,15 +433,16 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     # below the smallest) the offset of that one: the line's slope carries on from the last median step ...
     sizes = sorted(median)
     table = np.interp(np.arange(1, BATCH_TABLE_SIZES + 1), sizes, [median[n] - centre for n in sizes])
-    # ... but never more slowly than DECODE_STEP_MIN_SLOPE prompt tokens per decoding request, past the table too.
+    # ... corrected so that from there a decoding request adds DECODE_STEP_SLOPE prompt tokens' price and its
+    # context's, past the table too.
     top = sizes[-1]
     per_request = float(np.median(contexts[top])) / top
     line = model.decode_only_step_us(top + 1, round(per_request * (top + 1))) - model.decode_only_step_us(
         top, round(per_request * top)
     )
-    lacking = max(DECODE_STEP_MIN_SLOPE * beta[1] - line, 0.0)
-    table[top:] += lacking * np.arange(1, BATCH_TABLE_SIZES - top + 1)
-    return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table), _clean(lacking))
+    correction = DECODE_STEP_SLOPE * beta[1] + beta[4] * per_request - line
+    table[top:] += correction * np.arange(1, BATCH_TABLE_SIZES - top + 1)
+    return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table), _clean(correction))
 
 
 # Batch sizes above a floor with a median pure-decode step, for the slope past it. With β7 = β2 (until the
@@ -848,7 +850,7 @@ def fit(
     if form.batch_table:
         method += (
             f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred, "
-            f"interpolated between sizes seen, past the largest at least {DECODE_STEP_MIN_SLOPE:g}·β1 per request)"
+            f"interpolated between sizes seen, past the largest {DECODE_STEP_SLOPE:g}·β1 per request besides context)"
         )
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
@@ -889,8 +891,8 @@ def fit(
     if result.decode_batch_max < LIGHT_LOAD_BATCH:
         result.notes.append(
             f"the fit's traces decoded at most {result.decode_batch_max} requests at once (batch sizes seen in "
-            f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated (see the "
-            "β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
+            f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated "
+            f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context; see the β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
             "higher rate or a closed loop)"
         )
     if not _has_vllm_times(rows.prefills):
@@ -926,7 +928,7 @@ def fit(
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)
-        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # β11-β42 may be negative
+        scaled[:, 3:] *= final[3:] / np.where(base[3:] != 0, base[3:], 1.0)  # β11-β43 may be negative
         lo, hi = np.percentile(scaled, 2.5, axis=0), np.percentile(scaled, 97.5, axis=0)
         result.alpha_ci = [(float(lo[i]), float(hi[i])) for i in range(3)]
         result.beta_ci = [(float(lo[i]), float(hi[i])) for i in range(3, len(base))]

@@ -24,9 +24,9 @@ the step (per-sequence setup: a later chunk of a chunked prefill is not counted 
 (per-sequence overheads); the β7/β8 term is a floor under pure-decode steps: with no prefill,
 each decoding request short of k = β8/β7 adds β7 (with β7 = β2 such a step costs as if k decoded: it is bound
 by reading the weights, not by computing its tokens; the roofline's knee), while a step with a prefill is
-compute-bound and pays every decode in full. β11–β42, the only terms that may be negative, are offsets of
+compute-bound and pays every decode in full. β11–β43, the only terms that may be negative, are offsets of
 pure-decode steps of 1–32 requests (larger ones take the offset of 32, and β43 more per request past 32: the
-table's growth carried on): what a line and a floor cannot follow
+table's growth carried on, steeper or flatter than the line): what a line and a floor cannot follow
 (vLLM's CPU build runs a step of 2 decoding requests ~1.4 ms slower than one of 1 or 3, and its steps grow
 more slowly past 8 than a line through the smaller ones; on GPUs vLLM pads decode batches to CUDA-graph
 sizes).
@@ -64,8 +64,10 @@ BETA_TERMS = (
     f"pure_decode_growth_past_{BATCH_TABLE_SIZES}",
     "prefill_cached_pairs",
 )
-BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42
-OFFSET_TERMS = range(BATCH_TABLE, BATCH_TABLE + BATCH_TABLE_SIZES)  # the only signed coefficients
+BATCH_TABLE = BETA_TERMS.index("pure_decode_step_of_1")  # β11-β42 (β43: past them)
+OFFSET_TERMS = range(
+    BATCH_TABLE, BATCH_TABLE + BATCH_TABLE_SIZES + 1
+)  # β11-β43: the only signed coefficients
 PAST_TABLE = BATCH_TABLE + BATCH_TABLE_SIZES  # β43
 PAIRS_TERM = BETA_TERMS.index("prefill_attention_pairs")  # β10
 CACHED_PAIRS_TERM = BETA_TERMS.index("prefill_cached_pairs")  # β44
