@@ -343,6 +343,10 @@ def test_past_the_largest_batch_seen_a_step_grows_by_the_decode_step_slope(decod
     for n in (7, 16, BATCH_TABLE_SIZES, BATCH_TABLE_SIZES + 1, 64):
         grown = model.decode_only_step_us(n, 100 * n) - model.decode_only_step_us(6, 600)
         assert grown == pytest.approx(growth * (n - 6), abs=1)
+    unpriced = (6000.0, 0.0, *beta[2:])  # no prompt token priced: nothing to scale, the line carries on
+    assert with_batch_table(unpriced, [decode_step_rows(steps)])[BATCH_TABLE:] == (0.0,) * (
+        BATCH_TABLE_SIZES + 1
+    )
 
 
 def test_floor_form_without_a_floor_is_the_ctx_fit():

@@ -440,7 +440,8 @@ def with_batch_table(beta: Sequence[float], decodes: Sequence[StepRows]) -> tupl
     line = model.decode_only_step_us(top + 1, round(per_request * (top + 1))) - model.decode_only_step_us(
         top, round(per_request * top)
     )
-    correction = DECODE_STEP_SLOPE * beta[1] + beta[4] * per_request - line
+    # A fit that priced no prompt token (β1 = 0) has nothing to scale: its line carries on.
+    correction = DECODE_STEP_SLOPE * beta[1] + beta[4] * per_request - line if beta[1] > 0 else 0.0
     table[top:] += correction * np.arange(1, BATCH_TABLE_SIZES - top + 1)
     return (*beta[:BATCH_TABLE], *(_clean(float(v)) for v in table), _clean(correction))
 
