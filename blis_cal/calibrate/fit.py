@@ -177,8 +177,8 @@ model_forms.register("blackbox-table")(
         description="blackbox-floor plus a signed offset for pure-decode steps of each batch size of 1-"
         f"{BATCH_TABLE_SIZES} requests (β11-β{BATCH_TABLE + BATCH_TABLE_SIZES - 1}: the median observed step of "
         "that size over the floor form's, centred on the steps; sizes without one interpolated, past the "
-        "largest seen its offset, corrected so that a step grows by "
-        f"{DECODE_STEP_SLOPE:g}·β1 per request besides context, and larger batches that of the last size, growing so too: "
+        f"largest seen its offset, corrected so that a step grows by {DECODE_STEP_SLOPE:g}·β1 "
+        "per request besides context, and larger batches that of the last size, growing so too: "
         f"β{BATCH_TABLE + BATCH_TABLE_SIZES} per request past {BATCH_TABLE_SIZES}), for what a line and a floor "
         "cannot follow (vLLM's CPU build runs 2 decoding requests slower than 1 or 3 and grows more slowly "
         "past 8; GPU builds pad decode batches to CUDA-graph sizes)",
@@ -851,7 +851,8 @@ def fit(
     if form.batch_table:
         method += (
             f", offsets of pure-decode steps of 1-{BATCH_TABLE_SIZES} requests (medians over the line, centred, "
-            f"interpolated between sizes seen, past the largest {DECODE_STEP_SLOPE:g}·β1 per request besides context)"
+            f"interpolated between sizes seen, past the largest {DECODE_STEP_SLOPE:g}·β1 per request "
+            "besides context)"
         )
     # Below 0.1 % mean MAPE the direct estimate already reproduces the traces (e.g. simulated ones).
     if refine and max_evaluations > 1 and direct_loss > 1e-3:
@@ -893,8 +894,9 @@ def fit(
         result.notes.append(
             f"the fit's traces decoded at most {result.decode_batch_max} requests at once (batch sizes seen in "
             f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated "
-            f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context; see the β intervals); for heavier loads, fit with a trace that keeps more requests in flight too (a "
-            "higher rate or a closed loop)"
+            f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context; see the β intervals); for "
+            "heavier loads, fit with a trace that keeps more requests in flight too (a higher rate or a closed "
+            "loop)"
         )
     if not _has_vllm_times(rows.prefills):
         result.notes.append(
