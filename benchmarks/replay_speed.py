@@ -1,6 +1,7 @@
 """Simulator speed: a synthetic 10,000-request trace (Poisson 20 req/s, input ~N(512,128), output
 ~N(256,64)) on one instance with llama-3.1-8b / H100 / TP2 coefficients, with and without jumping over
-pure-decode steps, plus memory at 10k vs 100k requests.
+pure-decode steps, plus memory at 10k vs 100k requests, and the search for closed-loop users that
+`blis replay` runs on every trace (over the simulated 100k-request open loop written as a trace).
 
     .venv/bin/python benchmarks/replay_speed.py [--requests 10000] [--big 100000] [--no-big]
 
@@ -17,6 +18,8 @@ import tracemalloc
 import numpy as np
 
 from blis_cal.simulate import BlackboxModel, SimConfig, SimRequest, load_coefficients, simulate
+from blis_cal.trace import Trace, TraceHeader, TraceRecord
+from blis_cal.trace_links import trace_links
 
 
 def synthetic_requests(n: int, seed: int = 7, rate: float = 20.0) -> list[SimRequest]:
@@ -59,6 +62,27 @@ def measure(n: int, jump: bool, model: BlackboxModel, track_memory: bool = False
     }
 
 
+def link_search(n: int, model: BlackboxModel) -> dict:
+    """Seconds `trace_links` takes on an n-row open loop (the simulated answers as a trace): it finds no users."""
+    run = simulate(synthetic_requests(n), SimConfig(jump_decode=True), model)
+    rows = [
+        TraceRecord(
+            request_id=r.request_id,
+            input_tokens=r.input_tokens,
+            output_tokens=r.output_tokens,
+            arrival_time_us=r.arrival_us,
+            send_time_us=r.arrival_us,
+            first_chunk_time_us=r.first_token_us,
+            last_chunk_time_us=r.finish_us,
+            num_chunks=r.output_tokens,
+        )
+        for r in run.results
+    ]
+    start = time.perf_counter()
+    links = trace_links(Trace(header=TraceHeader(), records=rows, itl=None, notes=[]))
+    return {"rows": n, "wall_s": round(time.perf_counter() - start, 3), "linked": len(links)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
@@ -89,6 +113,7 @@ def main() -> None:
         report["memory"]["ratio"] = round(
             mem_big["peak_memory_mb"] / max(mem_small["peak_memory_mb"], 1e-9), 2
         )
+        report["closed_loop_search"] = link_search(args.big, model)
     print(json.dumps(report, indent=2))
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
+from scipy.stats import binom
+
 from blis_cal.trace import Trace, TraceRecord
 
 
@@ -28,7 +31,7 @@ class Link:
 
     parent_id: int
     gap_us: int  # recorded: the row's send time − the parent's last chunk (think time + client overhead)
-    think_us: int  # the recorded think time within that gap (0: none recorded)
+    think_us: int  # the recorded think time within that gap (0: none recorded; a foreign loop's: inferred)
 
     @property
     def waited(self) -> bool:
@@ -49,8 +52,8 @@ def trace_links(trace: Trace) -> dict[int, Link]:
     (an open-loop session). Predecessors are sent before their rows, so links never form a cycle. The second
     rule's links of a client stand only when they make it a closed loop (`LINKED_MIN_SHARE`): a few exact
     matches are chance (ms-rounded times). A client neither rule links (another tool's closed loop: no
-    sessions, no think times) may be linked by time (`_links_by_time`), or else by its users
-    (`_links_by_capacity`)."""
+    sessions, no think times) may be linked by time (`_links_by_time`), by the one pause its users took
+    (`_links_by_pause`), or else by its users (`_links_by_capacity`)."""
     rows = sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id))
     order = {r.request_id: i for i, r in enumerate(rows)}
 
@@ -96,7 +99,10 @@ def trace_links(trace: Trace) -> dict[int, Link]:
         if not _closed_loop_share(client_rows, client_links):
             client_links = {c: ln for c, ln in client_links.items() if c in links}
         links.update(
-            client_links or _links_by_time(client_rows, order) or _links_by_capacity(client_rows, order)
+            client_links
+            or _links_by_time(client_rows, order)
+            or _links_by_pause(client_rows, order)
+            or _links_by_capacity(client_rows, order)
         )
     return links
 
@@ -110,10 +116,10 @@ def _by_client(rows: list[TraceRecord]) -> dict[str, list[TraceRecord]]:
 
 def _closed_loop_share(rows: list[TraceRecord], links: dict[int, Link]) -> bool:
     """Whether `links` cover nearly every one of `rows` sent once the first answer was in."""
-    answered = [r.last_chunk_time_us for r in rows if r.last_chunk_time_us > 0]
-    if not links or not answered:
+    first_answer = min((r.last_chunk_time_us for r in rows if r.last_chunk_time_us > 0), default=None)
+    if not links or first_answer is None:
         return False
-    after_first_answer = sum(injection_time_us(r) >= min(answered) for r in rows)
+    after_first_answer = sum(injection_time_us(r) >= first_answer for r in rows)
     return len(links) >= LINKED_MIN_SHARE * after_first_answer
 
 
@@ -122,25 +128,39 @@ TIMED_LINK_WINDOW_MIN_US = 10_000  # but wide enough for a loaded client's overh
 TIMED_LINK_WINDOW_MAX_SHARE = 0.5  # ... while chance matches stay far below LINKED_MIN_SHARE (~40 %)
 
 
-def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, Link]:
-    """One client's closed loop recorded without session ids or think times (users sending as soon as their
-    answer is in, or a think time after it): each row sent within a short window after an unclaimed answer
-    (+ its think time) follows the oldest such answer. Kept only when nearly every row sent after the first
-    answer is matched so (`_closed_loop_share`); a client where fewer are is an open loop and gets no links."""
-    answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
+def _link_window_us(answers: list[TraceRecord]) -> float | None:
+    """How long after an answer (+ its pause) a row may be sent and still follow it: a short share of the mean
+    time between `answers` (in time order), so that chance matches stay rare; None with fewer than two."""
     if len(answers) < 2 or answers[-1].last_chunk_time_us == answers[0].last_chunk_time_us:
-        return {}
+        return None
     spacing = (answers[-1].last_chunk_time_us - answers[0].last_chunk_time_us) / (len(answers) - 1)
-    window = min(
+    return min(
         CLIENT_OVERHEAD_MAX_US,
         max(TIMED_LINK_WINDOW_MIN_US, TIMED_LINK_WINDOW_SHARE * spacing),
         TIMED_LINK_WINDOW_MAX_SHARE * spacing,
     )
+
+
+def _answers(rows: list[TraceRecord]) -> list[TraceRecord]:
+    return sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
+
+
+def _links_by_time(rows: list[TraceRecord], order: dict[int, int], pause_us: int = 0) -> dict[int, Link]:
+    """One client's closed loop recorded without session ids or think times (users sending as soon as their
+    answer is in, or a think time after it, or `pause_us` after it): each row sent within a short window after
+    an unclaimed answer (+ its think time and pause) follows the oldest such answer. Kept only when nearly
+    every row sent after the first answer is matched so (`_closed_loop_share`); a client where fewer are is an
+    open loop and gets no links."""
+    answers = _answers(rows)
+    window = _link_window_us(answers)
+    if window is None:
+        return {}
     coming = deque(answers)  # answers not yet in by the current row's release
     pending: deque[TraceRecord] = deque()  # unclaimed answers in by then, oldest first
     links: dict[int, Link] = {}
-    for rec in sorted(rows, key=lambda r: (injection_time_us(r) - r.think_time_us, order[r.request_id])):
-        released = injection_time_us(rec) - rec.think_time_us
+    released_at = {r.request_id: injection_time_us(r) - r.think_time_us - pause_us for r in rows}
+    for rec in sorted(rows, key=lambda r: (released_at[r.request_id], order[r.request_id])):
+        released = released_at[rec.request_id]
         while coming and coming[0].last_chunk_time_us <= released:
             pending.append(coming.popleft())
         while pending and pending[0].last_chunk_time_us < released - window:
@@ -150,9 +170,67 @@ def _links_by_time(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, 
             parent = pending[at]
             del pending[at]
             links[rec.request_id] = Link(
-                parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us, rec.think_time_us
+                parent.request_id,
+                injection_time_us(rec) - parent.last_chunk_time_us,
+                rec.think_time_us + pause_us,
             )
     return links if _closed_loop_share(rows, links) else {}
+
+
+# Answers before a row among which its user's may be: every other user's that came in during its pause.
+PAUSE_LOOKBACK = 64
+# At most this chance that an open loop's rows would, for some pause among those tried, be sent one pause
+# after an answer as often as the client's were.
+PAUSE_CHANCE = 1e-3
+
+
+def _links_by_pause(rows: list[TraceRecord], order: dict[int, int]) -> dict[int, Link]:
+    """One client's closed loop whose users all paused the same unrecorded think time (BLIS's --concurrency
+    with --think-time-ms, whose users start think/N apart: answers may come in before the last user's first
+    row, which `_links_by_capacity` needs): the pause is the shortest delay of the densest window-wide cluster of
+    delays from each row's send back to the answers before it; where nearly every row was sent within a window
+    after it (`_links_by_time`), more than chance explains (`PAUSE_CHANCE`), each row follows the oldest
+    unclaimed answer one pause before it, and each link's think time is the shortest linked gap (the rest of a
+    gap is client overhead)."""
+    answers = _answers(rows)
+    window = _link_window_us(answers)
+    if window is None:
+        return {}
+    answered = np.fromiter((r.last_chunk_time_us for r in answers), np.int64, len(answers))
+    sends = np.fromiter((injection_time_us(r) for r in rows), np.int64, len(rows))
+    before = np.searchsorted(answered, sends, side="right")  # answers in by each send
+    delays = np.sort(
+        np.concatenate(
+            [sends[before >= k] - answered[before[before >= k] - k] for k in range(1, PAUSE_LOOKBACK + 1)]
+        )
+    )
+    delays = delays[delays > CLIENT_OVERHEAD_MAX_US]  # a row sent sooner: `_links_by_time` without a pause
+    if not len(delays):
+        return {}
+    within = np.searchsorted(delays, delays + window, side="right") - np.arange(len(delays))
+    pause = int(delays[int(np.argmax(within))])
+    timed = _links_by_time(rows, order, pause_us=pause)
+    # An open loop's row is sent within the window after some answer (+ the pause) with this probability.
+    by_chance = min(window * (len(answers) - 1) / (answered[-1] - answered[0]), 1.0)
+    after_first_answer = int((sends >= answered[0]).sum())
+    if not timed or len(delays) * binom.sf(len(timed) - 1, after_first_answer, by_chance) > PAUSE_CHANCE:
+        return {}  # too few rows sent one pause after an answer, or too few to tell from chance
+    # Users that pause alike send in the order of their answers (a starved client late by more than the window
+    # too): each row follows the oldest answer in by its release that no row has claimed; a row released
+    # before the first answer is a user's first.
+    coming = deque(answers)
+    pending: deque[TraceRecord] = deque()
+    links: dict[int, Link] = {}
+    for rec in sorted(rows, key=lambda r: (injection_time_us(r), order[r.request_id])):
+        while coming and coming[0].last_chunk_time_us <= injection_time_us(rec) - pause:
+            pending.append(coming.popleft())
+        if pending and order[pending[0].request_id] < order[rec.request_id]:
+            parent = pending.popleft()
+            links[rec.request_id] = Link(
+                parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us, 0
+            )
+    shortest = min(ln.gap_us for ln in links.values())  # the quickest user's gap: no client overhead in it
+    return {child: Link(ln.parent_id, ln.gap_us, shortest) for child, ln in links.items()}
 
 
 # Sends an open loop at the client's rate would have made while all of its first N rows were in flight: a
@@ -169,7 +247,7 @@ def _links_by_capacity(rows: list[TraceRecord], order: dict[int, int]) -> dict[i
     enough that an open loop at the client's rate would have sent CAPACITY_EVIDENCE more meanwhile. Each later row follows the oldest answer
     no row has claimed: the user who has waited longest sends first (exact for equal think times); which
     user it was does not change the population, N users each waiting for an answer."""
-    answers = sorted((r for r in rows if r.last_chunk_time_us > 0), key=lambda r: r.last_chunk_time_us)
+    answers = _answers(rows)
     sends = sorted(rows, key=lambda r: (injection_time_us(r), order[r.request_id]))
     if not answers:
         return {}

@@ -575,6 +575,35 @@ def test_a_real_closed_loop_with_think_times_made_foreign_is_linked_as_recorded(
     assert {c: ln.parent_id for c, ln in trace_links(foreign(trace, overhead_us=0)).items()} == recorded
 
 
+@pytest.mark.parametrize("think_us, users", [(1_000_000, 4), (2_000_000, 8), (5_000_000, 6)])
+def test_users_started_staggered_with_an_unrecorded_think_time_are_linked_by_their_pause(think_us, users):
+    """BLIS's --concurrency N --think-time-ms starts user u at u·think/N: answers come before the last user's
+    first row, so neither the time window nor the users rule finds them; one pause after an answer does."""
+    trace = captured(think_us=think_us, users=users)
+    first_rows = sorted(r.send_time_us for r in trace.records)[:users]
+    assert min(r.last_chunk_time_us for r in trace.records) < first_rows[-1]
+    links = trace_links(foreign(trace))
+    assert {c: ln.parent_id for c, ln in links.items()} == {
+        c: ln.parent_id for c, ln in trace_links(trace).items()
+    }
+    # the pause is the shortest gap: here every user's, think time + the 1.5 ms client overhead
+    assert {(ln.gap_us, ln.think_us) for ln in links.values()} == {(think_us + 1500, think_us + 1500)}
+    slow = replay(foreign(trace), SLOW, "aligned")
+    assert len(slow) == len(trace.records) and max_in_flight(slow) <= users
+
+
+def test_a_real_closed_loop_too_rarely_all_in_flight_for_its_users_is_linked_by_its_pause():
+    """budget96_closed12_s3503: twelve users pausing 1 s through a 96-token budget, all twelve in flight too
+    briefly to tell them from an open loop by their number; some rows went out 20-300 ms late (a busy client),
+    past the time window, and follow the oldest answer left, their own."""
+    trace = read_trace(TRACES / "real_day35" / "budget96_closed12_s3503.csv")
+    recorded = {c: ln.parent_id for c, ln in trace_links(trace).items()}
+    assert len(recorded) == 108
+    links = trace_links(foreign(trace, overhead_us=0))
+    assert {c: ln.parent_id for c, ln in links.items()} == recorded
+    assert all(ln.waited and ln.gap_us >= ln.think_us >= 1_000_000 for ln in links.values())
+
+
 def test_a_closed_loop_recorded_with_a_client_per_user_is_linked_one_user_each():
     """Another tool's users as client ids, without sessions or think times: each client is one user."""
     trace = read_trace(TRACES / "real_day22" / "closed12_s2201.csv")
@@ -592,13 +621,21 @@ def test_a_closed_loop_recorded_with_a_client_per_user_is_linked_one_user_each()
     }
 
 
+# After each answer, by round: no one pause (nor one time back to any earlier answer) explains the users.
+PAUSES_US = tuple(200_000 + 25_000 * int(k) for k in np.random.default_rng(3).integers(0, 6, 40))
+
+
+def round_start_us(k):
+    return sum(100_000 + PAUSES_US[j] for j in range(k))
+
+
 def two_users(rounds, extra_send_us=None):
-    """Two users without ids or think times, 10 ms apart: each answer 95 ms after its send, the next request
-    200 ms after the answer; optionally one more row arriving at `extra_send_us`."""
+    """Two users without ids or think times, 10 ms apart: each answer 100 ms after its arrival, the next request
+    PAUSES_US after the answer; optionally one more row arriving at `extra_send_us`."""
     rows = []
     for k in range(rounds):
         for u in range(2):
-            send = k * 300_000 + 10_000 * u
+            send = round_start_us(k) + 10_000 * u
             rows.append(row(len(rows), send, send + 100_000))
     if extra_send_us is not None:
         rows.append(row(len(rows), extra_send_us, extra_send_us + 100_000))
@@ -607,14 +644,15 @@ def two_users(rounds, extra_send_us=None):
 
 def test_users_are_found_only_while_no_more_are_ever_in_flight():
     links = trace_links(two_users(20))
-    assert links == {r: Link(r - 2, 200_005, 0) for r in range(2, 40)}
+    assert links == {r: Link(r - 2, PAUSES_US[r // 2 - 1] + 5, 0) for r in range(2, 40)}
     # A third row in flight while both users wait for their answers: not two users, and not linked.
-    assert trace_links(two_users(20, extra_send_us=3_050_000)) == {}
+    assert trace_links(two_users(20, extra_send_us=round_start_us(10) + 50_000)) == {}
 
 
 def test_users_are_not_assumed_where_an_open_loop_would_rarely_have_exceeded_them():
-    """Two rounds: both users were in flight together for 90 ms of the 310 ms run, where an open loop at the
-    same rate would have sent 0.9 more on average; never exceeding 2 in flight is no evidence of a closed loop."""
+    """Two rounds: both users were in flight together for 90 ms of the 410 ms run, where an open loop at the
+    same rate would have sent 0.7 more on average; never exceeding 2 in flight is no evidence of a closed loop,
+    nor are two rows sent one pause after an answer."""
     assert trace_links(two_users(2)) == {}
 
 
