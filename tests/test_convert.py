@@ -194,6 +194,29 @@ def test_trace_fit_closed_loop_users_stay_closed_loop_users(path, users, think_u
     assert workload.closed_loop and len(workload.requests) == users  # the rest follow their answers
 
 
+def test_trace_fit_of_users_started_staggered_recorded_without_sessions_gives_users_and_their_pause():
+    """Day 41's sixteen users pausing 2 s, started 125 ms apart, as a tool without session ids or think times
+    records them: still sixteen users, the pause found (2 s and the quickest user's client overhead)."""
+    trace = read_trace(TRACES / "real_day41/closed16w2_s4104.csv")
+    foreign = dataclasses.replace(
+        trace,
+        records=[
+            dataclasses.replace(
+                r,
+                client_id="client-0",
+                session_id="",
+                round_index=0,
+                think_time_us=0,
+                arrival_time_us=r.send_time_us,
+            )
+            for r in trace.records
+        ],
+    )
+    (client,) = spec_from_trace(foreign).clients
+    assert (client.concurrency, client.rate_fraction) == (16, None)
+    assert 2_000_000 <= client.think_time_us < 2_005_000
+
+
 @pytest.mark.parametrize("fit", ["empirical", "gaussian"])
 def test_trace_fit_of_varied_think_times_regenerates_their_spread(fit):
     """Users whose recorded pauses vary (lognormal, median 0.46 s): `median` keeps BLIS's one think time, a
