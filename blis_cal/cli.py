@@ -48,7 +48,8 @@ def trace_info(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Load the good rows, report the bad."),
 ) -> None:
-    """Summarise a trace: counts by status, rate, token stats, TTFT / ITL / E2E.
+    """Summarise a trace: counts by status, rate, token stats, TTFT / ITL / E2E, server speed, and the
+    closed-loop users or sessions a replay will chain.
 
     Examples:
 
@@ -57,10 +58,11 @@ def trace_info(
         blis trace info run.csv --header run-header.yaml --json
     """
     from blis_cal.trace import read_trace, trace_summary
+    from blis_cal.trace_links import links_summary
 
     trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
     print_notes(trace.notes)
-    summary = trace_summary(trace)
+    summary = trace_summary(trace) | links_summary(trace)
     if as_json:
         print_json(summary)
         return

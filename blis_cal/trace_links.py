@@ -107,6 +107,21 @@ def trace_links(trace: Trace) -> dict[int, Link]:
     return links
 
 
+def links_summary(trace: Trace) -> dict[str, int | float]:
+    """What `trace_links` finds, for `blis trace info`: the rows the replay sends after an earlier row's answer,
+    the chains they form (closed-loop users or chat sessions: each starts at a row no answer released) and the
+    median think time of those links (recorded, or the pause a foreign loop's users took)."""
+    links = trace_links(trace)
+    if not links:
+        return {"rows_after_an_answer": 0}
+    parents = {ln.parent_id for ln in links.values()}
+    return {
+        "rows_after_an_answer": len(links),
+        "users_or_sessions": len(parents - links.keys()),
+        "think_time_p50_ms": round(float(np.median([ln.think_us for ln in links.values()])) / 1000, 3),
+    }
+
+
 def _by_client(rows: list[TraceRecord]) -> dict[str, list[TraceRecord]]:
     clients: dict[str, list[TraceRecord]] = {}
     for r in rows:

@@ -604,6 +604,25 @@ def test_a_real_closed_loop_too_rarely_all_in_flight_for_its_users_is_linked_by_
     assert all(ln.waited and ln.gap_us >= ln.think_us >= 1_000_000 for ln in links.values())
 
 
+def test_trace_info_reports_the_users_and_pause_a_replay_will_chain(tmp_path):
+    """Day 41's sixteen users pausing 2 s, as another tool records them: `trace info` says what the replay
+    will find, with and without their sessions."""
+    trace = read_trace(TRACES / "real_day41" / "closed16w2_s4104.csv")
+    write_trace(foreign(trace, overhead_us=0), tmp_path / "foreign.csv")
+    for path, think_ms in (
+        (TRACES / "real_day41" / "closed16w2_s4104.csv", 2000.0),
+        (tmp_path / "foreign.csv", None),
+    ):
+        proc = blis("trace", "info", str(path), "--json")
+        assert proc.returncode == 0, proc.stderr
+        summary = json.loads(proc.stdout)
+        assert (summary["rows_after_an_answer"], summary["users_or_sessions"]) == (240, 16)
+        if think_ms is None:  # the pause found: 2 s and the quickest user's client overhead
+            assert 2000 <= summary["think_time_p50_ms"] < 2005
+        else:
+            assert summary["think_time_p50_ms"] == think_ms
+
+
 def test_a_closed_loop_recorded_with_a_client_per_user_is_linked_one_user_each():
     """Another tool's users as client ids, without sessions or think times: each client is one user."""
     trace = read_trace(TRACES / "real_day22" / "closed12_s2201.csv")

@@ -448,6 +448,7 @@ def test_cli_info_json_on_sample(trace_a):
     summary = json.loads(proc.stdout)
     assert summary["requests"] == 150 and summary["by_status"] == {"ok": 150}
     assert summary["ttft_p99_ms"] >= summary["ttft_p50_ms"] > 0
+    assert summary["rows_after_an_answer"] == 0 and "users_or_sessions" not in summary  # an open loop
 
 
 def test_duplicated_prefix_tokens_counts_each_shared_prefix_past_its_first_holder():
