@@ -235,17 +235,15 @@ def _links_by_pause(rows: list[TraceRecord], order: dict[int, int]) -> dict[int,
     # before the first answer is a user's first.
     coming = deque(answers)
     pending: deque[TraceRecord] = deque()
-    links: dict[int, Link] = {}
+    chained: dict[int, tuple[int, int]] = {}  # row -> (its parent, the recorded gap)
     for rec in sorted(rows, key=lambda r: (injection_time_us(r), order[r.request_id])):
         while coming and coming[0].last_chunk_time_us <= injection_time_us(rec) - pause:
             pending.append(coming.popleft())
         if pending and order[pending[0].request_id] < order[rec.request_id]:
             parent = pending.popleft()
-            links[rec.request_id] = Link(
-                parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us, 0
-            )
-    shortest = min(ln.gap_us for ln in links.values())  # the quickest user's gap: no client overhead in it
-    return {child: Link(ln.parent_id, ln.gap_us, shortest) for child, ln in links.items()}
+            chained[rec.request_id] = (parent.request_id, injection_time_us(rec) - parent.last_chunk_time_us)
+    shortest = min(gap for _, gap in chained.values())  # the quickest user's gap: no client overhead in it
+    return {child: Link(parent, gap, shortest) for child, (parent, gap) in chained.items()}
 
 
 # Sends an open loop at the client's rate would have made while all of its first N rows were in flight: a
