@@ -131,11 +131,16 @@ def _by_client(rows: list[TraceRecord]) -> dict[str, list[TraceRecord]]:
 
 def _closed_loop_share(rows: list[TraceRecord], links: dict[int, Link]) -> bool:
     """Whether `links` cover nearly every one of `rows` sent once the first answer was in."""
+    after_first_answer = _sent_after_first_answer(rows)
+    return (
+        bool(links) and after_first_answer is not None and len(links) >= LINKED_MIN_SHARE * after_first_answer
+    )
+
+
+def _sent_after_first_answer(rows: list[TraceRecord]) -> int | None:
+    """How many of `rows` were sent once the first answer was in (None: no answer)."""
     first_answer = min((r.last_chunk_time_us for r in rows if r.last_chunk_time_us > 0), default=None)
-    if not links or first_answer is None:
-        return False
-    after_first_answer = sum(injection_time_us(r) >= first_answer for r in rows)
-    return len(links) >= LINKED_MIN_SHARE * after_first_answer
+    return None if first_answer is None else sum(injection_time_us(r) >= first_answer for r in rows)
 
 
 TIMED_LINK_WINDOW_SHARE = 0.1  # of the mean time between answers: keeps chance matches near 10 %
@@ -227,8 +232,10 @@ def _links_by_pause(rows: list[TraceRecord], order: dict[int, int]) -> dict[int,
     timed = _links_by_time(rows, order, pause_us=pause)
     # An open loop's row is sent within the window after some answer (+ the pause) with this probability.
     by_chance = min(window * (len(answers) - 1) / (answered[-1] - answered[0]), 1.0)
-    after_first_answer = int((sends >= answered[0]).sum())
-    if not timed or len(delays) * binom.sf(len(timed) - 1, after_first_answer, by_chance) > PAUSE_CHANCE:
+    if (
+        not timed
+        or len(delays) * binom.sf(len(timed) - 1, _sent_after_first_answer(rows), by_chance) > PAUSE_CHANCE
+    ):
         return {}  # too few rows sent one pause after an answer, or too few to tell from chance
     # Users that pause alike send in the order of their answers (a starved client late by more than the window
     # too): each row follows the oldest answer in by its release that no row has claimed; a row released
