@@ -40,7 +40,7 @@ from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
-from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, attention_pairs
+from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, StepBatch, attention_pairs
 from blis_cal.trace import DecodeStep, decode_steps, ok_records, read_trace
 
 CONFIG = SimConfig(
@@ -128,9 +128,27 @@ def test_a_cached_token_is_not_priced_twice_where_pairs_are_priced(trace_a, trac
         fitted = direct_estimate(traces, model_forms.get(form))[1]
         assert fitted[10] > 0 and fitted[3] == 0.0, (form, fitted)
     rows = _collect(traces, None)
-    ctx = model_forms.get("blackbox-ctx")
-    both = _solve_columns(ctx.beta_columns, rows.windows, rows.steps, tie=True)[0]
-    assert both[ctx.beta_columns.index("Pctx")] > 10 * 4.0  # what the guard keeps out
+    with_cached = ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS)
+    both = _solve_columns(with_cached, rows.windows, rows.steps, tie=True)[0]
+    assert both[with_cached.index("Pctx")] > 10 * 4.0  # what leaving β3 out keeps out
+
+
+def test_one_cached_prefix_length_prices_a_prefill_for_prompts_without_one(trace_a, trace_c):
+    """Shared C alone: every prompt sits behind the same 768-token prefix and the pairs go unpriced, so a price
+    per cached token (β3) was a constant per prefill the solver took from β5 (119 µs per cached token, β5 = 0),
+    and A's prompts, with no cache, were priced 28 % short on an idle engine (C → A: 30.3 % TTFT MAPE). With β3
+    left out, the constant is β5's, which every prefill pays: A's idle-engine TTFTs within 15 %."""
+    alpha, beta = direct_estimate([NamedTrace("C", read_trace(trace_c))], model_forms.get("blackbox-table"))
+    assert beta[3] == 0.0 and beta[10] == 0.0 and beta[5] > 0
+    model = BlackboxModel(alpha, beta)
+    idle = idle_prefill_rows(read_trace(trace_a))
+    predicted = [
+        model.queue_delay_us(int(p))
+        + model.step_time_us(StepBatch(int(p), 0, 1, 0, 0, 0, attention_pairs(int(p), 0)))
+        for p in idle.prompt_tokens
+    ]
+    assert len(predicted) >= 5
+    assert 0.85 <= float(np.median(np.asarray(predicted) / idle.ttft_us)) <= 1.15
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):
@@ -384,15 +402,15 @@ def test_a_light_load_fit_says_larger_batches_are_extrapolated():
 
 
 def test_a_fit_without_cached_prompt_tokens_says_their_price_is_unmeasured():
-    """No prefix hit: nothing measures β3, which stays 0 (shared A alone then predicts C's prompts behind a
-    768-token prefix too fast: TTFT 23 % under, docs/accuracy.md)."""
+    """No prefix hit: nothing measures what cached prompt tokens cost (shared A alone then predicts C's prompts
+    behind a 768-token prefix too fast: TTFT 23 % under, docs/accuracy.md)."""
     trace = simulated_trace(poisson_requests(150, 1.0, seed=10), CONFIG, BlackboxModel(ALPHA, BETA))
     extended = fit([NamedTrace("plain", trace)], model_form="blackbox-table", bootstrap=0, max_evaluations=0)
     assert extended.beta[3] == 0.0
     notes = [n for n in extended.notes if "nothing measured what a prefill's cached tokens cost" in n]
-    assert len(notes) == 1 and ("β3 = 0" in notes[0]) == (extended.beta[10] == 0.0)
+    assert len(notes) == 1 and ("they are priced at 0:" in notes[0]) == (extended.beta[10] == 0.0)
     plain = fit([NamedTrace("plain", trace)], bootstrap=0, max_evaluations=0)  # the library's default: 3+3
-    assert not any("β3" in note for note in plain.notes)  # 3+3 has no cached-context term to leave unpriced
+    assert not any("cached tokens cost" in note for note in plain.notes)  # 3+3 prices no cached token apart
 
 
 def test_idle_prefills_longer_than_the_token_budget_pay_one_step_per_chunk():

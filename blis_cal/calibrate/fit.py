@@ -135,14 +135,18 @@ model_forms.register("blackbox")(
     )
 )
 # The simulator's blackbox model takes up to 45 betas in simulate.latency.BETA_TERMS order; this form fits
-# β0-β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8: the
-# floor; β9: 0; β11-β43: blackbox-table; β44 from β10: `_with_cached_pairs`).
+# β0-β2, β4, β5 and β10 (β6, decode requests, equals decode tokens without speculative decoding; β7 and β8:
+# the floor; β9: 0; β11-β43: blackbox-table; β44 from β10: `_with_cached_pairs`). β3, a price per cached token
+# of each prefill, stays 0: a prefill of n new tokens after c cached ones computes n·c attention pairs with the
+# cache, which β44 prices, so with pairs priced β3 counted them twice, and without, wherever cached prefixes are
+# all one length (shared C: 768 tokens), β3·c is a constant per prefill that the solver split from β5 as it
+# liked (C alone: 124 µs per cached token, β5 = 0; A's prefills then 30 % short; docs/accuracy.md).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
-        "3+3 plus β3·cached context of prefills + β4·Σ decode context (measured from pure-decode steps of one "
+        ("const", "P", "D", "Dctx", "Np", PAIRS),
+        "3+3 plus β4·Σ decode context (measured from pure-decode steps of one "
         "batch size; a prefix block several running requests share counted once: β9 = 0) + β5·prefill requests "
         "(once per prefill, when it starts) + β10·prefill attention pairs (when the "
         f"traces measure them apart from tokens: a pair may cost at most {PAIR_MAX_TOKEN_SHARE:g} of a prompt token), "
@@ -155,7 +159,7 @@ model_forms.register("blackbox-floor")(
     ModelForm(
         "blackbox-floor",
         "blackbox",
-        ("const", "P", "D", "Pctx", "Dctx", "Np", PAIRS),
+        ("const", "P", "D", "Dctx", "Np", PAIRS),
         "blackbox-ctx plus a floor under steps without prefill, [P = 0]·max(0, β8 − β7·decode requests): each "
         "decoding request short of k = β8/β7 adds β7, so a pure-decode step of few requests costs about the "
         "same however many decode (steps with a prefill pay every decode in full); the fit finds k and β7",
@@ -366,12 +370,6 @@ def _solve_beta(
     ):
         return _solve_beta(
             form.without(PAIRS), windows, steps, decodes, picks, step_picks, start, context_price
-        )
-    if PAIRS in form.beta_columns and "Pctx" in form.beta_columns:
-        # Priced pairs include each prompt token's with every cached one (n·c): a price per cached token on top
-        # would count them twice, and where cached prefixes are all one length it is a per-prefill constant.
-        return _solve_beta(
-            form.without("Pctx"), windows, steps, decodes, picks, step_picks, start, context_price
         )
     warm = None if start is None else [start[t] for t in form.terms]
     solve = partial(_solve_columns, tie=form.decode_pays_prefill, fixed=fixed)
@@ -913,7 +911,7 @@ def fit(
             "their per-token price, "
             "so to price it, fit with prompts of widely different lengths too"
         )
-    if "Pctx" in form.beta_columns and not _measured("Pctx", rows.windows, rows.steps, None, None):
+    if PAIRS in form.beta_columns and not _measured("Pctx", rows.windows, rows.steps, None, None):
         pairs_priced = PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] > 0
         result.notes.append(
             "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
@@ -922,7 +920,7 @@ def fit(
                 f"within a prompt (β44 = {UNMEASURED_CACHED_PAIR_SHARE:g}·β10), about the median of what fits that "
                 "measured both found on vLLM's CPU build (0.30-1.15)"
                 if pairs_priced
-                else " and they are priced at 0 (β3 = 0): prompts behind a cached prefix are predicted too fast"
+                else " and they are priced at 0: prompts behind a cached prefix are predicted too fast"
             )
             + "; for shared system prompts or chat sessions, fit with a trace that has prefix hits too"
         )
