@@ -33,6 +33,7 @@ from blis_cal.calibrate.fit import (
     bootstrap_coefficients,
     decode_context_price,
     floor_of,
+    model_pair_share,
     refined_coefficients,
     with_batch_table,
 )
@@ -149,6 +150,56 @@ def test_one_cached_prefix_length_prices_a_prefill_for_prompts_without_one(trace
     ]
     assert len(predicted) >= 5
     assert 0.85 <= float(np.median(np.asarray(predicted) / idle.ttft_us)) <= 1.15
+
+
+def test_model_pair_share_is_a_pairs_flops_over_a_prompt_tokens():
+    # The tiny model (hidden 512, 8 layers, 8 heads of 64, 4 KV heads, gated MLP of 2,048): a pair is QK and PV
+    # over every head plus the softmax; a prompt token goes through q, k, v, o and the MLP (the LM head is per
+    # request).
+    pair = (4 * 8 * 64 + 5 * 8) * 8
+    token = 2 * (512 * (512 + 2 * 4 * 64) + 512 * 512 + 3 * 512 * 2048) * 8
+    assert model_pair_share("tiny") == pytest.approx(pair / token)
+    assert (
+        model_pair_share("meta-llama/Llama-3.1-8B-Instruct") < model_pair_share("tiny") / 5
+    )  # wider per layer
+    assert model_pair_share("no-such-model") is None
+
+
+def test_without_hits_or_priced_pairs_a_pair_with_a_cache_takes_the_models_arithmetic(trace_a, trace_c):
+    """Shared A alone cannot tell pairs from tokens (β1 carries the attention within its prompts) and has no
+    prefix hits, so nothing priced a pair with a cached token: C's prompts behind a 768-token prefix were
+    predicted at 0.80× their idle-engine TTFT (A → C 23.1 % TTFT). Priced at the tiny model's arithmetic (β44):
+    within 15 %. The bootstrap keeps that price to β1's."""
+    share = model_pair_share("tiny")
+    traces = [NamedTrace("A", read_trace(trace_a))]
+    assert direct_estimate(traces, model_forms.get("blackbox-table"))[1][44] == 0.0
+    alpha, beta = direct_estimate(traces, model_forms.get("blackbox-table"), pair_share=share)
+    assert beta[10] == 0.0 and beta[44] == pytest.approx(share * beta[1]) and beta[44] > 0
+    model = BlackboxModel(alpha, beta)
+    idle = idle_prefill_rows(read_trace(trace_c))
+    f = idle.features
+    predicted = [
+        model.queue_delay_us(int(total))
+        + model.step_time_us(StepBatch(int(p), 0, 1, 0, int(c), 0, int(pairs), 0, int(p * c)))
+        for total, p, c, pairs in zip(idle.prompt_tokens, f["P"], f["Pctx"], f["Ppairs"], strict=True)
+    ]
+    assert len(predicted) >= 10 and f["Pctx"].min() == 768
+    assert 0.85 <= float(np.median(np.asarray(predicted) / idle.ttft_us)) <= 1.15
+    result = fit(traces, model_form="blackbox-table", bootstrap=20, max_evaluations=0, pair_share=share)
+    assert any(f"model's arithmetic at {share:.3g} of a prompt token" in note for note in result.notes)
+    (lo, hi), (lo1, hi1) = result.beta_ci[44], result.beta_ci[1]
+    assert lo == pytest.approx(share * lo1) and hi == pytest.approx(share * hi1)
+    with_hits = direct_estimate(
+        [*traces, NamedTrace("C", read_trace(trace_c))], model_forms.get("blackbox-table")
+    )
+    assert (
+        direct_estimate(
+            [*traces, NamedTrace("C", read_trace(trace_c))],
+            model_forms.get("blackbox-table"),
+            pair_share=share,
+        )
+        == with_hits
+    )  # hits measured: the traces' price, not the arithmetic
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):

@@ -59,6 +59,7 @@ from blis_cal.simulate.latency import (
     PAIRS_TERM,
     BlackboxModel,
 )
+from blis_cal.simulate.roofline import shipped_model_shape
 from blis_cal.stats import percentile
 from blis_cal.trace import SpeedDrift, Trace, ok_records
 
@@ -151,7 +152,8 @@ model_forms.register("blackbox-ctx")(
         "(once per prefill, when it starts) + β10·prefill attention pairs (when the "
         f"traces measure them apart from tokens: a pair may cost at most {PAIR_MAX_TOKEN_SHARE:g} of a prompt token), "
         "those of a prompt token with a prefix-cache hit at β44 (β10 where the traces have hits, else "
-        f"{UNMEASURED_CACHED_PAIR_SHARE:g}·β10); β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
+        f"{UNMEASURED_CACHED_PAIR_SHARE:g}·β10, or with β10 unpriced a pair's FLOPs over a prompt token's × β1 from "
+        "the model's shipped config); β2 ≥ β1 (a decode token runs the linear layers a prompt token does)",
         decode_pays_prefill=True,
     )
 )
@@ -479,6 +481,14 @@ def _prices_pairs(
     return per_token > 0 and per_pair <= PAIR_MAX_TOKEN_SHARE * per_token
 
 
+def model_pair_share(model: str) -> float | None:
+    """What one attention (query, key) pair costs in prompt tokens by `model`'s arithmetic: its shipped config's
+    FLOPs per pair over FLOPs per prompt token through the weights (the roofline's; 2.7e-4 for the tiny model,
+    whose fits that measured pairs found 2.2e-4-6.1e-4); None for a model without a shipped config."""
+    shape = shipped_model_shape(model)
+    return None if shape is None else shape.attn_flops_per_pair / shape.flops_per_token
+
+
 def _with_cached_pairs(
     form: ModelForm,
     beta: tuple[float, ...],
@@ -486,14 +496,22 @@ def _with_cached_pairs(
     steps: Sequence[StepRows],
     picks: Sequence[np.ndarray] | None = None,
     step_picks: Sequence[np.ndarray] | None = None,
+    pair_share: float | None = None,
 ) -> tuple[float, ...]:
     """`beta` with β44, the price of a prefill's pair with a prefix-cache hit, in forms that price attention
     pairs: β10 where the (picked) rows have hits (the fit priced those pairs with the others), else
-    UNMEASURED_CACHED_PAIR_SHARE·β10 (β10 measured on attention within prompts only)."""
+    UNMEASURED_CACHED_PAIR_SHARE·β10 (β10 measured on attention within prompts only), or, where the rows left
+    pairs unpriced too (β10 = 0) and the model's `pair_share` is known, that share of a prompt token's price:
+    β1 then carries the attention within the fit's prompts, and nothing the one with a cached prefix."""
     if PAIRS not in form.beta_columns:
         return beta
-    share = 1.0 if _measured("Pctx", windows, steps, picks, step_picks) else UNMEASURED_CACHED_PAIR_SHARE
-    return (*beta, *[0.0] * (CACHED_PAIRS_TERM - len(beta)), share * beta[PAIRS_TERM])
+    if _measured("Pctx", windows, steps, picks, step_picks):
+        cached = beta[PAIRS_TERM]
+    elif beta[PAIRS_TERM] == 0 and pair_share:
+        cached = pair_share * beta[1]
+    else:
+        cached = UNMEASURED_CACHED_PAIR_SHARE * beta[PAIRS_TERM]
+    return (*beta, *[0.0] * (CACHED_PAIRS_TERM - len(beta)), cached)
 
 
 def _measured(
@@ -641,18 +659,21 @@ def _clean(value: float) -> float:
 
 
 def direct_estimate(
-    traces: Sequence[NamedTrace], form: ModelForm, rtt_us: int | None = None
+    traces: Sequence[NamedTrace], form: ModelForm, rtt_us: int | None = None, pair_share: float | None = None
 ) -> tuple[tuple[float, float, float], tuple[float, ...]]:
-    """α and β from per-chunk timestamps alone (no simulation)."""
-    return _direct(_collect(traces, rtt_us), form)
+    """α and β from per-chunk timestamps alone (no simulation); `pair_share` as `fit`'s."""
+    return _direct(_collect(traces, rtt_us), form, pair_share)
 
 
-def _direct(rows: _Rows, form: ModelForm) -> tuple[tuple[float, float, float], tuple[float, ...]]:
+def _direct(
+    rows: _Rows, form: ModelForm, pair_share: float | None = None
+) -> tuple[tuple[float, float, float], tuple[float, ...]]:
     beta = _with_cached_pairs(
         form,
         _solve_beta(form, rows.windows, rows.steps, rows.decodes, context_price=rows.context_price),
         rows.windows,
         rows.steps,
+        pair_share=pair_share,
     )
     return _solve_alpha(form, beta, rows.prefills, rows.rtts), beta
 
@@ -684,11 +705,17 @@ def bootstrap_coefficients(
 
 
 def _bootstrap(
-    rows: _Rows, form: ModelForm, replicates: int, blocks: int, seed: int, start: Sequence[float]
+    rows: _Rows,
+    form: ModelForm,
+    replicates: int,
+    blocks: int,
+    seed: int,
+    start: Sequence[float],
+    pair_share: float | None = None,
 ) -> np.ndarray:
     """Two-level bootstrap: with several traces, resample whole traces first (captures of the same server at
     other times differ by more than their sampling noise: machine load, contention), then time blocks of
-    requests within each chosen trace."""
+    requests within each chosen trace; `pair_share` as `fit`'s."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xCA1]))
     win_blocks = [_time_blocks(w.send_us, blocks) for w in rows.windows]
     step_blocks = [_time_blocks(s.send_us, blocks) for s in rows.steps]
@@ -712,6 +739,7 @@ def _bootstrap(
             steps,
             picks,
             step_picks,
+            pair_share,
         )
         alpha = _solve_alpha(form, beta, prefills, rtts, pre_picks)
         out.append((*alpha, *beta))
@@ -809,8 +837,11 @@ def fit(
     rtt_us: int | None = None,
     simulator: Simulator | None = None,
     progress: Callable[[str], None] | None = None,
+    pair_share: float | None = None,
 ) -> FitResult:
-    """Fit one α/β set jointly over `traces`; see the module docstring for the method."""
+    """Fit one α/β set jointly over `traces`; see the module docstring for the method. `pair_share`: what an
+    attention pair costs in prompt tokens by the model's arithmetic (`model_pair_share`), the price of pairs
+    where the traces cannot tell them from tokens (else they stay unpriced)."""
     if not traces:
         raise CalibrationError("no traces to fit on")
     if max_evaluations < 0 or bootstrap < 0 or prediction_draws < 0:
@@ -820,7 +851,7 @@ def fit(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     rows = _collect(traces, rtt_us)
-    alpha0, beta0 = _direct(rows, form)
+    alpha0, beta0 = _direct(rows, form, pair_share)
     say(f"direct estimate: alpha={_fmt(alpha0)} beta={_fmt(beta0)}")
     base = np.asarray((*alpha0, *beta0), dtype=float)
     # The refinement moves three things the direct estimate measures least well: the overall step-time scale
@@ -912,20 +943,26 @@ def fit(
             "so to price it, fit with prompts of widely different lengths too"
         )
     if PAIRS in form.beta_columns and not _measured("Pctx", rows.windows, rows.steps, None, None):
-        pairs_priced = PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] > 0
-        result.notes.append(
-            "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
-            + (
+        if beta0[TERM_OF_COLUMN[PAIRS]] > 0:
+            price = (
                 f": a pair of a prompt token with a cached one is priced at {UNMEASURED_CACHED_PAIR_SHARE:g} of a pair "
                 f"within a prompt (β44 = {UNMEASURED_CACHED_PAIR_SHARE:g}·β10), about the median of what fits that "
                 "measured both found on vLLM's CPU build (0.30-1.15)"
-                if pairs_priced
-                else " and they are priced at 0: prompts behind a cached prefix are predicted too fast"
             )
+        elif beta0[CACHED_PAIRS_TERM] > 0:
+            price = (
+                f": a pair of a prompt token with a cached one is priced by the model's arithmetic at {pair_share:.3g} "
+                "of a prompt token (β44: a pair's FLOPs over a prompt token's)"
+            )
+        else:
+            price = " and they are priced at 0: prompts behind a cached prefix are predicted too fast"
+        result.notes.append(
+            "the fit's traces have no prefix-cache hits, so nothing measured what a prefill's cached tokens cost"
+            + price
             + "; for shared system prompts or chat sessions, fit with a trace that has prefix hits too"
         )
     if bootstrap:
-        boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0)
+        boot = _bootstrap(rows, form, bootstrap, 20, seed, beta0, pair_share)
         # Carry each replicate through the refinement (β multipliers, α0 shift), then take 2.5–97.5 %.
         scaled = boot.copy()
         scaled[:, 0] = np.maximum(scaled[:, 0] + final[0] - base[0], 0.0)

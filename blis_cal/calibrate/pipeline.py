@@ -16,7 +16,7 @@ from blis_cal.calibrate.compare import (
     summary_row,
 )
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
-from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, trace_simulator
+from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
 from blis_cal.replay import DEFAULT_SESSION_MODE
 from blis_cal.trace import read_trace
 
@@ -108,6 +108,7 @@ def run_fit(
         rtt_us=rtt_us,
         simulator=simulator,
         progress=progress,
+        pair_share=model_pair_share(model),
     )
     blocks = {t.trace.header.server.num_gpu_blocks for t in traces if t.trace.header.server}
     entry = make_entry(
@@ -211,6 +212,9 @@ def leave_one_out(
     if len(traces) < 2:
         raise CalibrationError("leave-one-out needs at least two traces")
     form = model_forms.get(model_form)
+    # The model the traces' headers name (`blis observe` records the served name), for the pairs' arithmetic.
+    served = {t.trace.header.server.model for t in traces if t.trace.header.server}
+    pair_share = model_pair_share(served.pop()) if len(served) == 1 else None
     reports, fits = [], []
     for i, held in enumerate(traces):
         if progress:
@@ -223,6 +227,7 @@ def leave_one_out(
             max_evaluations=max_evaluations,
             rtt_us=rtt_us,
             simulator=simulator,
+            pair_share=pair_share,
         )
         reports.append(
             evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.decode_batch_max)[0]

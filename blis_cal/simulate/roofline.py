@@ -103,6 +103,35 @@ class ModelShape:
             shared_ffn=shared,
         )
 
+    @property
+    def weights_per_layer(self) -> int:
+        """Weights one token goes through in a layer: attention projections and the (active) MLP."""
+        d, dkv = self.hidden, self.kv_heads * self.head_dim
+        attn = d * (self.heads * self.head_dim + 2 * dkv) + self.heads * self.head_dim * d
+        mats = 3 if self.gated_mlp else 2
+        if self.experts:
+            return attn + (self.top_k * self.ffn + self.shared_ffn) * mats * d + d * self.experts  # + router
+        return attn + mats * d * self.ffn
+
+    @property
+    def flops_per_token(self) -> float:
+        """2 FLOPs per active weight, all layers (the LM head runs once per request: not counted)."""
+        return 2.0 * self.weights_per_layer * self.layers
+
+    @property
+    def attn_flops_per_pair(self) -> float:
+        """One (query, key) pair of causal attention: QK and PV over every head, plus the softmax."""
+        return (4.0 * self.heads * self.head_dim + 5.0 * self.heads) * self.layers
+
+
+def shipped_model_shape(model: str) -> ModelShape | None:
+    """The shape of `model` from the shipped model_configs/ (as the roofline finds it), None without one."""
+    try:
+        path = model_config_path(model, None)
+    except ConfigError:
+        return None
+    return ModelShape.from_config(_load_json(path, "model config"), str(path))
+
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
     try:
@@ -165,19 +194,13 @@ class RooflineModel(LatencyModel):
         if tp > 1:
             self.overhead_us += s.layers * 2 * float(hw.get("allReduceLatency", 0))
         d, dkv = s.hidden, s.kv_heads * s.head_dim
-        attn_weights = d * (s.heads * s.head_dim + 2 * dkv) + s.heads * s.head_dim * d
-        mats = 3 if s.gated_mlp else 2
-        if s.experts:
-            active_mlp = (s.top_k * s.ffn + s.shared_ffn) * mats * d + d * s.experts  # + router
-        else:
-            active_mlp = mats * d * s.ffn
         # Per new token: 2 FLOPs per active weight (all layers); per request: the LM head on its last token.
-        self.flops_per_token = 2.0 * (attn_weights + active_mlp) * s.layers
+        self.flops_per_token = s.flops_per_token
         self.flops_per_request = 2.0 * d * s.vocab
-        self.attn_flops_per_pair = (4.0 * s.heads * s.head_dim + 5.0 * s.heads) * s.layers
+        self.attn_flops_per_pair = s.attn_flops_per_pair
         self.weight_bytes = (
-            attn_weights + active_mlp
-        ) * s.layers * s.bytes_per_param + d * s.vocab * s.bytes_per_param
+            s.weights_per_layer * s.layers * s.bytes_per_param + d * s.vocab * s.bytes_per_param
+        )
         self.kv_bytes_per_token = 2.0 * s.layers * dkv * s.bytes_per_param
         self.act_bytes_per_token = s.layers * d * s.bytes_per_param
 
