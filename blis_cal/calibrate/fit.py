@@ -141,7 +141,7 @@ model_forms.register("blackbox")(
 # of each prefill, stays 0: a prefill of n new tokens after c cached ones computes n·c attention pairs with the
 # cache, which β44 prices, so with pairs priced β3 counted them twice, and without, wherever cached prefixes are
 # all one length (shared C: 768 tokens), β3·c is a constant per prefill that the solver split from β5 as it
-# liked (C alone: 124 µs per cached token, β5 = 0; A's prefills then 30 % short; docs/accuracy.md).
+# liked (C alone: 119 µs per cached token, β5 = 0; A's idle-engine prefills then priced 0.72×; docs/accuracy.md).
 model_forms.register("blackbox-ctx")(
     ModelForm(
         "blackbox-ctx",
@@ -840,8 +840,8 @@ def fit(
     pair_share: float | None = None,
 ) -> FitResult:
     """Fit one α/β set jointly over `traces`; see the module docstring for the method. `pair_share`: what an
-    attention pair costs in prompt tokens by the model's arithmetic (`model_pair_share`), the price of pairs
-    where the traces cannot tell them from tokens (else they stay unpriced)."""
+    attention pair costs in prompt tokens by the model's arithmetic (`model_pair_share`), the price of a pair
+    with a cached token where the traces have no prefix hit and leave pairs unpriced (without it, none)."""
     if not traces:
         raise CalibrationError("no traces to fit on")
     if max_evaluations < 0 or bootstrap < 0 or prediction_draws < 0:
