@@ -42,6 +42,7 @@ from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
 from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, StepBatch, attention_pairs
+from blis_cal.simulate.request import SimRequest
 from blis_cal.trace import DecodeStep, decode_steps, ok_records, read_trace
 
 CONFIG = SimConfig(
@@ -200,6 +201,29 @@ def test_without_hits_or_priced_pairs_a_pair_with_a_cache_takes_the_models_arith
         )
         == with_hits
     )  # hits measured: the traces' price, not the arithmetic
+
+
+def test_prompts_of_one_length_are_priced_per_token_only():
+    """Fixed-length prompts (a common benchmark setting) cannot tell a price per prefill (β5) or per pair (β10)
+    from the per-token one: the extended form split a 512-token prefill between β1 (2.5 µs against 1,130) and
+    β5 (582 ms) and priced a 128-token prompt 3.75× its true step. Such fits price prompts per token, say so, and
+    recover β1."""
+    beta = (16500.0, 1130.0, 2500.0)
+    fixed = [
+        SimRequest(r.request_id, r.arrival_us, 512, r.output_len, ((f"req:{r.request_id}", 512),))
+        for r in poisson_requests(300, 3.0, seed=5)
+    ]
+    traces = [NamedTrace("fixed", simulated_trace(fixed, CONFIG, BlackboxModel(ALPHA, beta)))]
+    alpha, fitted = direct_estimate(traces, model_forms.get("blackbox-table"))
+    assert fitted[5] == fitted[10] == 0.0
+    assert fitted[1] == pytest.approx(beta[1], rel=0.02)
+    true, model = BlackboxModel(ALPHA, beta), BlackboxModel(alpha, fitted)
+    for prompt in (128, 1500):
+        batch = StepBatch(prompt, 0, 1, 0, 0, 0, attention_pairs(prompt, 0))
+        assert model.step_time_us(batch) == pytest.approx(true.step_time_us(batch), rel=0.05)
+    result = fit(traces, model_form="blackbox-table", bootstrap=5, max_evaluations=0)
+    assert any("all about one length (new tokens spread 0.0% of their mean)" in note for note in result.notes)
+    assert result.beta_ci[5] == (0.0, 0.0) and result.beta_ci[10] == (0.0, 0.0)
 
 
 def test_attention_pairs_are_not_priced_where_prompts_cannot_tell_them_from_tokens(trace_a):

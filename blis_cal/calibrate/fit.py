@@ -61,7 +61,7 @@ from blis_cal.simulate.latency import (
 )
 from blis_cal.simulate.roofline import shipped_model_shape
 from blis_cal.stats import percentile
-from blis_cal.trace import SpeedDrift, Trace, ok_records
+from blis_cal.trace import SpeedDrift, Trace, estimate_cached_tokens, ok_records
 
 PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 # An attention pair may cost at most this share of a prompt token (β10 ≤ share·β1), else the fit leaves pairs
@@ -77,6 +77,12 @@ PAIR_MAX_TOKEN_SHARE = 1e-3
 # apart (17 days' a08 + prefix10 pairs) put it at 0.30-1.15, median 0.46; priced at a whole pair, the prefix
 # captures of days 9-32 came out 15-25 % over in TTFT when left out (docs/accuracy.md, twenty-sixth session).
 UNMEASURED_CACHED_PAIR_SHARE = 0.5
+# Prompts whose new tokens (past prefix-cache hits) spread less than this (std over mean, pooled over the fit's
+# traces) cannot tell a price per prefill (β5) or per attention pair (β10) from the per-token one (β1): with
+# fixed-length prompts, a common benchmark setting, the solver split a prefill between β1 and β5 as it liked
+# (simulated 512-token prompts: β1 2.5 µs against 1,130, a 128-token prompt then priced 3.75×), so such fits
+# price prompts per token only, as BLIS's 3+3 does.
+PROMPT_SPREAD_MIN = 0.1
 # Where each feature column's coefficient goes in the β tuple (simulate.latency.BETA_TERMS order).
 TERM_OF_COLUMN = {"const": 0, "P": 1, "D": 2, "Pctx": 3, "Dctx": 4, "Np": 5, PAIRS: PAIRS_TERM}
 
@@ -295,6 +301,7 @@ class _Rows:
     rtts: list[int]
     decodes: list[StepRows]  # per batch size, median pure-decode steps (floor forms fit on them too)
     drifts: list[SpeedDrift | None]  # per trace: its typical pure-decode step's price per context token
+    prompt_spread: float  # std over mean of every ok request's new prompt tokens (past prefix-cache hits)
 
     @property
     def context_price(self) -> float | None:
@@ -327,7 +334,22 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
             f"({sum(len(w.itl_us) for w in windows)} in {', '.join(t.name for t in traces)}; need >= 3)"
         )
     decodes = [decode_step_rows(nt.diagnostics().steps) for nt in traces]  # the steps, worked out once
-    return _Rows(windows, steps, prefills, rtts, decodes, [nt.diagnostics().drift for nt in traces])
+    new_tokens = []
+    for nt in traces:
+        records = ok_records(nt.trace)
+        cached = estimate_cached_tokens(nt.trace, records)
+        new_tokens += [r.total_input_tokens - cached.get(r.request_id, 0) for r in records]
+    new = np.asarray(new_tokens, dtype=float)
+    spread = float(new.std() / new.mean()) if new.mean() > 0 else 0.0
+    return _Rows(windows, steps, prefills, rtts, decodes, [nt.diagnostics().drift for nt in traces], spread)
+
+
+def _identifiable(form: ModelForm, rows: _Rows) -> ModelForm:
+    """`form` without the prices per prefill (β5) and per attention pair (β10) where the prompts' new tokens
+    spread less than PROMPT_SPREAD_MIN: a prefill's price then cannot be split between them and β1."""
+    if rows.prompt_spread >= PROMPT_SPREAD_MIN:
+        return form
+    return form.without("Np").without(PAIRS)
 
 
 def decode_context_price(prices: Sequence[tuple[float, float]]) -> float | None:
@@ -662,7 +684,8 @@ def direct_estimate(
     traces: Sequence[NamedTrace], form: ModelForm, rtt_us: int | None = None, pair_share: float | None = None
 ) -> tuple[tuple[float, float, float], tuple[float, ...]]:
     """α and β from per-chunk timestamps alone (no simulation); `pair_share` as `fit`'s."""
-    return _direct(_collect(traces, rtt_us), form, pair_share)
+    rows = _collect(traces, rtt_us)
+    return _direct(rows, _identifiable(form, rows), pair_share)
 
 
 def _direct(
@@ -701,6 +724,7 @@ def bootstrap_coefficients(
 ) -> np.ndarray:
     """Direct estimates on block-resampled requests: an array (replicates, 3 + len(beta))."""
     rows = _collect(traces, rtt_us)
+    form = _identifiable(form, rows)
     return _bootstrap(rows, form, replicates, blocks, seed, _direct(rows, form)[1])
 
 
@@ -851,6 +875,8 @@ def fit(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     rows = _collect(traces, rtt_us)
+    narrow = _identifiable(form, rows)
+    form, narrowed = narrow, narrow.beta_columns != form.beta_columns
     alpha0, beta0 = _direct(rows, form, pair_share)
     say(f"direct estimate: alpha={_fmt(alpha0)} beta={_fmt(beta0)}")
     base = np.asarray((*alpha0, *beta0), dtype=float)
@@ -933,6 +959,13 @@ def fit(
             "records them from a server started with --enable-per-request-metrics), so α1 = 0 and α0 carries "
             "all of a TTFT outside the engine steps: without them, time per prompt token outside the engine "
             "cannot be told from the prefill's"
+        )
+    if narrowed:
+        result.notes.append(
+            f"the fit's prompts are all about one length (new tokens spread {rows.prompt_spread:.1%} of their "
+            "mean), so a price per prefill (β5) or per attention pair (β10) cannot be told from the per-token price: "
+            "prompts are priced per token only (β5 = β10 = 0); prompts of other lengths are predicted at that "
+            "price, so to price them, fit with prompts of widely different lengths too"
         )
     if PAIRS in form.beta_columns and beta0[TERM_OF_COLUMN[PAIRS]] == 0:
         result.notes.append(
