@@ -875,8 +875,9 @@ def fit(
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
     rows = _collect(traces, rtt_us)
-    narrow = _identifiable(form, rows)
-    form, narrowed = narrow, narrow.beta_columns != form.beta_columns
+    measurable = _identifiable(form, rows)
+    one_length = measurable.beta_columns != form.beta_columns
+    form = measurable
     alpha0, beta0 = _direct(rows, form, pair_share)
     say(f"direct estimate: alpha={_fmt(alpha0)} beta={_fmt(beta0)}")
     base = np.asarray((*alpha0, *beta0), dtype=float)
@@ -960,7 +961,7 @@ def fit(
             "all of a TTFT outside the engine steps: without them, time per prompt token outside the engine "
             "cannot be told from the prefill's"
         )
-    if narrowed:
+    if one_length:
         result.notes.append(
             f"the fit's prompts are all about one length (new tokens spread {rows.prompt_spread:.1%} of their "
             "mean), so a price per prefill (β5) or per attention pair (β10) cannot be told from the per-token price: "
