@@ -103,6 +103,11 @@ class ModelShape:
             shared_ffn=shared,
         )
 
+    @classmethod
+    def load(cls, path: Path) -> ModelShape:
+        """The shape in the HF config.json at `path`."""
+        return cls.from_config(_load_json(path, "model config"), str(path))
+
     @property
     def weights_per_layer(self) -> int:
         """Weights one token goes through in a layer: attention projections and the (active) MLP."""
@@ -130,7 +135,7 @@ def shipped_model_shape(model: str) -> ModelShape | None:
         path = model_config_path(model, None)
     except ConfigError:
         return None
-    return ModelShape.from_config(_load_json(path, "model config"), str(path))
+    return ModelShape.load(path)
 
 
 def _load_json(path: Path, what: str) -> dict[str, Any]:
@@ -243,8 +248,7 @@ class RooflineModel(LatencyModel):
 
     @classmethod
     def from_options(cls, opts: LatencyOptions) -> RooflineModel:
-        path = model_config_path(opts.model, opts.model_config)
-        shape = ModelShape.from_config(_load_json(path, "model config"), str(path))
+        shape = ModelShape.load(model_config_path(opts.model, opts.model_config))
         hw_path = Path(opts.hardware_config) if opts.hardware_config else data_path("hardware_config.json")
         table = _load_json(hw_path, "hardware config")
         if not opts.gpu or opts.gpu not in table:
