@@ -100,6 +100,48 @@ def test_accumulated_sessions_reuse_history():
     )  # history blocks written by round 0 (prompt+output−1)
 
 
+def chat_rounds(cached: list[int | None]) -> Trace:
+    """Two sessions of three rounds (prompts 300, 500, 700 tokens; answers 100) with these recorded hits."""
+    records = []
+    for i, hit in enumerate(cached):
+        session, round_index = divmod(i, 3)
+        records.append(
+            TraceRecord(
+                request_id=i,
+                session_id=f"s{session}",
+                round_index=round_index,
+                input_tokens=300 + 200 * round_index,
+                output_tokens=100,
+                send_time_us=10**7 * round_index + session,
+                cached_tokens=hit,
+            )
+        )
+    return Trace(TraceHeader(session_context_growth="accumulate"), records)
+
+
+def test_rounds_that_hit_only_their_previous_prompt_are_replayed_so():
+    # 128-token blocks: the previous prompt (300, 500 tokens) holds 2 and 3 full blocks, with its answer 3 and 4;
+    # a chat API round re-tokenizes the answer's text, so vLLM found the prompt's blocks only.
+    trace = chat_rounds([0, 256, 384, 0, 256, 384])
+    notes: list[str] = []
+    reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
+    assert reqs[1].segments == (("req:0", 300), ("req:1", 200))
+    assert reqs[2].segments == (("req:0", 300), ("req:1", 200), ("req:2", 200))
+    assert "4 round(s) hit vLLM's prefix cache on their previous prompt only" in notes[0]
+    run = replay_trace(trace, SimConfig(block_size=128), MODEL)
+    assert [r.cached_tokens for r in run.results] == [0, 256, 384, 0, 256, 384]
+
+
+def test_rounds_that_hit_their_previous_answer_keep_it_in_their_prefix():
+    for cached in ([0, 384, 512, 0, 384, 512], [None] * 6):  # as recorded; nothing recorded
+        notes: list[str] = []
+        reqs = {r.request_id: r for r in requests_from_trace(chat_rounds(cached), notes, block_size=128)}
+        assert reqs[1].segments == (("req:0", 300), ("out:0", 100), ("req:1", 100))
+        assert not notes
+        run = replay_trace(chat_rounds(cached), SimConfig(block_size=128), MODEL)
+        assert [r.cached_tokens for r in run.results] == [0, 384, 512, 0, 384, 512]
+
+
 def test_results_json_and_replayed_trace_round_trip(tmp_path, trace_a):
     trace = read_trace(trace_a)
     run = replay_trace(trace, config_from_trace(trace.header), MODEL)

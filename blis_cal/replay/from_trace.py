@@ -4,7 +4,8 @@ Each row becomes a request injected at its send time (the moment the server coul
 server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group`
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
-output as its own prefix (multi-turn chat history). When a row's recorded `cached_tokens` (vLLM's usage) go
+output as its own prefix (multi-turn chat history), or the prompt alone where the recorded hits say the answer
+came back as other token ids (`answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
 beyond the blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
 prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
@@ -44,9 +45,11 @@ def requests_from_trace(
     `block_size` (default: the header's, else SimConfig's) aligns the warm-cache tokens to KV blocks; without
     `prefix_caching` nothing starts out cached."""
     accumulate = trace.header.session_context_growth == "accumulate"
-    history: dict[str, tuple[tuple[tuple[str, int], ...], int]] = {}  # session -> (segments, own input len)
+    # session -> (the content a next round starts with, its length)
+    history: dict[str, tuple[tuple[tuple[str, int], ...], int]] = {}
     server = trace.header.server
     block = block_size or (server.block_size if server and server.block_size > 0 else SimConfig().block_size)
+    reused = not accumulate or answers_reused(trace, block, notes)
     # Blocks a later row may have found cached: hashing stops there (most traces record no hits at all).
     reach = max((r.cached_tokens or 0 for r in trace.records), default=0) // block if prefix_caching else 0
     seen: set[int] = set()  # hashes of the first `reach` blocks of the sequences (prompt + answer) so far
@@ -63,7 +66,9 @@ def requests_from_trace(
         )
         sequence = (*segments, (output_key(rec.request_id), rec.output_tokens))  # prompt + answer
         if accumulate and rec.session_id:
-            history[rec.session_id] = (sequence, input_len + rec.output_tokens)
+            history[rec.session_id] = (
+                (sequence, input_len + rec.output_tokens) if reused else (segments, input_len)
+            )
         warm = 0
         if reach:
             # vLLM caches answers too (a chat's next round hits them); the last token's KV is never computed.
@@ -102,6 +107,37 @@ def requests_from_trace(
         notes.append(f"{len(skipped)} row(s) with 0 output tokens not replayed (request_id {shown})")
     out.sort(key=lambda r: r.request_id)
     return out
+
+
+def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> bool:
+    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache, judged by the
+    recorded `cached_tokens` of the rounds where hitting it or not differs by a block (True without such rows).
+    vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat round carries the
+    answer's text, re-tokenized, which for a random-weight model's answer gives other ids past its first few."""
+    previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
+    with_answer = without = 0
+    for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
+        if not rec.session_id or rec.output_tokens <= 0:
+            continue
+        input_len = request_input_len(rec)
+        prior = previous.get(rec.session_id)
+        previous[rec.session_id] = (input_len, rec.output_tokens)
+        if prior is None or rec.cached_tokens is None:
+            continue
+        cap = (input_len - 1) // block  # vLLM recomputes at least the last prompt token
+        hit_answer = min((prior[0] + prior[1] - 1) // block, cap)  # an answer's last token has no KV
+        hit_prompt = min(prior[0] // block, cap)
+        recorded = min(rec.cached_tokens, input_len - 1) // block
+        if hit_answer != hit_prompt:
+            with_answer += recorded == hit_answer
+            without += recorded == hit_prompt
+    if without > with_answer and notes is not None:
+        notes.append(
+            f"{without} round(s) hit vLLM's prefix cache on their previous prompt only, not on its answer "
+            f"({with_answer} on both): the answer came back as text and re-tokenized to other token ids; "
+            "replayed so"
+        )
+    return without <= with_answer
 
 
 def _head(segments: tuple[tuple[str, int], ...], tokens: int) -> list[tuple[str, int]]:
