@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TRACES
 
 from blis_cal.errors import ConfigError
 from blis_cal.replay import (
@@ -140,6 +141,16 @@ def test_rounds_that_hit_their_previous_answer_keep_it_in_their_prefix():
         assert not notes
         run = replay_trace(chat_rounds(cached), SimConfig(block_size=128), MODEL)
         assert [r.cached_tokens for r in run.results] == [0, 384, 512, 0, 384, 512]
+
+
+def test_a_chat_api_capture_replays_vllms_prefix_hits():
+    # vLLM 0.32 through /v1/chat/completions: each round hit its previous prompt's blocks only (the answer came
+    # back as text, re-tokenized to other ids); before, the replay hit the answer too in 28 of its 80 rows.
+    trace = read_trace(TRACES / "real_day43" / "chatapi_chat4_s4307.csv")
+    run = replay_trace(trace, config_from_trace(trace.header), MODEL)
+    recorded = {r.request_id: r.cached_tokens for r in trace.records}
+    assert sum(r.cached_tokens == recorded[r.request_id] for r in run.results) >= 78
+    assert sum(r.cached_tokens for r in run.results) == pytest.approx(sum(recorded.values()), rel=0.02)
 
 
 def test_results_json_and_replayed_trace_round_trip(tmp_path, trace_a):
