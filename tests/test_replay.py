@@ -128,9 +128,25 @@ def test_rounds_that_hit_only_their_previous_prompt_are_replayed_so():
     reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
     assert reqs[1].segments == (("req:0", 300), ("req:1", 200))
     assert reqs[2].segments == (("req:0", 300), ("req:1", 200), ("req:2", 200))
-    assert "4 round(s) hit vLLM's prefix cache on their previous prompt only" in notes[0]
+    assert "previous prompt in vLLM's prefix cache but not its answer (4 round(s)" in notes[0]
     run = replay_trace(trace, SimConfig(block_size=128), MODEL)
     assert [r.cached_tokens for r in run.results] == [0, 256, 384, 0, 256, 384]
+
+
+def test_without_hits_per_row_the_runs_hit_rate_decides():
+    # BLIS's observe records no cached_tokens and sends placeholder words for an answer; its --scrape-kv-metrics
+    # hit rate says what vLLM found: 1,280 of 3,000 prompt tokens are the previous prompts' blocks, 1,792 with
+    # their answers; far fewer hits than either (evictions in a small cache) tell nothing, as no rate does.
+    prompt_only = (("req:0", 300), ("req:1", 200))
+    with_answer = (("req:0", 300), ("out:0", 100), ("req:1", 100))
+    for rate, prefix in ((0.43, prompt_only), (0.6, with_answer), (0.2, with_answer), (None, with_answer)):
+        trace = chat_rounds([None] * 6)
+        trace.header.observed_kv_metrics = {"hit_rate": rate} if rate is not None else {}
+        notes: list[str] = []
+        reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
+        assert reqs[1].segments == prefix
+        assert bool(notes) == (prefix == prompt_only)
+        assert not notes or "its hit rate over the run (1290 tokens) is nearer the 1280" in notes[0]
 
 
 def test_rounds_that_hit_their_previous_answer_keep_it_in_their_prefix():

@@ -110,34 +110,56 @@ def requests_from_trace(
 
 
 def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> bool:
-    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache, judged by the
-    recorded `cached_tokens` of the rounds where hitting it or not differs by a block (True without such rows).
-    vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat round carries the
-    answer's text, re-tokenized, which for a random-weight model's answer gives other ids past its first few."""
+    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache: judged by the
+    recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without them (BLIS's
+    observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate (`observed_kv_metrics`),
+    whichever reading's total it is nearer, unless below 90 % of the lower (evictions); True without either. vLLM caches by token id: a round sent as token
+    ids carries the answer's ids; a chat round carries the answer's text, re-tokenized (for a random-weight
+    model's answer, other ids past its first few), and BLIS's observe sends placeholder words for it."""
     previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
-    with_answer = without = 0
+    groups: set[str] = set()
+    with_answer = without = 0  # rounds whose recorded hits are those of either reading
+    total_answer = total_prompt = prompt_tokens = 0  # hit tokens over the trace by either reading
     for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
-        if not rec.session_id or rec.output_tokens <= 0:
+        if rec.output_tokens <= 0:
             continue
         input_len = request_input_len(rec)
-        prior = previous.get(rec.session_id)
-        previous[rec.session_id] = (input_len, rec.output_tokens)
-        if prior is None or rec.cached_tokens is None:
-            continue
+        prompt_tokens += input_len
         cap = (input_len - 1) // block  # vLLM recomputes at least the last prompt token
-        hit_answer = min((prior[0] + prior[1] - 1) // block, cap)  # an answer's last token has no KV
-        hit_prompt = min(prior[0] // block, cap)
-        recorded = min(rec.cached_tokens, input_len - 1) // block
-        if hit_answer != hit_prompt:
+        group = min(rec.prefix_length // block, cap) if rec.prefix_group in groups else 0
+        groups.add(rec.prefix_group)
+        prior = previous.get(rec.session_id) if rec.session_id else None
+        if rec.session_id:
+            previous[rec.session_id] = (input_len, rec.output_tokens)
+        hit_answer = min((prior[0] + prior[1] - 1) // block, cap) if prior else 0  # an answer's last token
+        hit_prompt = min(prior[0] // block, cap) if prior else 0  # has no KV
+        total_answer += max(group, hit_answer) * block
+        total_prompt += max(group, hit_prompt) * block
+        if prior and rec.cached_tokens is not None and hit_answer != hit_prompt:
+            recorded = min(rec.cached_tokens, input_len - 1) // block
             with_answer += recorded == hit_answer
             without += recorded == hit_prompt
-    if without > with_answer and notes is not None:
-        notes.append(
-            f"{without} round(s) hit vLLM's prefix cache on their previous prompt only, not on its answer "
-            f"({with_answer} on both): the answer came back as text and re-tokenized to other token ids; "
-            "replayed so"
+    if with_answer or without:
+        reused = without <= with_answer
+        evidence = f"{without} round(s) hit it on their previous prompt only, {with_answer} on its answer too"
+    else:
+        rate = trace.header.observed_kv_metrics.get("hit_rate")
+        observed = (rate or 0.0) * prompt_tokens
+        # Far fewer hits than the prompts alone hold: evictions (a small cache) hide which reading was right.
+        if rate is None or total_answer == total_prompt or observed < 0.9 * total_prompt:
+            return True
+        reused = abs(observed - total_answer) <= abs(observed - total_prompt)
+        evidence = (
+            f"its hit rate over the run ({observed:.0f} tokens) is nearer the {total_prompt} that previous prompts "
+            f"hold than the {total_answer} with their answers"
         )
-    return without <= with_answer
+    if not reused and notes is not None:
+        notes.append(
+            f"sessions' rounds found their previous prompt in vLLM's prefix cache but not its answer ({evidence}): "
+            "the answer came back as other token ids (a chat API re-tokenizes its text; BLIS's observe sends "
+            "placeholder words); replayed so"
+        )
+    return reused
 
 
 def _head(segments: tuple[tuple[str, int], ...], tokens: int) -> list[tuple[str, int]]:
