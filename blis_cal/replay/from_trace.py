@@ -110,12 +110,15 @@ def requests_from_trace(
 
 
 def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> bool:
-    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache: judged by the
-    recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without them (BLIS's
-    observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate (`observed_kv_metrics`),
-    whichever reading's total it is nearer, unless below 90 % of the lower (evictions); True without either. vLLM caches by token id: a round sent as token
-    ids carries the answer's ids; a chat round carries the answer's text, re-tokenized (for a random-weight
-    model's answer, other ids past its first few), and BLIS's observe sends placeholder words for it."""
+    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache.
+
+    Judged by the recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without
+    them (BLIS's observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate
+    (`observed_kv_metrics`), whichever reading's total it is nearer, unless under 90 % of the lower (evictions);
+    True without either. vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat
+    round carries the answer's text, re-tokenized (for a random-weight model's answer, other ids past its first
+    few), and BLIS's observe sends placeholder words for it.
+    """
     previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
     groups: set[str] = set()
     with_answer = without = 0  # rounds whose recorded hits are those of either reading
@@ -127,12 +130,14 @@ def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> 
         prompt_tokens += input_len
         cap = (input_len - 1) // block  # vLLM recomputes at least the last prompt token
         group = min(rec.prefix_length // block, cap) if rec.prefix_group in groups else 0
-        groups.add(rec.prefix_group)
+        if rec.prefix_group:
+            groups.add(rec.prefix_group)
         prior = previous.get(rec.session_id) if rec.session_id else None
         if rec.session_id:
             previous[rec.session_id] = (input_len, rec.output_tokens)
-        hit_answer = min((prior[0] + prior[1] - 1) // block, cap) if prior else 0  # an answer's last token
-        hit_prompt = min(prior[0] // block, cap) if prior else 0  # has no KV
+        # Full blocks a round finds of its previous prompt and answer (whose last token has no KV), or prompt.
+        hit_answer = min((prior[0] + prior[1] - 1) // block, cap) if prior else 0
+        hit_prompt = min(prior[0] // block, cap) if prior else 0
         total_answer += max(group, hit_answer) * block
         total_prompt += max(group, hit_prompt) * block
         if prior and rec.cached_tokens is not None and hit_answer != hit_prompt:
