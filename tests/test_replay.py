@@ -79,7 +79,8 @@ def test_zero_output_rows_are_skipped_with_a_note():
 
 
 def test_accumulated_sessions_reuse_history():
-    header = TraceHeader(session_context_growth="accumulate")
+    # A simulated trace (`blis run --trace-output`): the next round carries the answer's token ids.
+    header = TraceHeader(mode="generated", session_context_growth="accumulate")
     records = [
         TraceRecord(
             request_id=0, session_id="s", round_index=0, input_tokens=300, output_tokens=50, send_time_us=0
@@ -133,29 +134,47 @@ def test_rounds_that_hit_only_their_previous_prompt_are_replayed_so():
     assert [r.cached_tokens for r in run.results] == [0, 256, 384, 0, 256, 384]
 
 
+PROMPT_ONLY = (("req:0", 300), ("req:1", 200))
+WITH_ANSWER = (("req:0", 300), ("out:0", 100), ("req:1", 100))
+
+
 def test_without_hits_per_row_the_runs_hit_rate_decides():
     # BLIS's observe records no cached_tokens and sends placeholder words for an answer; its --scrape-kv-metrics
     # hit rate says what vLLM found: 1,280 of 3,000 prompt tokens are the previous prompts' blocks, 1,792 with
-    # their answers; far fewer hits than either (evictions in a small cache) tell nothing, as no rate does.
-    prompt_only = (("req:0", 300), ("req:1", 200))
-    with_answer = (("req:0", 300), ("out:0", 100), ("req:1", 100))
-    for rate, prefix in ((0.43, prompt_only), (0.6, with_answer), (0.2, with_answer), (None, with_answer)):
+    # their answers; far fewer hits than either (evictions in a small cache) tell nothing.
+    for rate, prefix in ((0.43, PROMPT_ONLY), (0.6, WITH_ANSWER), (0.2, WITH_ANSWER)):
         trace = chat_rounds([None] * 6)
-        trace.header.observed_kv_metrics = {"hit_rate": rate} if rate is not None else {}
+        trace.header.observed_kv_metrics = {"hit_rate": rate}
         notes: list[str] = []
         reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
         assert reqs[1].segments == prefix
-        assert bool(notes) == (prefix == prompt_only)
+        assert bool(notes) == (prefix == PROMPT_ONLY)
         assert not notes or "its hit rate over the run (1290 tokens) is nearer the 1280" in notes[0]
 
 
-def test_rounds_that_hit_their_previous_answer_keep_it_in_their_prefix():
-    for cached in ([0, 384, 512, 0, 384, 512], [None] * 6):  # as recorded; nothing recorded
+def test_a_capture_without_any_recorded_hits_is_read_as_blis_observes_rounds():
+    # Ours records vLLM's hits per row and over the run; a capture with neither is BLIS's observe without
+    # --scrape-kv-metrics, whose rounds carry placeholder words for the answer. A simulated trace keeps it.
+    for mode, prefix in (("real", PROMPT_ONLY), ("generated", WITH_ANSWER), ("replayed", WITH_ANSWER)):
+        trace = chat_rounds([None] * 6)
+        trace.header.mode = mode
         notes: list[str] = []
-        reqs = {r.request_id: r for r in requests_from_trace(chat_rounds(cached), notes, block_size=128)}
-        assert reqs[1].segments == (("req:0", 300), ("out:0", 100), ("req:1", 100))
+        reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
+        assert reqs[1].segments == prefix
+        assert any("no prefix-cache hits recorded" in n for n in notes) == (mode == "real")
+
+
+def test_rounds_that_hit_their_previous_answer_keep_it_in_their_prefix():
+    # As recorded by a token-id observer; the run's hit rate as vLLM counts it (1,792 of 3,000 prompt tokens).
+    for cached, rate in (([0, 384, 512, 0, 384, 512], None), ([None] * 6, 1792 / 3000)):
+        trace = chat_rounds(cached)
+        if rate is not None:
+            trace.header.observed_kv_metrics = {"hit_rate": rate}
+        notes: list[str] = []
+        reqs = {r.request_id: r for r in requests_from_trace(trace, notes, block_size=128)}
+        assert reqs[1].segments == WITH_ANSWER
         assert not notes
-        run = replay_trace(chat_rounds(cached), SimConfig(block_size=128), MODEL)
+        run = replay_trace(trace, SimConfig(block_size=128), MODEL)
         assert [r.cached_tokens for r in run.results] == [0, 384, 512, 0, 384, 512]
 
 

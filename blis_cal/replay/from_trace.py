@@ -114,10 +114,11 @@ def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> 
 
     Judged by the recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without
     them (BLIS's observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate
-    (`observed_kv_metrics`), whichever reading's total it is nearer, unless under 90 % of the lower (evictions);
-    True without either. vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat
-    round carries the answer's text, re-tokenized (for a random-weight model's answer, other ids past its first
-    few), and BLIS's observe sends placeholder words for it.
+    (`observed_kv_metrics`), whichever reading's total it is nearer, unless under 90 % of the lower (evictions).
+    A captured trace with neither comes from BLIS's observe (ours records both from vLLM): False; any other, True.
+    vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat round carries the answer's
+    text, re-tokenized (for a random-weight model's answer, other ids past its first few), and BLIS's observe
+    sends placeholder words for it.
     """
     previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
     groups: set[str] = set()
@@ -150,8 +151,18 @@ def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> 
     else:
         rate = trace.header.observed_kv_metrics.get("hit_rate")
         observed = (rate or 0.0) * prompt_tokens
+        if total_answer == total_prompt:
+            return True
+        if rate is None:
+            if trace.header.mode == "real" and notes is not None:
+                notes.append(
+                    "sessions' rounds: no prefix-cache hits recorded, per row or over the run, as BLIS's observe "
+                    "captures without --scrape-kv-metrics; it sends placeholder words for a previous answer, so a "
+                    "round is replayed finding its previous prompt cached but not that answer"
+                )
+            return trace.header.mode != "real"
         # Far fewer hits than the prompts alone hold: evictions (a small cache) hide which reading was right.
-        if rate is None or total_answer == total_prompt or observed < 0.9 * total_prompt:
+        if observed < 0.9 * total_prompt:
             return True
         reused = abs(observed - total_answer) <= abs(observed - total_prompt)
         evidence = (
