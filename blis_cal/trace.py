@@ -948,15 +948,91 @@ def block_size_of(trace: Trace) -> int:
     return server.block_size if server and server.block_size > 0 else DEFAULT_BLOCK_SIZE
 
 
+def injection_time_us(rec: TraceRecord) -> int:
+    """When the server could first see the request: its send time if recorded, else its arrival."""
+    return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
+
+
+def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> bool:
+    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache.
+
+    Judged by the recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without
+    them (BLIS's observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate
+    (`observed_kv_metrics`), whichever reading's total it is nearer, unless under 90 % of the lower (evictions).
+    A captured trace with neither comes from BLIS's observe (ours records both from vLLM): False; any other, True.
+    vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat round carries the answer's
+    text, re-tokenized (for a random-weight model's answer, other ids past its first few), and BLIS's observe
+    sends placeholder words for it.
+    """
+    previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
+    groups: set[str] = set()
+    with_answer = without = 0  # rounds whose recorded hits are those of either reading
+    total_answer = total_prompt = prompt_tokens = 0  # hit tokens over the trace by either reading
+    for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
+        if rec.output_tokens <= 0:
+            continue
+        input_len = rec.total_input_tokens
+        prompt_tokens += input_len
+        cap = (input_len - 1) // block  # vLLM recomputes at least the last prompt token
+        group = min(rec.prefix_length // block, cap) if rec.prefix_group in groups else 0
+        if rec.prefix_group:
+            groups.add(rec.prefix_group)
+        prior = previous.get(rec.session_id) if rec.session_id else None
+        if rec.session_id:
+            previous[rec.session_id] = (input_len, rec.output_tokens)
+        # Full blocks a round finds of its previous prompt and answer (whose last token has no KV), or prompt.
+        hit_answer = min((prior[0] + prior[1] - 1) // block, cap) if prior else 0
+        hit_prompt = min(prior[0] // block, cap) if prior else 0
+        total_answer += max(group, hit_answer) * block
+        total_prompt += max(group, hit_prompt) * block
+        if prior and rec.cached_tokens is not None and hit_answer != hit_prompt:
+            recorded = min(rec.cached_tokens, input_len - 1) // block
+            with_answer += recorded == hit_answer
+            without += recorded == hit_prompt
+    if with_answer or without:
+        reused = without <= with_answer
+        evidence = f"{without} round(s) hit it on their previous prompt only, {with_answer} on its answer too"
+    else:
+        rate = trace.header.observed_kv_metrics.get("hit_rate")
+        observed = (rate or 0.0) * prompt_tokens
+        if total_answer == total_prompt:
+            return True
+        if rate is None:
+            if trace.header.mode == "real" and notes is not None:
+                notes.append(
+                    "sessions' rounds: no prefix-cache hits recorded, per row or over the run, as BLIS's observe "
+                    "captures without --scrape-kv-metrics; it sends placeholder words for a previous answer, so a "
+                    "round is replayed finding its previous prompt cached but not that answer"
+                )
+            return trace.header.mode != "real"
+        # Far fewer hits than the prompts alone hold: evictions (a small cache) hide which reading was right.
+        if observed < 0.9 * total_prompt:
+            return True
+        reused = abs(observed - total_answer) <= abs(observed - total_prompt)
+        evidence = (
+            f"its hit rate over the run ({observed:.0f} tokens) is nearer the {total_prompt} that previous prompts "
+            f"hold than the {total_answer} with their answers"
+        )
+    if not reused and notes is not None:
+        notes.append(
+            f"sessions' rounds found their previous prompt in vLLM's prefix cache but not its answer ({evidence}): "
+            "the answer came back as other token ids (a chat API re-tokenizes its text; BLIS's observe sends "
+            "placeholder words); replayed so"
+        )
+    return reused
+
+
 def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict[int, int]:
     """Prompt tokens served from vLLM's prefix cache, per request.
 
     The recorded `cached_tokens` when the trace has it; else full blocks of a shared prefix already computed
     by an earlier request of the same prefix group (vLLM caches full blocks only, and only once a request's
-    prefill has run), or, when sessions accumulate context, of the previous round of the same session.
+    prefill has run), or, when sessions accumulate context, of the previous round of the same session (its
+    prompt, and its answer where `answers_reused`).
     """
     block = block_size_of(trace)
     accumulate = trace.header.session_context_growth == "accumulate"
+    reused = accumulate and answers_reused(trace, block)
     first_token: dict[str, int] = {}
     session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
     out: dict[int, int] = {}
@@ -977,7 +1053,7 @@ def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict
         if rec.prefix_group and rec.prefix_group not in first_token:
             first_token[rec.prefix_group] = rec.first_chunk_time_us
         if rec.session_id:
-            session_ctx[rec.session_id] = (total + rec.output_tokens, rec.first_chunk_time_us)
+            session_ctx[rec.session_id] = (total + rec.output_tokens * reused, rec.first_chunk_time_us)
     return out
 
 

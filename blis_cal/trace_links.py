@@ -14,13 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
-from blis_cal.trace import Trace, TraceRecord
-
-
-def injection_time_us(rec: TraceRecord) -> int:
-    """When the server could first see the request: its send time if recorded, else its arrival."""
-    return rec.send_time_us if rec.send_time_us > 0 or rec.arrival_time_us == 0 else rec.arrival_time_us
-
+from blis_cal.trace import Trace, TraceRecord, injection_time_us
 
 CLIENT_OVERHEAD_MAX_US = 50_000  # a client sends within a few ms of the answer (ours: 0.5-7 ms under load)
 

@@ -10,8 +10,8 @@ from conftest import TRACES
 
 from blis_cal.errors import ConfigError
 from blis_cal.replay import replay_trace, results_to_trace, with_think_time
-from blis_cal.trace import read_trace, write_trace
-from blis_cal.trace_links import injection_time_us, trace_links
+from blis_cal.trace import injection_time_us, read_trace, write_trace
+from blis_cal.trace_links import trace_links
 from blis_cal.workload.think_time import parse_think_time_dist
 
 COEFFS = ("--alpha", "1000,1,100", "--beta", "5000,10,200", "--num-gpu-blocks", "4096")

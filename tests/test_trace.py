@@ -458,17 +458,22 @@ def test_duplicated_prefix_tokens_counts_each_shared_prefix_past_its_first_holde
     assert duplicated_prefix_tokens([], shares) == 0
 
 
-@pytest.mark.parametrize(("growth", "cached"), [("accumulate", 160), ("", 0)])
-def test_a_later_round_reuses_the_previous_rounds_blocks_only_when_sessions_accumulate(growth, cached):
+@pytest.mark.parametrize(
+    ("growth", "mode", "cached"),
+    [("accumulate", "generated", 160), ("accumulate", "real", 96), ("", "generated", 0)],
+)
+def test_a_later_round_reuses_the_previous_rounds_blocks_only_when_sessions_accumulate(growth, mode, cached):
     """Round 1 sent after round 0's first token: with accumulated context its prompt starts with round 0's
-    100 + 70 tokens (10 full blocks cached); without, its prompt is new and nothing is cached."""
+    100 + 70 tokens (10 full blocks cached; a capture without recorded hits is BLIS's observe, whose rounds
+    carry placeholder words for the answer: 6 blocks of the prompt); without, its prompt is new and nothing is
+    cached."""
     times = {"first_chunk_time_us": 50_000, "last_chunk_time_us": 90_000}
     later = {"send_time_us": 100_000, "first_chunk_time_us": 140_000, "last_chunk_time_us": 150_000}
     rows = [
         TraceRecord(0, session_id="s", input_tokens=100, output_tokens=70, **times),
         TraceRecord(1, session_id="s", round_index=1, input_tokens=300, output_tokens=10, **later),
     ]
-    trace = Trace(TraceHeader(session_context_growth=growth), rows)
+    trace = Trace(TraceHeader(mode=mode, session_context_growth=growth), rows)
     assert estimate_cached_tokens(trace, rows) == {0: 0, 1: cached}
 
 

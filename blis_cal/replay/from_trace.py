@@ -5,7 +5,7 @@ server-reported prompt length when recorded and the observed output length. Rows
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
 output as its own prefix (multi-turn chat history), or the prompt alone where the recorded hits say the answer
-came back as other token ids (`answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
+came back as other token ids (`trace.answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
 beyond the blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
 prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
@@ -22,16 +22,11 @@ from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
 from blis_cal.simulate.metrics import SimRun
 from blis_cal.simulate.request import SimRequest, output_key
-from blis_cal.trace import Trace, TraceHeader, TraceRecord
-from blis_cal.trace_links import injection_time_us, trace_links
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, answers_reused, injection_time_us
+from blis_cal.trace_links import trace_links
 
 # Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
 SERVER_FIELDS = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
-
-
-def request_input_len(rec: TraceRecord) -> int:
-    """Whole prompt: the server's count when recorded, else prefix + suffix."""
-    return rec.server_input_tokens if rec.server_input_tokens > 0 else rec.prefix_length + rec.input_tokens
 
 
 def requests_from_trace(
@@ -60,7 +55,7 @@ def requests_from_trace(
         if rec.output_tokens <= 0:
             skipped.append(rec.request_id)
             continue
-        input_len = request_input_len(rec)
+        input_len = rec.total_input_tokens
         segments = _segments(
             rec, input_len, history.get(rec.session_id) if accumulate and rec.session_id else None
         )
@@ -107,75 +102,6 @@ def requests_from_trace(
         notes.append(f"{len(skipped)} row(s) with 0 output tokens not replayed (request_id {shown})")
     out.sort(key=lambda r: r.request_id)
     return out
-
-
-def answers_reused(trace: Trace, block: int, notes: list[str] | None = None) -> bool:
-    """Whether a session's rounds hit their previous answer's KV blocks in vLLM's prefix cache.
-
-    Judged by the recorded `cached_tokens` of the rounds where hitting it or not differs by a block; without
-    them (BLIS's observe, or a vLLM without --enable-prompt-tokens-details) by the run's hit rate
-    (`observed_kv_metrics`), whichever reading's total it is nearer, unless under 90 % of the lower (evictions).
-    A captured trace with neither comes from BLIS's observe (ours records both from vLLM): False; any other, True.
-    vLLM caches by token id: a round sent as token ids carries the answer's ids; a chat round carries the answer's
-    text, re-tokenized (for a random-weight model's answer, other ids past its first few), and BLIS's observe
-    sends placeholder words for it.
-    """
-    previous: dict[str, tuple[int, int]] = {}  # session -> (prompt tokens, answer tokens)
-    groups: set[str] = set()
-    with_answer = without = 0  # rounds whose recorded hits are those of either reading
-    total_answer = total_prompt = prompt_tokens = 0  # hit tokens over the trace by either reading
-    for rec in sorted(trace.records, key=lambda r: (injection_time_us(r), r.request_id)):
-        if rec.output_tokens <= 0:
-            continue
-        input_len = request_input_len(rec)
-        prompt_tokens += input_len
-        cap = (input_len - 1) // block  # vLLM recomputes at least the last prompt token
-        group = min(rec.prefix_length // block, cap) if rec.prefix_group in groups else 0
-        if rec.prefix_group:
-            groups.add(rec.prefix_group)
-        prior = previous.get(rec.session_id) if rec.session_id else None
-        if rec.session_id:
-            previous[rec.session_id] = (input_len, rec.output_tokens)
-        # Full blocks a round finds of its previous prompt and answer (whose last token has no KV), or prompt.
-        hit_answer = min((prior[0] + prior[1] - 1) // block, cap) if prior else 0
-        hit_prompt = min(prior[0] // block, cap) if prior else 0
-        total_answer += max(group, hit_answer) * block
-        total_prompt += max(group, hit_prompt) * block
-        if prior and rec.cached_tokens is not None and hit_answer != hit_prompt:
-            recorded = min(rec.cached_tokens, input_len - 1) // block
-            with_answer += recorded == hit_answer
-            without += recorded == hit_prompt
-    if with_answer or without:
-        reused = without <= with_answer
-        evidence = f"{without} round(s) hit it on their previous prompt only, {with_answer} on its answer too"
-    else:
-        rate = trace.header.observed_kv_metrics.get("hit_rate")
-        observed = (rate or 0.0) * prompt_tokens
-        if total_answer == total_prompt:
-            return True
-        if rate is None:
-            if trace.header.mode == "real" and notes is not None:
-                notes.append(
-                    "sessions' rounds: no prefix-cache hits recorded, per row or over the run, as BLIS's observe "
-                    "captures without --scrape-kv-metrics; it sends placeholder words for a previous answer, so a "
-                    "round is replayed finding its previous prompt cached but not that answer"
-                )
-            return trace.header.mode != "real"
-        # Far fewer hits than the prompts alone hold: evictions (a small cache) hide which reading was right.
-        if observed < 0.9 * total_prompt:
-            return True
-        reused = abs(observed - total_answer) <= abs(observed - total_prompt)
-        evidence = (
-            f"its hit rate over the run ({observed:.0f} tokens) is nearer the {total_prompt} that previous prompts "
-            f"hold than the {total_answer} with their answers"
-        )
-    if not reused and notes is not None:
-        notes.append(
-            f"sessions' rounds found their previous prompt in vLLM's prefix cache but not its answer ({evidence}): "
-            "the answer came back as other token ids (a chat API re-tokenizes its text; BLIS's observe sends "
-            "placeholder words); replayed so"
-        )
-    return reused
 
 
 def _head(segments: tuple[tuple[str, int], ...], tokens: int) -> list[tuple[str, int]]:

@@ -20,8 +20,8 @@ from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.simulate.request import SimRequest
-from blis_cal.trace import Trace
-from blis_cal.trace_links import Link, injection_time_us, trace_links
+from blis_cal.trace import Trace, injection_time_us
+from blis_cal.trace_links import Link, trace_links
 from blis_cal.workload.spec import Distribution
 
 Sender = Callable[[int, int, Link], int]  # (recorded send, predecessor's release, link) -> simulated send
