@@ -515,7 +515,7 @@ def replay_cmd(
         None, "--max-model-len", help="Max prompt + output length (default: header)."
     ),
     long_prefill_token_threshold: int | None = typer.Option(
-        None, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
+        None, "--long-prefill-token-threshold", help="Cap on a prefill chunk (default: header, else 0 = off)."
     ),
     prefix_caching: bool | None = typer.Option(
         None, "--prefix-caching/--no-prefix-caching", help="Prefix caching (default: header, else on)."

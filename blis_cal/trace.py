@@ -51,6 +51,7 @@ class ServerInfo:
     max_model_len: int = 0
     max_num_batched_tokens: int = 0
     num_gpu_blocks: int = 0
+    long_prefill_token_threshold: int = 0  # vLLM --long-prefill-token-threshold (0: no cap, vLLM's default)
     gpu: str = ""
     vllm_version: str = ""
     enable_prefix_caching: bool | None = None
@@ -847,30 +848,35 @@ class PromptToLay:
 
 
 def lay_prompt_chunks(
-    step_begins_us: Sequence[int], room: list[int], prompts: Iterable[PromptToLay]
+    step_begins_us: Sequence[int], room: list[int], prompts: Iterable[PromptToLay], cap: int = 0
 ) -> list[list[tuple[int, int]]]:
     """vLLM's chunked prefill as the client can rebuild it: a prompt's chunks stream nothing, so each prompt
     (in order of first token) takes the steps it needs (`room`, per step: what the token budget leaves beside
     the step's decodes; consumed here) from the step of its first token back to the first step begun after it
     was sent (`step_begins_us[s]`: when step s's events arrived, so step s began at step s − 1's). vLLM
-    schedules chunks forward, so every chunk but the last is as large as its step's room and the last, in the
-    step of its first token, is the rest (at least one token; past the budget when no step had room: a header
-    with a wrong budget). Per prompt: [(step, tokens)] from its last step back."""
+    schedules chunks forward, so every chunk but the last is as large as its step's room (at most `cap`, its
+    --long-prefill-token-threshold, when > 0) and the last, in the step of its first token, is the rest (at
+    least one token; past the budget when no step had room: a header with a wrong budget). Per prompt:
+    [(step, tokens)] from its last step back."""
+
+    def chunk(step: int) -> int:
+        return min(room[step], cap) if cap > 0 else room[step]
+
     laid = []
     for prompt in prompts:
         last = prompt.first_token_step
         steps = [last]
-        need = prompt.new_tokens - max(room[last], 1)
+        need = prompt.new_tokens - max(chunk(last), 1)
         for step in range(last - 1, 0, -1):
             if need <= 0 or step_begins_us[step - 1] <= prompt.send_us:
                 break  # enough room, or the step began (as the one before it ended) before the prompt was sent
             if room[step] > 0:
                 steps.append(step)
-                need -= room[step]
+                need -= chunk(step)
         taken = []
         left = prompt.new_tokens
         for step in reversed(steps[1:]):  # earliest first
-            take = min(room[step], left - 1)
+            take = min(chunk(step), left - 1)
             if take > 0:  # 0: an earlier step had more room than the prompt needed (it waited, not computed)
                 taken.append((step, take))
                 room[step] -= take
@@ -895,7 +901,7 @@ def chunked_steps(
         for e in burst
         if e[3] == 0 and e[1] in records
     ]
-    laid = lay_prompt_chunks([b[0][0] for b in bursts], room, prompts)
+    laid = lay_prompt_chunks([b[0][0] for b in bursts], room, prompts, prefill_chunk_cap(trace))
     return {step for taken in laid for step, _ in taken[1:]}
 
 
@@ -938,6 +944,12 @@ def token_budget(trace: Trace) -> int:
         if server and server.max_num_batched_tokens > 0
         else DEFAULT_TOKEN_BUDGET
     )
+
+
+def prefill_chunk_cap(trace: Trace) -> int:
+    """The server's --long-prefill-token-threshold from the header (0: none, vLLM's default)."""
+    server = trace.header.server
+    return server.long_prefill_token_threshold if server else 0
 
 
 DEFAULT_BLOCK_SIZE = 16

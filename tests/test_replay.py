@@ -42,6 +42,10 @@ def test_header_sets_engine_and_flags_override(trace_a):
     assert (config.block_size, config.num_gpu_blocks, config.max_num_seqs) == (128, 1024, 64)
     assert (config.max_num_batched_tokens, config.max_model_len) == (2048, 4096)
     assert config_from_trace(header, max_num_seqs=8, block_size=None).max_num_seqs == 8
+    assert config.long_prefill_token_threshold == 0  # not in the header: vLLM's default, no cap
+    header.server.long_prefill_token_threshold = 256  # --server-info long_prefill_token_threshold=256
+    assert config_from_trace(header).long_prefill_token_threshold == 256
+    assert config_from_trace(header, long_prefill_token_threshold=0).long_prefill_token_threshold == 0
 
 
 def test_unknown_seats_are_capped_at_the_headers_token_budget(trace_a):

@@ -293,6 +293,14 @@ def test_prompts_are_laid_over_the_steps_before_their_first_token_each_chunk_but
     assert wide == [[(3, 1), (1, 9)]]
 
 
+def test_with_a_long_prefill_threshold_no_chunk_is_larger_than_it():
+    # vLLM --long-prefill-token-threshold 3: a 9-token prompt with 5 tokens of room per step takes 3 per step.
+    room = [5] * 6
+    laid = lay_prompt_chunks([10_000 * k for k in range(1, 7)], room, [PromptToLay(5, 5_000, 9)], cap=3)
+    assert laid == [[(5, 3), (4, 3), (3, 3)]]
+    assert room == [5, 5, 5, 2, 2, 2]
+
+
 def test_decode_steps_are_timed_from_the_previous_step_and_count_the_batch():
     trace = lockstep_trace([(3, 40, 25_000)])
     steps = decode_steps(trace)

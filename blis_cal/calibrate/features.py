@@ -31,6 +31,7 @@ from blis_cal.trace import (
     itl_means_us,
     lay_prompt_chunks,
     ok_records,
+    prefill_chunk_cap,
     shared_prefix_tokens,
     token_budget,
 )
@@ -120,6 +121,7 @@ def _chunked_prefills(
     owners: np.ndarray,
     sends: dict[int, int],
     budget: int,
+    cap: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The prompts laid over the steps that computed them (`trace.lay_prompt_chunks`, vLLM's chunked prefill).
     One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
@@ -131,6 +133,7 @@ def _chunked_prefills(
         t[starts].tolist(),
         room,
         (PromptToLay(int(step_of[i]), sends[int(owners[i])], int(v[i, 0])) for i in events),
+        cap,
     )
     extra_t: list[int] = []
     extra_v: list[tuple[float, ...]] = []
@@ -182,7 +185,7 @@ def _laid_events(
     if not len(t):
         return t, v, owner
     sends = {r.request_id: r.send_time_us for r in records}
-    return _chunked_prefills(t, v, owner, sends, token_budget(trace))
+    return _chunked_prefills(t, v, owner, sends, token_budget(trace), prefill_chunk_cap(trace))
 
 
 def _events(trace: Trace, records: Sequence[TraceRecord], cached: dict[int, int]):

@@ -26,7 +26,14 @@ from blis_cal.trace import Trace, TraceHeader, TraceRecord, answers_reused, inje
 from blis_cal.trace_links import trace_links
 
 # Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
-SERVER_FIELDS = ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len")
+SERVER_FIELDS = (
+    "block_size",
+    "num_gpu_blocks",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_model_len",
+    "long_prefill_token_threshold",
+)
 
 
 def requests_from_trace(
