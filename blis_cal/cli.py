@@ -273,6 +273,12 @@ _OPT_LONG_PREFILL = typer.Option(
     0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
 )
 _OPT_PREFIX_CACHING = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching.")
+_OPT_TRACE_SERVER_INFO = typer.Option(
+    [],
+    "--server-info",
+    help="Server fact for every trace's header, KEY=VALUE, where it lacks or got one wrong "
+    "(e.g. long_prefill_token_threshold=256, max_num_seqs=16).",
+)
 
 _OPT_POLICY_CONFIG = typer.Option(
     None,
@@ -885,6 +891,7 @@ def calibrate_cmd(
     ),
     seed: int = typer.Option(0, "--seed", help="Fit: bootstrap seed."),
     session_mode: str | None = _OPT_SESSION_MODE,
+    server_info: list[str] = _OPT_TRACE_SERVER_INFO,
 ) -> None:
     """Compare simulated with observed latencies, or fit α/β from traces (`--fit`) and write them.
 
@@ -908,11 +915,12 @@ def calibrate_cmd(
     from blis_cal.calibrate.pipeline import load_traces, run_compare, run_fit
     from blis_cal.calibrate.report_html import write_html
     from blis_cal.errors import ConfigError
+    from blis_cal.trace import parse_server_facts
 
     if sim_results is not None and session_mode is not None:
         raise ConfigError("--session-mode sets how calibrate replays; --sim-results are replayed already")
     session_mode = _session_mode(session_mode)
-    named = load_traces(traces)
+    named = load_traces(traces, server_facts=parse_server_facts(server_info))
     for t in named:
         print_notes(t.trace.notes)
     server = named[0].trace.header.server
@@ -1029,6 +1037,7 @@ def validate_cmd(
         help="--leave-one-out: the step-time form to fit (default: calibrate's). " + _MODEL_FORMS_SEE,
     ),
     session_mode: str | None = _OPT_SESSION_MODE,
+    server_info: list[str] = _OPT_TRACE_SERVER_INFO,
 ) -> None:
     """Validation report for a model/GPU pair over held-out traces: a row per trace and a pooled summary.
 
@@ -1043,9 +1052,10 @@ def validate_cmd(
         blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
+    from blis_cal.trace import parse_server_facts
 
     session_mode = _session_mode(session_mode)
-    named = load_traces(traces)
+    named = load_traces(traces, server_facts=parse_server_facts(server_info))
     for t in named:
         print_notes(t.trace.notes)
     if leave_one_out:
@@ -1116,39 +1126,6 @@ def _observe_headers(values: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             raise ConfigError(f"--header: expected KEY:VALUE, got {item!r}")
         out[key.strip()] = value.strip()
-    return out
-
-
-def _observe_server_info(values: list[str]) -> dict[str, object]:
-    """`--server-info max_num_seqs=64` -> typed ServerInfo fields (facts the server does not expose)."""
-    import dataclasses
-
-    from blis_cal.errors import ConfigError
-    from blis_cal.trace import ServerInfo
-
-    kinds = {f.name: f.type for f in dataclasses.fields(ServerInfo)}
-    out: dict[str, object] = {}
-    for item in values:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in kinds:
-            raise ConfigError(
-                f"--server-info: expected KEY=VALUE with KEY one of {', '.join(kinds)}, got {item!r}"
-            )
-        kind = kinds[key]
-        try:
-            if kind == "int":
-                out[key] = int(text)
-            elif kind == "float":
-                out[key] = float(text)
-            elif kind.startswith("bool"):
-                if text.lower() not in ("true", "false"):
-                    raise ValueError
-                out[key] = text.lower() == "true"
-            else:
-                out[key] = text
-        except ValueError:
-            raise ConfigError(f"--server-info: {key} must be {kind}, got {text!r}") from None
     return out
 
 
@@ -1251,7 +1228,7 @@ def observe_cmd(
         blis observe --endpoint http://127.0.0.1:8000 --model tiny --concurrency 8 --duration 60 --api chat --out chat.csv
     """
     from blis_cal.observe import ClientConfig, ObserveConfig, observe
-    from blis_cal.trace import read_trace, trace_summary
+    from blis_cal.trace import parse_server_facts, read_trace, trace_summary
     from blis_cal.workload import workload_from_options
 
     workload = workload_from_options(
@@ -1291,7 +1268,7 @@ def observe_cmd(
         max_errors=max_errors,
         metrics_interval_s=metrics_interval,
         workload_spec=str(workload_spec) if workload_spec else (f"preset:{preset}" if preset else ""),
-        server_overrides=_observe_server_info(server_info),
+        server_overrides=parse_server_facts(server_info),
     )
     total = num_requests or getattr(workload, "num_requests", None) or None
     if progress:

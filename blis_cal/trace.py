@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import yaml
 
-from blis_cal.errors import TraceFormatError
+from blis_cal.errors import ConfigError, TraceFormatError
 from blis_cal.stats import count_summary, latency_summary, percentile
 
 if TYPE_CHECKING:  # numpy is imported lazily: the observer imports this module and needs none of it
@@ -55,6 +55,42 @@ class ServerInfo:
     gpu: str = ""
     vllm_version: str = ""
     enable_prefix_caching: bool | None = None
+
+
+def parse_server_facts(values: Iterable[str]) -> dict[str, Any]:
+    """`--server-info` items (`max_num_seqs=64`) -> typed ServerInfo fields: what a server does not expose, or
+    a trace's header lacks. 0 or empty means unknown, as in the header; negative numbers are errors."""
+    kinds = {f.name: f.type for f in dataclasses.fields(ServerInfo)}
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in kinds:
+            raise ConfigError(
+                f"--server-info: expected KEY=VALUE with KEY one of {', '.join(kinds)}, got {item!r}"
+            )
+        kind = kinds[key]
+        try:
+            if kind == "int":
+                out[key] = int(text)
+            elif kind == "float":
+                out[key] = float(text)
+            elif kind.startswith("bool"):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                out[key] = text.lower() == "true"
+            else:
+                out[key] = text
+        except ValueError:
+            raise ConfigError(f"--server-info: {key} must be {kind}, got {text!r}") from None
+        if kind in ("int", "float") and not out[key] >= 0:  # NaN fails too
+            raise ConfigError(f"--server-info: {key} must be >= 0 (0: unknown), got {text!r}")
+    return out
+
+
+def with_server_facts(info: ServerInfo | None, facts: dict[str, Any]) -> ServerInfo:
+    """A copy of `info` (a blank one when None) with `facts` (`parse_server_facts`) set."""
+    return dataclasses.replace(info or ServerInfo(), **facts)
 
 
 @dataclass

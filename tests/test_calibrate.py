@@ -715,3 +715,32 @@ def test_a_request_whose_tokens_reached_the_client_in_one_burst_leaves_the_itl_m
     recs[2] = record(3, 3_000_000, 3_100_000, 3_300_000, out=11)
     rep = compare(Trace(header=TraceHeader(), records=recs), results)
     assert rep.trace_info["itl_one_burst"] == 0 and not any("one burst" in n for n in rep.notes)
+
+
+def test_cli_server_info_sets_what_a_trace_header_lacks(tmp_path):
+    # Day 44's capture through vLLM's --long-prefill-token-threshold 128, its header stripped of the threshold:
+    # `--server-info` puts it back and the validation is the header's; `=0` replays without the cap.
+    src = REPO / "traces" / "real_day44" / "lpt128_burst25_s4404"
+    for suffix in (".csv", ".itl.csv"):
+        shutil.copy(src.with_suffix(suffix), tmp_path / f"t{suffix}")
+    header = src.with_suffix(".yaml").read_text(encoding="utf-8")
+    assert "long_prefill_token_threshold: 128" in header
+    (tmp_path / "t.yaml").write_text(
+        header.replace("  long_prefill_token_threshold: 128\n", ""), encoding="utf-8"
+    )
+    lookup = ["--coeffs", str(REPO / "defaults.yaml"), "--model", "tiny", "--gpu", "cpu", "--tp", "1"]
+
+    def summary(trace, *extra):
+        res = CliRunner().invoke(app, ["validate", str(trace), *lookup, *extra])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout[res.stdout.index("{") :])["summary"]
+
+    as_captured = summary(src.with_suffix(".csv"))
+    assert summary(tmp_path / "t.csv", "--server-info", "long_prefill_token_threshold=128") == as_captured
+    assert summary(tmp_path / "t.csv") != as_captured
+    uncapped = summary(src.with_suffix(".csv"), "--server-info", "long_prefill_token_threshold=0")
+    assert uncapped == summary(tmp_path / "t.csv")
+    res = CliRunner().invoke(
+        app, ["validate", str(tmp_path / "t.csv"), *lookup, "--server-info", "max_num_seqs=-4"]
+    )
+    assert res.exit_code != 0 and "max_num_seqs must be >= 0" in str(res.exception)

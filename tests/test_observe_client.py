@@ -322,18 +322,22 @@ def test_event_with_wrong_types_is_a_malformed_event_not_a_crash():
 
 
 def test_cli_server_info_and_header_flags_are_typed_and_strict():
-    from blis_cal.cli import _observe_headers, _observe_server_info
+    from blis_cal.cli import _observe_headers
+    from blis_cal.trace import parse_server_facts
 
-    assert _observe_server_info(["max_num_seqs=64", "gpu=A100", "enable_prefix_caching=false"]) == {
+    assert parse_server_facts(["max_num_seqs=64", "gpu=A100", "enable_prefix_caching=false"]) == {
         "max_num_seqs": 64,
         "gpu": "A100",
         "enable_prefix_caching": False,
     }
     assert _observe_headers(["X-A: b:c"]) == {"X-A": "b:c"}
     with pytest.raises(ConfigError, match="max_num_seqs must be int"):
-        _observe_server_info(["max_num_seqs=many"])
-    with pytest.raises(ConfigError, match="KEY one of"):
-        _observe_server_info(["num_gpus=2"])
+        parse_server_facts(["max_num_seqs=many"])
+    with pytest.raises(ConfigError, match=r"KEY one of .*long_prefill_token_threshold"):
+        parse_server_facts(["num_gpus=2"])
+    for bad in ("long_prefill_token_threshold=-1", "gpu_memory_utilization=nan"):
+        with pytest.raises(ConfigError, match="must be >= 0"):
+            parse_server_facts([bad])
 
 
 # ---------------------------------------------------------------------------------------------- arrival times

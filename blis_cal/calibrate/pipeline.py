@@ -18,15 +18,18 @@ from blis_cal.calibrate.compare import (
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
 from blis_cal.replay import DEFAULT_SESSION_MODE
-from blis_cal.trace import read_trace
+from blis_cal.trace import read_trace, with_server_facts
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
 # The accuracy targets on held-out real traces (issue 5): metric -> (MAPE at most, Pearson r at least).
 TARGETS = {"e2e_mape": 0.05, "itl_mape": 0.05, "ttft_mape": 0.10, "e2e_pearson_r": 0.9}
 
 
-def load_traces(paths: Sequence[str | Path], *, skip_bad_rows: bool = False) -> list[NamedTrace]:
-    """Read each trace (header = sibling .yaml); names are the file stems, made unique."""
+def load_traces(
+    paths: Sequence[str | Path], *, skip_bad_rows: bool = False, server_facts: dict[str, Any] | None = None
+) -> list[NamedTrace]:
+    """Read each trace (header = sibling .yaml); names are the file stems, made unique. `server_facts`
+    (`trace.parse_server_facts`) set those of every header's `server:` block (what it lacks or got wrong)."""
     if not paths:
         raise CalibrationError("no trace files given")
     out: list[NamedTrace] = []
@@ -40,6 +43,8 @@ def load_traces(paths: Sequence[str | Path], *, skip_bad_rows: bool = False) -> 
         )
     for path in paths:
         trace = read_trace(path, skip_bad_rows=skip_bad_rows)
+        if server_facts:
+            trace.header.server = with_server_facts(trace.header.server, server_facts)
         if companions and not out:
             trace.notes.append(f"skipped {len(companions)} companion file(s) (.itl.csv / .metrics.csv)")
         name = Path(path).stem

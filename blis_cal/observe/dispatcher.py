@@ -39,7 +39,7 @@ from blis_cal.observe.client import (
 from blis_cal.observe.clock import Clock, new_event_loop
 from blis_cal.observe.http1 import Http1Session
 from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
-from blis_cal.trace import LATE_SEND_US, ServerInfo, TraceHeader, TraceWriter, sibling
+from blis_cal.trace import LATE_SEND_US, TraceHeader, TraceWriter, sibling, with_server_facts
 
 
 @dataclass
@@ -179,8 +179,8 @@ class Observer:
         aux_headers = {**ccfg.headers, **auth}
         facts = await server_facts(client, ccfg.endpoint, ccfg.model, aux_headers)
         self.notes.extend(facts.notes)
-        info = _apply_overrides(facts.info, cfg.server_overrides)
-        if isinstance(transport, Http1Session) and facts.info.vllm_version:
+        info = with_server_facts(facts.info, cfg.server_overrides)
+        if isinstance(transport, Http1Session) and info.vllm_version:
             transport.lazy_acks = True  # vLLM's API server sends with TCP_NODELAY (uvicorn on asyncio/uvloop)
         if ccfg.prompt_mode == "text":
             ccfg.tokens_per_word, note = await measure_tokens_per_word(client, ccfg)
@@ -415,12 +415,6 @@ def _accumulates(workload: Any) -> bool:
     spec = getattr(workload, "spec", None)
     clients = getattr(spec, "clients", None) or []
     return any(getattr(c.multi_turn, "context_growth", "") == "accumulate" for c in clients if c.multi_turn)
-
-
-def _apply_overrides(info: ServerInfo, overrides: dict[str, Any]) -> ServerInfo:
-    for key, value in overrides.items():
-        setattr(info, key, value)
-    return info
 
 
 async def _prewarm(client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: float) -> None:
