@@ -41,6 +41,8 @@ class FakeVLLM:
     stall_s: float = 30.0
     block_size: int = 16
     metrics: bool = True
+    # vLLM's dev-mode /server_info engine config (VLLM_SERVER_DEV_MODE=1); None: no such endpoint, as by default
+    engine_config: dict | None = None
     max_model_len: int = 2048
     port: int = 0
     received: list[dict] = field(default_factory=list)  # request bodies
@@ -80,6 +82,8 @@ class FakeVLLM:
         app.router.add_get("/version", self._version)
         if self.metrics:
             app.router.add_get("/metrics", self._metrics)
+        if self.engine_config is not None:
+            app.router.add_get("/server_info", self._server_info)
         runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port)
@@ -101,6 +105,10 @@ class FakeVLLM:
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": "0.32.0"})
+
+    async def _server_info(self, request: web.Request) -> web.Response:
+        assert request.query.get("config_format") == "json"
+        return web.json_response({"vllm_config": self.engine_config, "vllm_env": {}, "system_env": {}})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         c = self.counters

@@ -210,6 +210,34 @@ def test_server_without_metrics_or_streaming(tmp_path):
     )
 
 
+def test_a_dev_mode_server_info_fills_the_scheduler_facts_and_server_info_still_wins(tmp_path):
+    # vLLM started with VLLM_SERVER_DEV_MODE=1 serves its engine config at /server_info (shape as vLLM 0.32's).
+    engine = {
+        "scheduler_config": {
+            "max_num_seqs": 24,
+            "max_num_batched_tokens": 512,
+            "long_prefill_token_threshold": 192,
+        },
+        "parallel_config": {"tensor_parallel_size": 1},
+        "model_config": {"max_model_len": 2048},
+        "cache_config": {"block_size": 16},
+    }
+    headers = {}
+    for overrides in ({}, {"max_num_seqs": 8}):
+        with FakeVLLM(engine_config=engine) as server:
+            cfg = config(server, server_overrides=overrides)
+            observe(workload([wreq(0, 0, 10)]), cfg, tmp_path / "d.csv", handle_signals=False)
+        headers[len(overrides)] = read_trace(tmp_path / "d.csv").header.server
+    found = headers[0]
+    assert (found.max_num_seqs, found.max_num_batched_tokens, found.long_prefill_token_threshold) == (
+        24,
+        512,
+        192,
+    )
+    assert (found.tensor_parallel, found.max_model_len, found.block_size) == (1, 2048, 16)
+    assert (headers[1].max_num_seqs, headers[1].max_num_batched_tokens) == (8, 512)  # --server-info over it
+
+
 def test_chat_text_prompts_measure_tokens_per_word(tmp_path):
     with FakeVLLM() as server:
         cfg = config(server, api="chat")

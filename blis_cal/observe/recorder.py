@@ -223,6 +223,9 @@ async def server_facts(
             info.type = "vllm"
         except (ValueError, AttributeError):
             pass
+    resp = await _get(client, endpoint + "/server_info?config_format=json", headers)
+    if resp is not None:
+        _engine_config(info, resp)
     samples = await scrape_metrics(client, endpoint, headers)
     if samples is None:
         notes.append(f"{endpoint}/metrics did not answer; no cache facts, counters or metrics sidecar")
@@ -233,6 +236,31 @@ async def server_facts(
         if s.name == "vllm:cache_config_info":
             _cache_config(info, s.labels)
     return ServerFacts(info, samples, notes)
+
+
+# vLLM's /server_info (a dev-mode endpoint, VLLM_SERVER_DEV_MODE=1) shows its whole engine config; these are the
+# scheduler's facts /metrics does not: ServerInfo field -> (config section, key).
+_ENGINE_CONFIG = {
+    "max_num_seqs": ("scheduler_config", "max_num_seqs"),
+    "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens"),
+    "long_prefill_token_threshold": ("scheduler_config", "long_prefill_token_threshold"),
+    "tensor_parallel": ("parallel_config", "tensor_parallel_size"),
+    "max_model_len": ("model_config", "max_model_len"),
+}
+
+
+def _engine_config(info: ServerInfo, resp: httpx.Response) -> None:
+    try:
+        config = resp.json().get("vllm_config")
+    except (ValueError, AttributeError):
+        return
+    if not isinstance(config, dict):
+        return
+    for name, (section, key) in _ENGINE_CONFIG.items():
+        part = config.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            setattr(info, name, value)
 
 
 def _cache_config(info: ServerInfo, labels: dict[str, str]) -> None:
