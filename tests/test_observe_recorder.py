@@ -72,14 +72,41 @@ def test_server_facts_from_a_real_vllm(capture):
             respx.get(f"{base}/metrics").mock(
                 return_value=httpx.Response(200, text=capture[0]["metrics_before"])
             )
+            # Without VLLM_SERVER_DEV_MODE=1 vLLM has no /server_info; with it, its engine config (the part of
+            # vLLM 0.32's answer that is read, from a server run with --max-num-seqs 24
+            # --long-prefill-token-threshold 192).
+            dev = {
+                "vllm_config": {
+                    "scheduler_config": {
+                        "max_num_batched_tokens": 2048,
+                        "max_num_seqs": 24,
+                        "long_prefill_token_threshold": 192,
+                        "long_prefill_token_threshold_adaptive": False,
+                        "enable_chunked_prefill": True,
+                    },
+                    "parallel_config": {"tensor_parallel_size": 1},
+                    "model_config": {"max_model_len": 4096},
+                }
+            }
+            route = respx.get(f"{base}/server_info", params={"config_format": "json"})
+            route.mock(return_value=httpx.Response(200, json=dev) if dev_mode else httpx.Response(404))
             async with httpx.AsyncClient() as client:
                 return await server_facts(client, base, "tiny", {})
 
-    facts = asyncio.run(go())
-    info = facts.info
-    assert (info.type, info.model, info.vllm_version, info.max_model_len) == ("vllm", "tiny", "0.32.0", 4096)
-    assert (info.block_size, info.num_gpu_blocks, info.enable_prefix_caching) == (128, 1024, True)
-    assert info.gpu_memory_utilization == 0.92 and facts.notes == [] and facts.metrics
+    for dev_mode in (False, True):
+        facts = asyncio.run(go())
+        info = facts.info
+        assert (info.type, info.model, info.vllm_version, info.max_model_len) == (
+            "vllm",
+            "tiny",
+            "0.32.0",
+            4096,
+        )
+        assert (info.block_size, info.num_gpu_blocks, info.enable_prefix_caching) == (128, 1024, True)
+        assert info.gpu_memory_utilization == 0.92 and facts.notes == [] and facts.metrics
+        scheduler = (info.max_num_seqs, info.max_num_batched_tokens, info.long_prefill_token_threshold)
+        assert scheduler == ((24, 2048, 192) if dev_mode else (0, 0, 0))  # 0: unknown
+        assert info.tensor_parallel == (1 if dev_mode else 0)
 
 
 def test_missing_endpoints_are_notes_not_errors():
@@ -88,6 +115,7 @@ def test_missing_endpoints_are_notes_not_errors():
             respx.get("http://v:1/v1/models").mock(return_value=httpx.Response(404))
             respx.get("http://v:1/version").mock(side_effect=httpx.ConnectError("no"))
             respx.get("http://v:1/metrics").mock(return_value=httpx.Response(404))
+            respx.get("http://v:1/server_info").mock(return_value=httpx.Response(200, text="not json"))
             async with httpx.AsyncClient() as client:
                 return await server_facts(client, "http://v:1", "m", {})
 
