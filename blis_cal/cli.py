@@ -273,6 +273,10 @@ _OPT_LONG_PREFILL = typer.Option(
     0, "--long-prefill-token-threshold", help="Cap on a prefill chunk (0 = off)."
 )
 _OPT_PREFIX_CACHING = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Prefix caching.")
+_ADAPTIVE_HELP = "Floor that cap at the token budget over the requests running and waiting (vLLM's flag)"
+_OPT_LONG_PREFILL_ADAPTIVE = typer.Option(
+    False, "--long-prefill-token-threshold-adaptive", help=_ADAPTIVE_HELP + "."
+)
 _OPT_TRACE_SERVER_INFO = typer.Option(
     [],
     "--server-info",
@@ -523,6 +527,11 @@ def replay_cmd(
     long_prefill_token_threshold: int | None = typer.Option(
         None, "--long-prefill-token-threshold", help="Cap on a prefill chunk (default: header, else 0 = off)."
     ),
+    long_prefill_token_threshold_adaptive: bool | None = typer.Option(
+        None,
+        "--long-prefill-token-threshold-adaptive/--no-long-prefill-token-threshold-adaptive",
+        help=_ADAPTIVE_HELP + " (default: header, else off).",
+    ),
     prefix_caching: bool | None = typer.Option(
         None, "--prefix-caching/--no-prefix-caching", help="Prefix caching (default: header, else on)."
     ),
@@ -573,6 +582,7 @@ def replay_cmd(
         max_num_batched_tokens=max_num_batched_tokens,
         max_model_len=max_model_len,
         long_prefill_token_threshold=long_prefill_token_threshold,
+        long_prefill_token_threshold_adaptive=long_prefill_token_threshold_adaptive,
         enable_prefix_caching=prefix_caching,
         seed=seed,
     )
@@ -707,6 +717,7 @@ def run_cmd(
     max_num_batched_tokens: int = _OPT_MAX_BATCHED,
     max_model_len: int = _OPT_MAX_MODEL_LEN,
     long_prefill_token_threshold: int = _OPT_LONG_PREFILL,
+    long_prefill_token_threshold_adaptive: bool = _OPT_LONG_PREFILL_ADAPTIVE,
     prefix_caching: bool = _OPT_PREFIX_CACHING,
     seed: int | None = typer.Option(
         None, "--seed", help="Workload seed (default: the spec's, else 0); the simulator's (default 42)."
@@ -750,6 +761,7 @@ def run_cmd(
         max_model_len=max_model_len,
         enable_prefix_caching=prefix_caching,
         long_prefill_token_threshold=long_prefill_token_threshold,
+        long_prefill_token_threshold_adaptive=long_prefill_token_threshold_adaptive,
         seed=42 if seed is None else seed,
     )
     sim_model = _sim_model(
@@ -1356,6 +1368,7 @@ def serve_cmd(
     max_num_batched_tokens: int = _OPT_MAX_BATCHED,
     max_model_len: int = _OPT_MAX_MODEL_LEN,
     long_prefill_token_threshold: int = _OPT_LONG_PREFILL,
+    long_prefill_token_threshold_adaptive: bool = _OPT_LONG_PREFILL_ADAPTIVE,
     prefix_caching: bool = _OPT_PREFIX_CACHING,
     eos_mean_tokens: int = typer.Option(
         128, "--eos-mean-tokens", help="Mean answer length when a request does not set ignore_eos."
@@ -1399,6 +1412,7 @@ def serve_cmd(
         max_model_len=max_model_len,
         enable_prefix_caching=prefix_caching,
         long_prefill_token_threshold=long_prefill_token_threshold,
+        long_prefill_token_threshold_adaptive=long_prefill_token_threshold_adaptive,
         seed=seed,
     )
     policy = _cluster_policy(

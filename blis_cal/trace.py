@@ -52,6 +52,7 @@ class ServerInfo:
     max_num_batched_tokens: int = 0
     num_gpu_blocks: int = 0
     long_prefill_token_threshold: int = 0  # vLLM --long-prefill-token-threshold (0: no cap, vLLM's default)
+    long_prefill_token_threshold_adaptive: bool | None = None  # vLLM --long-prefill-token-threshold-adaptive
     gpu: str = ""
     vllm_version: str = ""
     enable_prefix_caching: bool | None = None
@@ -983,9 +984,12 @@ def token_budget(trace: Trace) -> int:
 
 
 def prefill_chunk_cap(trace: Trace) -> int:
-    """The server's --long-prefill-token-threshold from the header (0: none, vLLM's default)."""
+    """The server's --long-prefill-token-threshold from the header (0: none, vLLM's default). Adaptive, the cap
+    is at least the budget over the requests running and waiting, which the client does not see: 0 then."""
     server = trace.header.server
-    return server.long_prefill_token_threshold if server else 0
+    if server is None or server.long_prefill_token_threshold_adaptive:
+        return 0
+    return server.long_prefill_token_threshold
 
 
 DEFAULT_BLOCK_SIZE = 16

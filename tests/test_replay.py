@@ -46,6 +46,9 @@ def test_header_sets_engine_and_flags_override(trace_a):
     header.server.long_prefill_token_threshold = 256  # --server-info long_prefill_token_threshold=256
     assert config_from_trace(header).long_prefill_token_threshold == 256
     assert config_from_trace(header, long_prefill_token_threshold=0).long_prefill_token_threshold == 0
+    assert not config_from_trace(header).long_prefill_token_threshold_adaptive
+    header.server.long_prefill_token_threshold_adaptive = True
+    assert config_from_trace(header).long_prefill_token_threshold_adaptive
 
 
 def test_unknown_seats_are_capped_at_the_headers_token_budget(trace_a):

@@ -44,6 +44,29 @@ def test_chunked_prefill_and_budget_hand_computed():
     assert r1.e2e_us == 6001 + 1001
 
 
+@pytest.mark.parametrize(("adaptive", "chunks"), [(False, [128, 128]), (True, [512, 288])])
+def test_the_long_prefill_threshold_caps_chunks_and_adaptive_floors_it_at_a_fair_share(adaptive, chunks):
+    # vLLM: two 400-token prompts through a 512-token budget, --long-prefill-token-threshold 64: 64 each per
+    # step; with --long-prefill-token-threshold-adaptive the cap is at least 512 // 2 requests = 256: 256 each,
+    # then the 144 left of each.
+    steps = []
+    config = SimConfig(
+        max_num_batched_tokens=512,
+        long_prefill_token_threshold=64,
+        long_prefill_token_threshold_adaptive=adaptive,
+    )
+    sim = Simulation(config, BlackboxModel((0, 0, 0), (1000, 10, 1)), on_step=lambda *a: steps.append(a[2]))
+    sim.add_requests([req(0, 0, 400, 1), req(1, 0, 400, 1)])
+    sim.run()
+    assert [b.num_prefill_tokens for b in steps[:2]] == chunks
+    # alone, a prompt is never capped (nobody to starve), adaptive or not
+    steps.clear()
+    sim = Simulation(config, BlackboxModel((0, 0, 0), (1000, 10, 1)), on_step=lambda *a: steps.append(a[2]))
+    sim.add_requests([req(0, 0, 400, 1)])
+    sim.run()
+    assert steps[0].num_prefill_tokens == 400
+
+
 def test_attention_pairs_of_a_chunked_prompt_sum_to_the_whole_prompts():
     # β10 = 1 µs per pair. Budget 64: chunks 64 (64·63/2 = 2016 pairs) + 36 after 64 (36·64 + 36·35/2 = 2934),
     # steps 1000 + 640 + 2016 and 1000 + 360 + 2934; unchunked: 1000 + 1000 + 100·99/2, one β0 less.
@@ -186,6 +209,7 @@ def test_bad_requests_are_errors():
         ("max_num_seqs", -1),
         ("max_num_batched_tokens", 2.5),
         ("long_prefill_token_threshold", -1),
+        ("long_prefill_token_threshold_adaptive", "yes"),
     ],
 )
 def test_bad_config_is_a_clear_error(field, value):

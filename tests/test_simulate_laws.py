@@ -48,6 +48,7 @@ def random_case(seed: int, rate_scale: float = 1.0, beta_scale: float = 1.0, jum
         max_model_len=int(rng.choice([4096, 300])),
         enable_prefix_caching=bool(rng.random() < 0.8),
         long_prefill_token_threshold=int(rng.choice([0, 0, 8, 64])),
+        long_prefill_token_threshold_adaptive=bool(rng.random() < 0.5),
         jump_decode=jump,
     )
     alpha = (float(rng.uniform(0, 5000)), float(rng.uniform(0, 5)), float(rng.uniform(0, 500)))

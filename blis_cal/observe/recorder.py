@@ -239,13 +239,18 @@ async def server_facts(
 
 
 # vLLM's /server_info (a dev-mode endpoint, VLLM_SERVER_DEV_MODE=1) shows its whole engine config; these are the
-# scheduler's facts /metrics does not: ServerInfo field -> (config section, key).
+# scheduler's facts /metrics does not: ServerInfo field -> (config section, key, type).
 _ENGINE_CONFIG = {
-    "max_num_seqs": ("scheduler_config", "max_num_seqs"),
-    "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens"),
-    "long_prefill_token_threshold": ("scheduler_config", "long_prefill_token_threshold"),
-    "tensor_parallel": ("parallel_config", "tensor_parallel_size"),
-    "max_model_len": ("model_config", "max_model_len"),
+    "max_num_seqs": ("scheduler_config", "max_num_seqs", int),
+    "max_num_batched_tokens": ("scheduler_config", "max_num_batched_tokens", int),
+    "long_prefill_token_threshold": ("scheduler_config", "long_prefill_token_threshold", int),
+    "long_prefill_token_threshold_adaptive": (
+        "scheduler_config",
+        "long_prefill_token_threshold_adaptive",
+        bool,
+    ),
+    "tensor_parallel": ("parallel_config", "tensor_parallel_size", int),
+    "max_model_len": ("model_config", "max_model_len", int),
 }
 
 
@@ -256,10 +261,10 @@ def _engine_config(info: ServerInfo, resp: httpx.Response) -> None:
         return
     if not isinstance(config, dict):
         return
-    for name, (section, key) in _ENGINE_CONFIG.items():
+    for name, (section, key, kind) in _ENGINE_CONFIG.items():
         part = config.get(section)
         value = part.get(key) if isinstance(part, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if type(value) is kind and not (kind is int and value < 0):
             setattr(info, name, value)
 
 

@@ -33,6 +33,7 @@ SERVER_FIELDS = (
     "max_num_batched_tokens",
     "max_model_len",
     "long_prefill_token_threshold",
+    "long_prefill_token_threshold_adaptive",
 )
 
 

@@ -43,6 +43,7 @@ class SimConfig:
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0
+    long_prefill_token_threshold_adaptive: bool = False  # vLLM 0.32: cap at least budget // requests
     seed: int = 42
     instances: int = 1
     scheduler: str = "fcfs"
@@ -80,6 +81,11 @@ class SimConfig:
         value = self.long_prefill_token_threshold
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"long_prefill_token_threshold must be an integer >= 0, got {value!r}")
+        if not isinstance(self.long_prefill_token_threshold_adaptive, bool):
+            raise ConfigError(
+                "long_prefill_token_threshold_adaptive must be true or false, got "
+                f"{self.long_prefill_token_threshold_adaptive!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         scheduler_policies.get(self.scheduler)  # ConfigError listing the allowed policies
@@ -93,6 +99,7 @@ class SimConfig:
             max_model_len=self.max_model_len,
             enable_prefix_caching=self.enable_prefix_caching,
             long_prefill_token_threshold=self.long_prefill_token_threshold,
+            long_prefill_token_threshold_adaptive=self.long_prefill_token_threshold_adaptive,
             scheduler=self.scheduler,
             priority=self.priority,
             jump_decode=self.jump_decode,

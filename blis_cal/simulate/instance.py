@@ -54,6 +54,7 @@ class InstanceLimits:
     enable_prefix_caching: bool
     long_prefill_token_threshold: int
     scheduler: str
+    long_prefill_token_threshold_adaptive: bool = False
     priority: str = "constant"  # priority policy name handed to the waiting queue (cluster schedulers)
     jump_decode: bool = True
 
@@ -166,8 +167,7 @@ class Instance:
         running = self.running
         waiting = self.waiting
         budget = lim.max_num_batched_tokens
-        # vLLM: the long-prefill cap only applies when another request could be starved.
-        threshold = lim.long_prefill_token_threshold if len(running) + len(waiting) > 1 else 0
+        threshold = self._prefill_cap()
         scheduled: list[tuple[ReqState, int]] = []
         preempted = False
         max_len = lim.max_model_len
@@ -214,6 +214,16 @@ class Instance:
             return None
         self.empty_steps = 0
         return self._launch(now_us, scheduled, 0, 0)
+
+    def _prefill_cap(self) -> int:
+        """vLLM's long-prefill cap on a chunk this step (0: none): only when another request could be starved;
+        with --long-prefill-token-threshold-adaptive, at least a fair share of the budget."""
+        lim = self.limits
+        eligible = len(self.running) + len(self.waiting)
+        threshold = lim.long_prefill_token_threshold if eligible > 1 else 0
+        if threshold and lim.long_prefill_token_threshold_adaptive:
+            threshold = max(threshold, lim.max_num_batched_tokens // eligible)
+        return threshold
 
     def _admit(self, now_us: int, budget: int, threshold: int, scheduled: list[tuple[ReqState, int]]) -> None:
         """The waiting phase: admit in policy order while budget, seats and KV blocks allow."""
@@ -351,7 +361,7 @@ class Instance:
             jumped = self._jump(now_us, horizon_us, limit_us)
             if jumped is not None:
                 return JUMPED, jumped
-        threshold = lim.long_prefill_token_threshold if len(running) + len(waiting) > 1 else 0
+        threshold = self._prefill_cap()
         due = self._crossings[self.round % lim.block_size] if num_dec else 0
         need_tokens = num_dec
         need_blocks = due
