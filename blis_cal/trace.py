@@ -984,12 +984,11 @@ def token_budget(trace: Trace) -> int:
 
 
 def prefill_chunk_cap(trace: Trace) -> int:
-    """The server's --long-prefill-token-threshold from the header (0: none, vLLM's default). Adaptive, the cap
-    is at least the budget over the requests running and waiting, which the client does not see: 0 then."""
+    """The server's --long-prefill-token-threshold from the header (0: none, vLLM's default). Adaptive, vLLM's
+    cap is at least the budget over the requests running and waiting, which the client does not see; the
+    threshold, that cap under load, lays day 44's two adaptive captures best (docs/accuracy.md)."""
     server = trace.header.server
-    if server is None or server.long_prefill_token_threshold_adaptive:
-        return 0
-    return server.long_prefill_token_threshold
+    return server.long_prefill_token_threshold if server else 0
 
 
 DEFAULT_BLOCK_SIZE = 16

@@ -300,11 +300,11 @@ def test_with_a_long_prefill_threshold_no_chunk_is_larger_than_it():
     laid = lay_prompt_chunks([10_000 * k for k in range(1, 7)], room, [PromptToLay(5, 5_000, 9)], cap=3)
     assert laid == [[(5, 3), (4, 3), (3, 3)]]
     assert room == [5, 5, 5, 2, 2, 2]
-    # The header's threshold is the cap; adaptive, the cap depends on requests the client cannot see: none.
+    # The header's threshold is the cap; adaptive too (its floor, the cap under load); none without one.
     server = ServerInfo(long_prefill_token_threshold=3)
     assert prefill_chunk_cap(Trace(TraceHeader(server=server), [])) == 3
     server.long_prefill_token_threshold_adaptive = True
-    assert prefill_chunk_cap(Trace(TraceHeader(server=server), [])) == 0
+    assert prefill_chunk_cap(Trace(TraceHeader(server=server), [])) == 3
     assert prefill_chunk_cap(Trace(TraceHeader(), [])) == 0
 
 
