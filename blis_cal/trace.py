@@ -1083,7 +1083,8 @@ def estimate_cached_tokens(trace: Trace, records: Sequence[TraceRecord]) -> dict
     """
     block = block_size_of(trace)
     accumulate = trace.header.session_context_growth == "accumulate"
-    reused = accumulate and answers_reused(trace, block)
+    # Only rows without recorded hits are estimated (the fit asks for every trace several times).
+    reused = accumulate and any(r.cached_tokens is None for r in records) and answers_reused(trace, block)
     first_token: dict[str, int] = {}
     session_ctx: dict[str, tuple[int, int]] = {}  # session -> (context tokens, first token time)
     out: dict[int, int] = {}
