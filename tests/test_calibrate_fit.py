@@ -473,7 +473,12 @@ def test_a_light_load_fit_says_larger_batches_are_extrapolated():
     assert result.decode_batch_max == seen == result.metadata()["decode_batch_max"]
     assert max(n for n, _, _ in result.decode_medians["light"]) == seen
     assert seen < LIGHT_LOAD_BATCH
-    assert any(f"decoded at most {seen} requests at once" in note for note in result.notes)
+    context = max(c for _, _, c in result.decode_medians["light"])  # the largest of the sizes' means
+    assert any(
+        f"decoded at most {seen} requests at once" in note
+        and f"~{context:,.0f} tokens of context each" in note
+        for note in result.notes
+    )
 
 
 def test_a_fit_without_cached_prompt_tokens_says_their_price_is_unmeasured():

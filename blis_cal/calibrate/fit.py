@@ -947,12 +947,17 @@ def fit(
         reports={nt.name: rep for nt, rep in zip(traces, reports, strict=True)},
     )
     if result.decode_batch_max < LIGHT_LOAD_BATCH:
+        # A light load measures β4 on short contexts too (day 44's pair: 0.68 µs, its long prompts at 64
+        # requests ran 1.67× the pair's steps; docs/accuracy.md, thirty-seventh session).
+        context = max((c for medians in result.decode_medians.values() for _, _, c in medians), default=0.0)
         result.notes.append(
             f"the fit's traces decoded at most {result.decode_batch_max} requests at once (batch sizes seen in "
-            f"{DECODE_STEPS_MIN}+ pure-decode steps): the step cost of larger batches is extrapolated "
-            f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context; see the β intervals); for "
-            "heavier loads, fit with a trace that keeps more requests in flight too (a higher rate or a closed "
-            "loop)"
+            f"{DECODE_STEPS_MIN}+ pure-decode steps) with ~{context:,.0f} tokens of context each at most (a "
+            "size's mean): the step cost of larger batches is extrapolated "
+            f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context, which β4 prices as measured "
+            "on those contexts; see the β intervals); for heavier loads or longer contexts, fit with a trace "
+            "that keeps more requests in flight too (a higher rate or a closed loop) and one with long prompts "
+            "or answers"
         )
     if not _has_vllm_times(rows.prefills):
         result.notes.append(
