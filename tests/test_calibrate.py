@@ -253,11 +253,11 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
 
 
 def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_covered_steps_set_the_speed():
-    from blis_cal.calibrate.compare import coverage_note
+    from blis_cal.calibrate.compare import coverage_notes
     from blis_cal.calibrate.features import DECODE_STEPS_MIN
     from blis_cal.calibrate.sim_bridge import replay_with
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
-    from blis_cal.simulate import BlackboxModel, SimConfig
+    from blis_cal.simulate import BlackboxModel, FitCoverage, SimConfig
     from blis_cal.trace import decode_steps
 
     # The server's pure-decode step is flat up to 3 requests and then 1 ms more per request; coefficients
@@ -270,21 +270,47 @@ def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_cove
     counts = np.bincount([s.num_decode for s in steps])
     seen = max(n for n, c in enumerate(counts) if c >= DECODE_STEPS_MIN)
     assert seen > 6
-    note = coverage_note("t", steps, 3)
-    assert note and f"up to {seen} requests" in note and "reached 3" in note and "extrapolated" in note
-    assert coverage_note("t", steps, seen) is None  # the fit saw batches as large: nothing to note
+    [note] = coverage_notes("t", steps, FitCoverage(3))
+    assert f"up to {seen} requests" in note and "reached 3" in note and "extrapolated" in note
+    # The fit saw batches as large: nothing to note.
+    assert coverage_notes("t", steps, FitCoverage(seen)) == []
     model = BlackboxModel(alpha, beta)
     replay = replay_with(trace, "blackbox", alpha, beta)
     speed = "what the coefficients say"
     assert any(speed in n for n in compare(trace, replay, trace_name="t", latency_model=model).notes)
-    covered = compare(trace, replay, trace_name="t", latency_model=model, fitted_batch_max=3).notes
+    covered = compare(trace, replay, trace_name="t", latency_model=model, fit_coverage=FitCoverage(3)).notes
     assert not any(speed in n for n in covered)  # where the fit saw, the server runs as the coefficients say
     assert any("extrapolated" in n for n in covered)
 
 
+def test_a_trace_decoding_longer_contexts_than_the_fit_saw_is_noted():
+    from blis_cal.calibrate.compare import CONTEXT_NOTE_FACTOR, coverage_notes
+    from blis_cal.calibrate.features import decode_step_rows
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, FitCoverage, SimConfig
+    from blis_cal.trace import decode_steps
+
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    model = BlackboxModel((1000.0, 0.0, 0.0), (6000.0, 20.0, 1000.0, 0.0, 2.0))
+    trace = simulated_trace(
+        poisson_requests(150, 2.0, seed=4, input_mean=1500, max_input=2000), config, model
+    )
+    steps = decode_steps(trace)
+    rows = decode_step_rows(steps).features
+    batch, context = int(rows["D"].max()), float((rows["Dctx"] / rows["D"]).max())  # as the fit records them
+    assert context > 1000
+    short = int(context / CONTEXT_NOTE_FACTOR) - 1
+    [note] = coverage_notes("t", steps, FitCoverage(batch, short))
+    assert f"~{context:,.0f} tokens of context per request" in note and f"reached ~{short:,}" in note
+    assert "(β4)" in note and "extrapolated" in note
+    # Within the factor, or an entry that does not say: nothing to note.
+    assert coverage_notes("t", steps, FitCoverage(batch, short + 2)) == []
+    assert coverage_notes("t", steps, FitCoverage(batch)) == []
+
+
 def test_a_bad_decode_batch_max_in_an_entry_is_a_clear_error(tmp_path):
     from blis_cal.errors import ConfigError
-    from blis_cal.simulate import load_coefficients
+    from blis_cal.simulate import FitCoverage, load_coefficients
 
     entry = make_entry(
         model="m",
@@ -294,18 +320,21 @@ def test_a_bad_decode_batch_max_in_an_entry_is_a_clear_error(tmp_path):
         alpha=(1.0, 0.0, 0.0),
         beta=(1.0, 2.0, 3.0),
         loss=0.0,
-        fit={"decode_batch_max": 7},
+        fit={"decode_batch_max": 7, "decode_context_max": 900},
     )
     path = tmp_path / "d.yaml"
     path.write_text(yaml.safe_dump({"models": [entry]}))
-    assert load_coefficients(path, "m", "g", 1).fitted_batch_max == 7
+    assert load_coefficients(path, "m", "g", 1).fit_coverage == FitCoverage(7, 900)
+    path.write_text(yaml.safe_dump({"models": [entry | {"fit": {"decode_batch_max": 7}}]}))
+    assert load_coefficients(path, "m", "g", 1).fit_coverage == FitCoverage(7)  # entries before the context
     path.write_text(yaml.safe_dump({"models": [{k: v for k, v in entry.items() if k != "fit"}]}))
-    assert load_coefficients(path, "m", "g", 1).fitted_batch_max is None  # BLIS's entries have no fit block
-    for bad in ("7", -1, True, 2.5):
-        path.write_text(yaml.safe_dump({"models": [entry | {"fit": {"decode_batch_max": bad}}]}))
-        coeffs = load_coefficients(path, "m", "g", 1)
-        with pytest.raises(ConfigError, match=r"fit\.decode_batch_max must be an integer >= 0"):
-            _ = coeffs.fitted_batch_max
+    assert load_coefficients(path, "m", "g", 1).fit_coverage is None  # BLIS's entries have no fit block
+    for key in ("decode_batch_max", "decode_context_max"):
+        for bad in ("7", -1, True, 2.5):
+            path.write_text(yaml.safe_dump({"models": [entry | {"fit": entry["fit"] | {key: bad}}]}))
+            coeffs = load_coefficients(path, "m", "g", 1)
+            with pytest.raises(ConfigError, match=rf"fit\.{key} must be an integer >= 0, got {bad!r}"):
+                _ = coeffs.fit_coverage
 
 
 def test_empty_trace_is_a_clear_error():

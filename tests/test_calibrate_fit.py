@@ -473,10 +473,10 @@ def test_a_light_load_fit_says_larger_batches_are_extrapolated():
     assert result.decode_batch_max == seen == result.metadata()["decode_batch_max"]
     assert max(n for n, _, _ in result.decode_medians["light"]) == seen
     assert seen < LIGHT_LOAD_BATCH
-    context = max(c for _, _, c in result.decode_medians["light"])  # the largest of the sizes' means
+    context = round(max(c for _, _, c in result.decode_medians["light"]))  # the largest of the sizes' means
+    assert result.decode_context_max == context == result.metadata()["decode_context_max"]
     assert any(
-        f"decoded at most {seen} requests at once" in note
-        and f"~{context:,.0f} tokens of context each" in note
+        f"decoded at most {seen} requests at once" in note and f"~{context:,} tokens of context each" in note
         for note in result.notes
     )
 

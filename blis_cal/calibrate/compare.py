@@ -20,6 +20,7 @@ from scipy import stats as sstats
 
 from blis_cal.calibrate.features import DECODE_STEPS_MIN, decode_step_rows
 from blis_cal.errors import BlisError
+from blis_cal.simulate.coefficients import FitCoverage
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.stats import percentile
 from blis_cal.trace import (
@@ -188,6 +189,7 @@ def _sim_itl(result: ResultLike) -> float | None:
 STALL_NOTE_US = 3_000_000
 SPEED_NOTE_TOLERANCE = 0.1  # beyond ±10 % per decode step, say the server ran at another speed
 SPEED_NOTE_MIN_STEPS = 20  # fewer pure-decode steps say too little about the server's speed
+CONTEXT_NOTE_FACTOR = 2.0  # over twice the context per decoding request a fit saw, say β4 is extrapolated
 DRIFT_NOTE = 0.1  # beyond 10 % between the slowest and fastest part of a run, say the speed changed during it
 TTFT_SPLIT_NOTE = 0.1  # beyond ±10 % in mean TTFT, say which part of it (waiting or prefill) is off
 # vLLM preempting at least this many times per compared request: which request waits turns on microseconds, and
@@ -278,7 +280,7 @@ def trace_diagnostics(trace: Trace) -> TraceDiagnostics:
 class DecodeStepModel(Protocol):
     """What the speed check needs of a step-time model (blis_cal.simulate.LatencyModel)."""
 
-    fitted_batch_max: int | None  # the largest batch its coefficients' fit saw, when known
+    fit_coverage: FitCoverage | None  # the batches and contexts its coefficients' fit saw, when known
 
     def decode_only_step_us(
         self, num_decode: int, decode_context_tokens: int, shared_context_tokens: int = 0
@@ -286,16 +288,16 @@ class DecodeStepModel(Protocol):
 
 
 def speed_note(
-    where: str, steps: Sequence[DecodeStep], model: DecodeStepModel, fitted_batch_max: int | None = None
+    where: str, steps: Sequence[DecodeStep], model: DecodeStepModel, coverage: FitCoverage | None = None
 ) -> str | None:
     """A note when a trace's pure-decode `steps` (`decode_steps`: every batch size, so loaded traces count
-    too; only those the coefficients' fit covered, up to `fitted_batch_max` requests, when known and enough)
+    too; only those the coefficients' fit covered, up to `coverage.batch_max` requests, when known and enough)
     differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE (median
     ratio): the server was not the one the coefficients describe (another machine, other work on it, another
     time), which no fit on other traces can know."""
-    if fitted_batch_max is not None:
-        covered = [s for s in steps if s.num_decode <= fitted_batch_max]
-        steps = covered if len(covered) >= SPEED_NOTE_MIN_STEPS else steps  # larger batches: coverage_note
+    if coverage is not None:
+        covered = [s for s in steps if s.num_decode <= coverage.batch_max]
+        steps = covered if len(covered) >= SPEED_NOTE_MIN_STEPS else steps  # larger batches: coverage_notes
     if len(steps) < SPEED_NOTE_MIN_STEPS:
         return None
     ratio = float(
@@ -322,18 +324,29 @@ def speed_note(
     )
 
 
-def coverage_note(where: str, steps: Sequence[DecodeStep], fitted_batch_max: int) -> str | None:
-    """A note when a trace decodes more requests at once (in DECODE_STEPS_MIN or more pure-decode steps, as
-    the fit counts them) than the traces the coefficients were fitted on: their step cost is extrapolated."""
-    sizes = decode_step_rows(steps).features["D"]
-    seen = int(sizes.max()) if len(sizes) else 0
-    if seen <= fitted_batch_max:
-        return None
-    return (
-        f"{where}: decodes up to {seen} requests at once (batch sizes seen in {DECODE_STEPS_MIN}+ pure-decode "
-        f"steps) where the coefficients' fit traces reached {fitted_batch_max}: the step cost of the larger "
-        "batches is extrapolated; to predict such loads, fit with a trace that keeps as many requests in flight"
-    )
+def coverage_notes(where: str, steps: Sequence[DecodeStep], coverage: FitCoverage) -> list[str]:
+    """Notes when a trace decodes more requests at once, or with over CONTEXT_NOTE_FACTOR times the context per
+    request, than the traces the coefficients were fitted on (in batch sizes seen in DECODE_STEPS_MIN or more
+    pure-decode steps, as the fit counts them): their step cost is extrapolated."""
+    rows = decode_step_rows(steps).features
+    notes = []
+    seen = int(rows["D"].max()) if len(rows["D"]) else 0
+    if seen > coverage.batch_max:
+        notes.append(
+            f"{where}: decodes up to {seen} requests at once (batch sizes seen in {DECODE_STEPS_MIN}+ pure-decode "
+            f"steps) where the coefficients' fit traces reached {coverage.batch_max}: the step cost of the "
+            "larger batches is extrapolated; to predict such loads, fit with a trace that keeps as many requests "
+            "in flight"
+        )
+    context = float((rows["Dctx"] / rows["D"]).max()) if len(rows["D"]) else 0.0
+    if coverage.context_max is not None and context > CONTEXT_NOTE_FACTOR * max(coverage.context_max, 1):
+        notes.append(
+            f"{where}: decodes with ~{context:,.0f} tokens of context per request (a batch size's mean) where the "
+            f"coefficients' fit traces reached ~{coverage.context_max:,}: the price of reading context (β4) was "
+            "measured on shorter ones and is extrapolated; to predict such loads, fit with a trace with as long "
+            "prompts or answers"
+        )
+    return notes
 
 
 def capture_as_results(capture: Trace, of: Trace, where: str = "capture") -> list[RequestResult]:
@@ -406,19 +419,19 @@ def compare(
     trace_name: str = "",
     latency_model: DecodeStepModel | None = None,
     diagnostics: TraceDiagnostics | None = None,
-    fitted_batch_max: int | None = None,
+    fit_coverage: FitCoverage | None = None,
 ) -> ComparisonReport:
     """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
 
     `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
     that produced the results, a note says when the server ran at another speed (`speed_note`); with the
-    largest batch its coefficients were fitted on (`fitted_batch_max`, else the model's own when it knows it),
-    when the trace decoded larger ones (`coverage_note`).
+    batches and contexts its coefficients were fitted on (`fit_coverage`, else the model's own when it knows
+    them), when the trace decoded larger ones or longer ones (`coverage_notes`).
     `diagnostics` are `trace_diagnostics(trace)` when already known (a fit compares each trace many times).
     Raises CalibrationError when nothing can be compared.
     """
-    if fitted_batch_max is None and latency_model is not None:
-        fitted_batch_max = latency_model.fitted_batch_max
+    if fit_coverage is None and latency_model is not None:
+        fit_coverage = latency_model.fit_coverage
     warm = trace.header.warm_up_requests if warmup is None else warmup
     if warm < 0:
         raise CalibrationError(f"warm-up request count must be >= 0, got {warm}")
@@ -587,17 +600,14 @@ def compare(
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
     speed = (
-        speed_note(where, diagnostics.steps, latency_model, fitted_batch_max)
+        speed_note(where, diagnostics.steps, latency_model, fit_coverage)
         if latency_model is not None
         else None
     )
     if speed:
         notes.append(speed)
-    coverage = (
-        coverage_note(where, diagnostics.steps, fitted_batch_max) if fitted_batch_max is not None else None
-    )
-    if coverage:
-        notes.append(coverage)
+    if fit_coverage is not None:
+        notes.extend(coverage_notes(where, diagnostics.steps, fit_coverage))
     split = ttft_split_ms(matched, rtt)
     if split is not None:
         trace_info["ttft_split_ms"] = split

@@ -52,6 +52,7 @@ from blis_cal.calibrate.features import (
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, session_modes
+from blis_cal.simulate.coefficients import FitCoverage
 from blis_cal.simulate.latency import (
     BATCH_TABLE,
     BATCH_TABLE_SIZES,
@@ -250,6 +251,15 @@ class FitResult:
         """The most decoding requests in a batch size seen DECODE_STEPS_MIN times in the fit's traces."""
         return max((n for medians in self.decode_medians.values() for n, _, _ in medians), default=0)
 
+    @property
+    def decode_context_max(self) -> int:
+        """The most context tokens per decoding request in those batch sizes (a size's mean)."""
+        return round(max((c for medians in self.decode_medians.values() for _, _, c in medians), default=0.0))
+
+    @property
+    def coverage(self) -> FitCoverage:
+        return FitCoverage(self.decode_batch_max, self.decode_context_max)
+
     def metadata(self) -> dict[str, Any]:
         """The `fit:` block written into the defaults.yaml entry and the report."""
         return {
@@ -258,6 +268,7 @@ class FitResult:
             "traces": list(self.traces),
             "requests": self.num_requests,
             "decode_batch_max": self.decode_batch_max,
+            "decode_context_max": self.decode_context_max,
             "loss": round(self.loss, 6),
             "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "alpha_ci95": [[_round(lo), _round(hi)] for lo, hi in self.alpha_ci],
@@ -278,6 +289,7 @@ class FitResult:
             "traces": self.traces,
             "num_requests": self.num_requests,
             "decode_batch_max": self.decode_batch_max,
+            "decode_context_max": self.decode_context_max,
             "evaluations": self.evaluations,
             "fit_seconds": round(self.fit_seconds, 3),
             "method": self.method,
@@ -817,10 +829,10 @@ def evaluate(
     beta: Sequence[float],
     simulator: Simulator,
     rtt_us: int | None = None,
-    fitted_batch_max: int | None = None,
+    fit_coverage: FitCoverage | None = None,
 ) -> list[ComparisonReport]:
     """Replay every trace with the coefficients and compare with what was observed (noting traces that decode
-    larger batches than `fitted_batch_max`, the coefficients' fit saw, when given)."""
+    larger batches or longer contexts than the coefficients' fit saw, `fit_coverage`, when given)."""
     return [
         compare(
             nt.trace,
@@ -828,7 +840,7 @@ def evaluate(
             rtt_us=rtt_us,
             trace_name=nt.name,
             diagnostics=nt.diagnostics(),
-            fitted_batch_max=fitted_batch_max,
+            fit_coverage=fit_coverage,
         )
         for nt in traces
     ]
@@ -949,10 +961,9 @@ def fit(
     if result.decode_batch_max < LIGHT_LOAD_BATCH:
         # A light load measures β4 on short contexts too (day 44's pair: 0.68 µs, its long prompts at 64
         # requests ran 1.67× the pair's steps; docs/accuracy.md, thirty-seventh session).
-        context = max((c for medians in result.decode_medians.values() for _, _, c in medians), default=0.0)
         result.notes.append(
             f"the fit's traces decoded at most {result.decode_batch_max} requests at once (batch sizes seen in "
-            f"{DECODE_STEPS_MIN}+ pure-decode steps) with ~{context:,.0f} tokens of context each at most (a "
+            f"{DECODE_STEPS_MIN}+ pure-decode steps) with ~{result.decode_context_max:,} tokens of context each at most (a "
             "size's mean): the step cost of larger batches is extrapolated "
             f"({DECODE_STEP_SLOPE:g}·β1 per decoding request besides its context, which β4 prices as measured "
             "on those contexts; see the β intervals); for heavier loads or longer contexts, fit with a trace "

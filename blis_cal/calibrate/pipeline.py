@@ -235,7 +235,7 @@ def leave_one_out(
             pair_share=pair_share,
         )
         reports.append(
-            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.decode_batch_max)[0]
+            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.coverage)[0]
         )
         fits.append(result)
     return reports, fits

@@ -1,6 +1,6 @@
 """Discrete-event simulator of vLLM V1 instances (scheduler, KV cache, step-time models) and clusters."""
 
-from blis_cal.simulate.coefficients import Coefficients, load_coefficients
+from blis_cal.simulate.coefficients import Coefficients, FitCoverage, load_coefficients
 from blis_cal.simulate.engine import SimConfig, Simulation, SimulationError, simulate
 from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import (
@@ -24,6 +24,7 @@ from blis_cal.simulate.cluster import scheduling as _cluster_scheduling  # noqa:
 __all__ = [
     "BlackboxModel",
     "Coefficients",
+    "FitCoverage",
     "InstanceSnapshot",
     "LatencyModel",
     "LatencyOptions",

@@ -14,23 +14,37 @@ from blis_cal.errors import ConfigError
 
 
 @dataclass(frozen=True)
+class FitCoverage:
+    """What the traces an entry was fitted on decoded (our `fit:` block): past it, step costs are extrapolated."""
+
+    batch_max: int  # most decoding requests at once (a batch size seen in enough pure-decode steps)
+    context_max: int | None = (
+        None  # most context tokens per decoding request (a size's mean); None: unrecorded
+    )
+
+
+@dataclass(frozen=True)
 class Coefficients:
     alpha: tuple[float, ...]
     beta: tuple[float, ...]
     entry: dict[str, Any]  # the matching `models:` entry as written
 
     @property
-    def fitted_batch_max(self) -> int | None:
-        """The most decoding requests at once in the traces the entry was fitted on (our `fit:` block's
-        `decode_batch_max`); None for entries without one (BLIS's, hand-written)."""
+    def fit_coverage(self) -> FitCoverage | None:
+        """The batch sizes and contexts the entry's traces decoded (our `fit:` block's `decode_batch_max` and
+        `decode_context_max`); None for entries without them (BLIS's, hand-written)."""
         fit = self.entry.get("fit")
-        value = fit.get("decode_batch_max") if isinstance(fit, dict) else None
+        batch = self._fit_count(fit, "decode_batch_max") if isinstance(fit, dict) else None
+        return None if batch is None else FitCoverage(batch, self._fit_count(fit, "decode_context_max"))
+
+    def _fit_count(self, fit: dict[str, Any], key: str) -> int | None:
+        value = fit.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(
-                f"entry {self.entry.get('id')} {_describe(self.entry)}: fit.decode_batch_max must be an "
-                f"integer >= 0, got {value!r}"
+                f"entry {self.entry.get('id')} {_describe(self.entry)}: fit.{key} must be an integer >= 0, "
+                f"got {value!r}"
             )
         return value
 

@@ -41,9 +41,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blis_cal.errors import ConfigError
 from blis_cal.registry import Registry
+
+if TYPE_CHECKING:
+    from blis_cal.simulate.coefficients import FitCoverage
 
 latency_models: Registry[type[LatencyModel]] = Registry("latency model")
 
@@ -117,9 +121,9 @@ class LatencyModel:
     """Interface of every step-time model."""
 
     name = ""
-    # The most decoding requests at once in the traces the coefficients were fitted on, when their entry says
-    # (calibrate notes traces beyond it); None when unknown.
-    fitted_batch_max: int | None = None
+    # The batch sizes and contexts the traces the coefficients were fitted on decoded, when their entry says
+    # (calibrate notes traces beyond them); None when unknown.
+    fit_coverage: FitCoverage | None = None
 
     def queue_delay_us(self, input_len: int) -> int:
         raise NotImplementedError
@@ -257,7 +261,7 @@ class BlackboxModel(LatencyModel):
             opts.alpha if opts.alpha is not None else coeffs.alpha,
             opts.beta if opts.beta is not None else coeffs.beta,
         )
-        model.fitted_batch_max = coeffs.fitted_batch_max
+        model.fit_coverage = coeffs.fit_coverage
         return model
 
 
