@@ -1183,7 +1183,9 @@ def observe_cmd(
         0, "--warmup-requests", help="First N requests: recorded, left out of statistics."
     ),
     prewarm_duration: float = typer.Option(
-        0.0, "--prewarm-duration", help="Seconds of unrecorded load before the run."
+        0.0,
+        "--prewarm-duration",
+        help="Seconds of unrecorded load before the run, the first request a prompt as long as the token budget.",
     ),
     api_key: str = typer.Option(
         "", "--api-key", envvar="BLIS_API_KEY", help="Bearer token (never written anywhere)."

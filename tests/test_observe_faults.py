@@ -452,6 +452,46 @@ def test_prewarm_load_is_sent_but_not_recorded(tmp_path):
     assert trace.header.observed_kv_metrics["prompt_tokens"] == 10  # counters start after the prewarm
 
 
+def test_prewarm_first_fills_the_token_budget_and_a_refused_budget_prompt_is_a_note(tmp_path):
+    from blis_cal.observe.client import BUDGET_PROMPT_MARGIN, UNKNOWN_BUDGET_TOKENS
+
+    # The fake says its context length (2048), not its token budget: the prompt fills the context.
+    unknown = min(UNKNOWN_BUDGET_TOKENS, 2048 - BUDGET_PROMPT_MARGIN)
+    for overrides, tokens in (({}, unknown), ({"max_num_batched_tokens": 512}, 512)):
+        with FakeVLLM() as server:
+            cfg = config(server, prewarm_duration_s=0.2, server_overrides=overrides)
+            result = observe(
+                workload([wreq(0, 0, 10, n_out=3)]), cfg, tmp_path / "b.csv", handle_signals=False
+            )
+            first = server.received[0]
+        assert len(first["prompt"]) == tokens and first["max_tokens"] == 1 and not first["stream"]
+        assert not any("refused" in n for n in result.notes)
+    with FakeVLLM(faults={unknown: "500"}) as server:
+        cfg = config(server, prewarm_duration_s=0.2)
+        result = observe(workload([wreq(0, 0, 10, n_out=3)]), cfg, tmp_path / "r.csv", handle_signals=False)
+    [note] = [n for n in result.notes if "refused its prompt" in n]
+    assert (
+        f"~{unknown} tokens" in note and "HTTP 500" in note and "--server-info max_num_batched_tokens" in note
+    )
+    assert [r.request_id for r in read_trace(tmp_path / "r.csv").records] == [0]  # the run went on
+
+
+def test_a_capture_from_a_server_that_ran_no_step_yet_says_its_first_large_steps_run_slow(tmp_path):
+    phrase = "had run no engine step since it started"
+    reqs = [wreq(0, 0, 10, n_out=3)]
+    with FakeVLLM() as server:  # its /metrics counters start at 0, as a fresh vLLM's
+        fresh = observe(workload(reqs), config(server), tmp_path / "f.csv", handle_signals=False).notes
+        used = observe(workload(reqs), config(server), tmp_path / "u.csv", handle_signals=False).notes
+    with FakeVLLM() as server:
+        cfg = config(server, prewarm_duration_s=0.2)
+        warmed = observe(workload(reqs), cfg, tmp_path / "w.csv", handle_signals=False).notes
+    with FakeVLLM(metrics=False) as server:  # nothing says how much it has run
+        unknown = observe(workload(reqs), config(server), tmp_path / "n.csv", handle_signals=False).notes
+    [note] = [n for n in fresh if phrase in n]
+    assert "--prewarm-duration" in note
+    assert not any(phrase in n for n in used + warmed + unknown)
+
+
 def test_accumulating_sessions_send_the_real_answers_back(tmp_path):
     spec = parse_spec(
         {

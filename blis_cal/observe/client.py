@@ -26,7 +26,7 @@ import orjson
 from blis_cal.errors import ConfigError
 from blis_cal.observe.clock import Clock, rx_stamped_socket, stamped_socket
 from blis_cal.observe.http1 import EachRead, Http1Session, HTTPStreamError, OnRead
-from blis_cal.trace import Chunk
+from blis_cal.trace import Chunk, ServerInfo
 from blis_cal.workload.request import TOKEN_ID_FLOOR, WORDS
 
 APIS = ("completions", "chat")
@@ -34,6 +34,8 @@ HTTP_CLIENTS = ("httptools", "aiohttp", "httpx")
 PROMPT_MODES = ("tokens", "text")
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 _ERROR_TEXT_LIMIT = 500
+UNKNOWN_BUDGET_TOKENS = 8192  # the budget prompt's length when the server does not say its token budget
+BUDGET_PROMPT_MARGIN = 64  # tokens left in the context for a chat template and the answer
 
 
 class RequestLike(Protocol):
@@ -177,6 +179,30 @@ def build_body(
     return body
 
 
+def budget_prompt_tokens(info: ServerInfo) -> int:
+    """The engine's token budget (`info.max_num_batched_tokens`, else UNKNOWN_BUDGET_TOKENS, which vLLM chunks
+    when it is larger), within the context length."""
+    tokens = info.max_num_batched_tokens or UNKNOWN_BUDGET_TOKENS
+    return max(1, min(tokens, info.max_model_len - BUDGET_PROMPT_MARGIN)) if info.max_model_len else tokens
+
+
+def budget_prompt_body(cfg: ClientConfig, info: ServerInfo) -> dict[str, Any]:
+    """A request whose prompt fills the token budget (`budget_prompt_tokens`), answered with one token: the
+    server then runs a step as large as any a run can make it."""
+    tokens = budget_prompt_tokens(info)
+    prompt: Any
+    if cfg.prompt_mode == "tokens":
+        prompt = [TOKEN_ID_FLOOR + i % (cfg.vocab_size - TOKEN_ID_FLOOR) for i in range(tokens)]
+    else:
+        prompt = " ".join(WORDS[i % len(WORDS)] for i in range(max(1, int(tokens / cfg.tokens_per_word))))
+    body: dict[str, Any] = {"model": cfg.model, "max_tokens": 1, "stream": False}
+    if cfg.api == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
 def build_headers(req: RequestLike, cfg: ClientConfig, x_request_id: str) -> dict[str, str]:
     headers = {"Content-Type": "application/json", "X-Request-Id": x_request_id}
     if cfg.api_key:
@@ -258,16 +284,18 @@ class _StreamState:
             if payload.strip() == b"[DONE]":
                 self.done = True
                 return
-            raise _StreamError(f"malformed SSE event: {_clip(payload.decode('utf-8', 'replace'))}") from None
+            raise _StreamError(
+                f"malformed SSE event: {clip_text(payload.decode('utf-8', 'replace'))}"
+            ) from None
         if type(msg) is not dict:
-            raise _StreamError(f"malformed SSE event (not a JSON object): {_clip(str(msg))}")
+            raise _StreamError(f"malformed SSE event (not a JSON object): {clip_text(str(msg))}")
         if "error" in msg:  # vLLM: an error after the stream started keeps HTTP 200
             raise _StreamError(f"server error in stream: {_error_text(msg)}")
         try:
             self._message(msg, now_us)
         except (TypeError, ValueError, AttributeError) as exc:
             raise _StreamError(
-                f"malformed SSE event ({exc}): {_clip(payload.decode('utf-8', 'replace'))}"
+                f"malformed SSE event ({exc}): {clip_text(payload.decode('utf-8', 'replace'))}"
             ) from None
 
     def _message(self, msg: dict[str, Any], now_us: int) -> None:
@@ -342,7 +370,7 @@ class _StreamError(Exception):
     pass
 
 
-def _clip(text: str) -> str:
+def clip_text(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "…"
 
@@ -350,8 +378,8 @@ def _clip(text: str) -> str:
 def _error_text(msg: dict[str, Any]) -> str:
     err = msg.get("error")
     if isinstance(err, dict):
-        return _clip(str(err.get("message") or err))
-    return _clip(str(err if err is not None else msg.get("message", msg)))
+        return clip_text(str(err.get("message") or err))
+    return clip_text(str(err if err is not None else msg.get("message", msg)))
 
 
 def parse_response_body(body: bytes, out: Outcome, now_us: int, collect: bool = False) -> None:
@@ -359,9 +387,11 @@ def parse_response_body(body: bytes, out: Outcome, now_us: int, collect: bool = 
     try:
         msg = json.loads(body)
     except ValueError:
-        raise _StreamError(f"malformed JSON response: {_clip(body.decode('utf-8', 'replace'))}") from None
+        raise _StreamError(f"malformed JSON response: {clip_text(body.decode('utf-8', 'replace'))}") from None
     if not isinstance(msg, dict) or "error" in msg:
-        raise _StreamError(f"server error: {_error_text(msg) if isinstance(msg, dict) else _clip(str(msg))}")
+        raise _StreamError(
+            f"server error: {_error_text(msg) if isinstance(msg, dict) else clip_text(str(msg))}"
+        )
     state = _StreamState(out)
     state.final_usage(msg)
     choices = msg.get("choices") or []
@@ -511,7 +541,7 @@ async def send(
         out.error_message = f"HTTP timeout: {type(exc).__name__}"
     except (HTTPStreamError, httpx.HTTPError, aiohttp.ClientError) as exc:
         out.status = "error"
-        out.error_message = f"HTTP error: {type(exc).__name__}: {_clip(str(exc)) or 'connection failed'}"
+        out.error_message = f"HTTP error: {type(exc).__name__}: {clip_text(str(exc)) or 'connection failed'}"
     if out.status != "ok":
         state.finish()
     return out
@@ -538,7 +568,7 @@ async def _read_stream(each_read: EachRead, state: _StreamState) -> None:
     await each_read(on_read)
     if not state.done:
         if decoder.pending:
-            pending = _clip(decoder.pending.decode("utf-8", "replace"))
+            pending = clip_text(decoder.pending.decode("utf-8", "replace"))
             raise _StreamError(f"stream ended inside an event: {pending}")
         if not state.out.finish_reason:
             raise _StreamError("stream ended before [DONE] and before a finish_reason")
@@ -563,8 +593,8 @@ def _body_error(text: str) -> str:
     try:
         msg = json.loads(text)
     except ValueError:
-        return _clip(text)
-    return _error_text(msg) if isinstance(msg, dict) else _clip(text)
+        return clip_text(text)
+    return _error_text(msg) if isinstance(msg, dict) else clip_text(text)
 
 
 def make_client(max_connections: int) -> httpx.AsyncClient:

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import heapq
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,8 +29,11 @@ from blis_cal.errors import ConfigError
 from blis_cal.observe.client import (
     ClientConfig,
     Outcome,
+    budget_prompt_body,
+    budget_prompt_tokens,
     build_body,
     build_headers,
+    clip_text,
     make_client,
     make_session,
     measure_tokens_per_word,
@@ -38,8 +42,16 @@ from blis_cal.observe.client import (
 )
 from blis_cal.observe.clock import Clock, new_event_loop
 from blis_cal.observe.http1 import Http1Session
-from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
-from blis_cal.trace import LATE_SEND_US, TraceHeader, TraceWriter, sibling, with_server_facts
+from blis_cal.observe.recorder import (
+    SIDECAR_METRICS,
+    MetricsSampler,
+    build_record,
+    kv_deltas,
+    metric_sum,
+    scrape_metrics,
+    server_facts,
+)
+from blis_cal.trace import LATE_SEND_US, ServerInfo, TraceHeader, TraceWriter, sibling, with_server_facts
 
 
 @dataclass
@@ -186,9 +198,17 @@ class Observer:
             ccfg.tokens_per_word, note = await measure_tokens_per_word(client, ccfg)
             self.notes.append(note)
         if cfg.prewarm_duration_s > 0:
-            await _prewarm(client, ccfg, cfg.prewarm_duration_s)
+            if note := await _prewarm(client, ccfg, cfg.prewarm_duration_s, info):
+                self.notes.append(note)
             facts.metrics = (
                 await scrape_metrics(client, ccfg.endpoint, aux_headers) if facts.metrics else None
+            )
+        elif facts.metrics is not None and metric_sum(facts.metrics, *SIDECAR_METRICS["engine_steps"]) == 0:
+            self.notes.append(
+                "the server had run no engine step since it started: a fresh vLLM runs each step larger than any "
+                "before it slower (the CPU build: 7-35 %, docs/accuracy.md), so this capture's first large steps "
+                "ran slow; to calibrate, capture after --prewarm-duration S (it starts with a step as large as the "
+                "token budget) or after another run on the same server"
             )
         accumulate = _accumulates(self.workload)
         ccfg.collect_answers = accumulate
@@ -417,8 +437,12 @@ def _accumulates(workload: Any) -> bool:
     return any(getattr(c.multi_turn, "context_growth", "") == "accumulate" for c in clients if c.multi_turn)
 
 
-async def _prewarm(client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: float) -> None:
-    """Unrecorded load (4 workers, BLIS's `"warm "`×256 prompt, 64 tokens) so the run starts warm."""
+async def _prewarm(
+    client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: float, info: ServerInfo
+) -> str | None:
+    """Unrecorded load so the run starts warm: first one prompt as long as the token budget (a fresh vLLM runs
+    each step larger than any before it slower), then 4 workers sending BLIS's `"warm "`×256 prompt for 64
+    tokens until `duration_s` has passed. A note when the server refused the budget prompt."""
     body: dict[str, Any] = {"model": ccfg.model, "max_tokens": 64, "stream": False}
     if ccfg.api == "chat":
         body["messages"] = [{"role": "user", "content": "warm " * 256}]
@@ -428,6 +452,14 @@ async def _prewarm(client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: fl
     if ccfg.api_key:
         headers["Authorization"] = f"Bearer {ccfg.api_key}"
     url = ccfg.endpoint + ("/v1/chat/completions" if ccfg.api == "chat" else "/v1/completions")
+    started = time.monotonic()
+    try:
+        resp = await client.post(
+            url, json=budget_prompt_body(ccfg, info), headers=headers, timeout=ccfg.timeout_s
+        )
+        refused = None if resp.status_code == 200 else f"HTTP {resp.status_code}: {clip_text(resp.text)}"
+    except httpx.HTTPError as exc:
+        refused = str(exc) or type(exc).__name__
 
     async def worker() -> None:
         while True:
@@ -437,10 +469,17 @@ async def _prewarm(client: httpx.AsyncClient, ccfg: ClientConfig, duration_s: fl
                 await asyncio.sleep(0.5)
 
     workers = [asyncio.create_task(worker()) for _ in range(4)]
-    await asyncio.sleep(duration_s)
+    await asyncio.sleep(max(0.0, duration_s - (time.monotonic() - started)))
     for w in workers:
         w.cancel()
     await asyncio.gather(*workers, return_exceptions=True)
+    if refused is None:
+        return None
+    return (
+        f"--prewarm-duration: the server refused its prompt of ~{budget_prompt_tokens(info)} tokens ({refused}), "
+        "so the run may be the first to make steps that large; give the server's --max-num-batched-tokens with "
+        "--server-info max_num_batched_tokens=N"
+    )
 
 
 def observe(
