@@ -32,6 +32,10 @@ STATUSES = ("ok", "error", "timeout", "cancelled", "rejected", "incomplete")
 # A request sent this much after its scheduled arrival means the recording client was held up (starved of CPU):
 # what it read meanwhile came late and in bulk.
 LATE_SEND_US = 50_000
+# Why a capture from a server that had run no step yet starts slow (observe and compare say it).
+FRESH_SERVER = (
+    "a fresh vLLM runs each step larger than any before it slower (the CPU build: 7-35 %, docs/accuracy.md)"
+)
 # send/chunk times above this are absolute epoch µs (≈ 3 years of relative time; 2026 epoch µs ≈ 1.8e15).
 _EPOCH_THRESHOLD_US = 10**14
 
@@ -126,8 +130,15 @@ OBSERVED_KV_KEYS = {
     "generation_tokens": float,
     "engine_steps": float,
     "step_tokens": float,
+    "engine_steps_before": float,  # the server's steps since its start, when the run began (0: a fresh server)
     "duration_s": float,
 }
+
+
+def captured_fresh(header: TraceHeader) -> bool:
+    """Whether the run began on a server that had run no engine step since it started (observe records it)."""
+    return header.observed_kv_metrics.get("engine_steps_before") == 0
+
 
 # ---------------------------------------------------------------------------------------------- records
 

@@ -308,6 +308,23 @@ def test_a_trace_decoding_longer_contexts_than_the_fit_saw_is_noted():
     assert coverage_notes("t", steps, FitCoverage(batch)) == []
 
 
+def test_a_trace_captured_from_a_server_that_had_run_no_step_is_noted():
+    from blis_cal.calibrate.sim_bridge import replay_with
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import SimConfig
+
+    model = BlackboxModel((1000.0, 0.0, 0.0), (6000.0, 20.0, 1000.0))
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    trace = simulated_trace(poisson_requests(40, 2.0, seed=6), config, model)
+    results = replay_with(trace, "blackbox", model.alpha, model.beta)
+    phrase = "had run no engine step since it started"
+    for steps_before, noted in ((0.0, True), (350.0, False), (None, False)):
+        kv = {} if steps_before is None else {"engine_steps_before": steps_before}
+        header = dataclasses.replace(trace.header, observed_kv_metrics=kv)
+        notes = compare(dataclasses.replace(trace, header=header), results, trace_name="t").notes
+        assert any(phrase in n and "--prewarm-duration" in n for n in notes) == noted
+
+
 def test_a_bad_decode_batch_max_in_an_entry_is_a_clear_error(tmp_path):
     from blis_cal.errors import ConfigError
     from blis_cal.simulate import FitCoverage, load_coefficients

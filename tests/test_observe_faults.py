@@ -490,6 +490,12 @@ def test_a_capture_from_a_server_that_ran_no_step_yet_says_its_first_large_steps
     [note] = [n for n in fresh if phrase in n]
     assert "--prewarm-duration" in note
     assert not any(phrase in n for n in used + warmed + unknown)
+    # The header keeps it for calibrate and validate (counted after the prewarm when there is one).
+    before = {
+        name: read_trace(tmp_path / f"{name}.csv").header.observed_kv_metrics.get("engine_steps_before")
+        for name in "fuwn"
+    }
+    assert before["f"] == 0 and before["u"] > 0 and before["w"] > 0 and before["n"] is None
 
 
 def test_accumulating_sessions_send_the_real_answers_back(tmp_path):

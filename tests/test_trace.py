@@ -74,7 +74,12 @@ def _rich_trace() -> Trace:
         ),
         network={"measured_rtt_ms": 0.25},
         goodput_slo_targets={"critical": {"ttft_ms": 100.0, "e2e_ms": 2000.0}},
-        observed_kv_metrics={"source": "vllm", "hit_rate": 0.5, "preemptions": 0.0},
+        observed_kv_metrics={
+            "source": "vllm",
+            "hit_rate": 0.5,
+            "preemptions": 0.0,
+            "engine_steps_before": 0.0,
+        },
     )
     records = [
         _record(

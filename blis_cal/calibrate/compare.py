@@ -24,6 +24,7 @@ from blis_cal.simulate.coefficients import FitCoverage
 from blis_cal.simulate.metrics import RequestResult
 from blis_cal.stats import percentile
 from blis_cal.trace import (
+    FRESH_SERVER,
     ITL_BURST_SHARE,
     LATE_SEND_US,
     DecodeStep,
@@ -31,6 +32,7 @@ from blis_cal.trace import (
     Trace,
     TraceRecord,
     burst_delivered,
+    captured_fresh,
     decode_speed_drift,
     decode_steps,
     itl_means_us,
@@ -573,6 +575,13 @@ def compare(
             "concurrency cap, or starved of CPU, e.g. by a CPU-bound server on its machine), and what it read "
             "meanwhile came late and in bulk, so the TTFT and ITL of the requests then in flight include client "
             "time no step model contains; recapture with the client on another machine or with spare CPU"
+        )
+    if captured_fresh(trace.header):
+        notes.append(
+            f"{where}: captured from a server that had run no engine step since it started (the header's "
+            f"observed_kv_metrics.engine_steps_before): {FRESH_SERVER}; the simulation is of a warm server, so "
+            "expect the first large steps' requests to run slower than simulated (capture with "
+            "`blis observe --prewarm-duration` to leave this out)"
         )
     preemptions = int(trace.header.observed_kv_metrics.get("preemptions", 0))
     if preemptions and preemptions >= PREEMPTION_NOTE * len(pairs.request_ids) and "ttft" in metrics:

@@ -51,7 +51,15 @@ from blis_cal.observe.recorder import (
     scrape_metrics,
     server_facts,
 )
-from blis_cal.trace import LATE_SEND_US, ServerInfo, TraceHeader, TraceWriter, sibling, with_server_facts
+from blis_cal.trace import (
+    FRESH_SERVER,
+    LATE_SEND_US,
+    ServerInfo,
+    TraceHeader,
+    TraceWriter,
+    sibling,
+    with_server_facts,
+)
 
 
 @dataclass
@@ -205,10 +213,9 @@ class Observer:
             )
         elif facts.metrics is not None and metric_sum(facts.metrics, *SIDECAR_METRICS["engine_steps"]) == 0:
             self.notes.append(
-                "the server had run no engine step since it started: a fresh vLLM runs each step larger than any "
-                "before it slower (the CPU build: 7-35 %, docs/accuracy.md), so this capture's first large steps "
-                "ran slow; to calibrate, capture after --prewarm-duration S (it starts with a step as large as the "
-                "token budget) or after another run on the same server"
+                f"the server had run no engine step since it started: {FRESH_SERVER}, so this capture's first "
+                "large steps ran slow; to calibrate, capture after --prewarm-duration S (it starts with a step as "
+                "large as the token budget) or after another run on the same server"
             )
         accumulate = _accumulates(self.workload)
         ccfg.collect_answers = accumulate

@@ -154,6 +154,8 @@ def kv_deltas(before: list[Sample], after: list[Sample], duration_s: float) -> d
             out[key] = float(value)
     if out.get("token_queries"):
         out["hit_rate"] = round(out["token_hits"] / out["token_queries"], 6)
+    if b["engine_steps"] is not None:
+        out["engine_steps_before"] = float(b["engine_steps"])
     out["duration_s"] = round(duration_s, 6)
     return out
 
