@@ -42,21 +42,14 @@ from blis_cal.observe.client import (
 )
 from blis_cal.observe.clock import Clock, new_event_loop
 from blis_cal.observe.http1 import Http1Session
-from blis_cal.observe.recorder import (
-    SIDECAR_METRICS,
-    MetricsSampler,
-    build_record,
-    kv_deltas,
-    metric_sum,
-    scrape_metrics,
-    server_facts,
-)
+from blis_cal.observe.recorder import MetricsSampler, build_record, kv_deltas, scrape_metrics, server_facts
 from blis_cal.trace import (
     FRESH_SERVER,
     LATE_SEND_US,
     ServerInfo,
     TraceHeader,
     TraceWriter,
+    captured_fresh,
     sibling,
     with_server_facts,
 )
@@ -211,12 +204,6 @@ class Observer:
             facts.metrics = (
                 await scrape_metrics(client, ccfg.endpoint, aux_headers) if facts.metrics else None
             )
-        elif facts.metrics is not None and metric_sum(facts.metrics, *SIDECAR_METRICS["engine_steps"]) == 0:
-            self.notes.append(
-                f"the server had run no engine step since it started: {FRESH_SERVER}, so this capture's first "
-                "large steps ran slow; to calibrate, capture after --prewarm-duration S (it starts with a step as "
-                "large as the token budget) or after another run on the same server"
-            )
         accumulate = _accumulates(self.workload)
         ccfg.collect_answers = accumulate
         header = TraceHeader(
@@ -259,6 +246,12 @@ class Observer:
                 if after is not None:
                     header.observed_kv_metrics = kv_deltas(facts.metrics, after, duration_s)
             writer.close(header)
+        if captured_fresh(header):
+            self.notes.append(
+                f"the server had run no engine step since it started: {FRESH_SERVER}, so this capture's first "
+                "large steps ran slow; to calibrate, capture after --prewarm-duration S (it starts with a step as "
+                "large as the token budget) or after another run on the same server"
+            )
         if sampler is not None and sampler.failures:
             self.notes.append(f"/metrics sidecar: {sampler.failures} scrape(s) failed")
         if late := self._late_sends_us:

@@ -15,12 +15,12 @@ from blis_cal.errors import ConfigError
 
 @dataclass(frozen=True)
 class FitCoverage:
-    """What the traces an entry was fitted on decoded (our `fit:` block): past it, step costs are extrapolated."""
+    """What the traces an entry was fitted on decoded (our `fit:` block): past it, step costs are extrapolated.
+    `batch_max`: the most decoding requests at once (a batch size seen in enough pure-decode steps);
+    `context_max`: the most context tokens per decoding request (a size's mean), None when unrecorded."""
 
-    batch_max: int  # most decoding requests at once (a batch size seen in enough pure-decode steps)
-    context_max: int | None = (
-        None  # most context tokens per decoding request (a size's mean); None: unrecorded
-    )
+    batch_max: int
+    context_max: int | None = None
 
 
 @dataclass(frozen=True)
