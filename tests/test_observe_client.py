@@ -472,20 +472,35 @@ def test_socket_reads_carry_the_kernels_receive_time_not_the_read_time():
 
 
 def test_the_budget_prompt_fills_the_token_budget_within_the_context_in_every_api():
-    from blis_cal.observe.client import BUDGET_PROMPT_MARGIN, UNKNOWN_BUDGET_TOKENS, budget_prompt_body
+    from blis_cal.observe.client import (
+        BUDGET_PROMPT_MARGIN,
+        UNKNOWN_BUDGET_TOKENS,
+        budget_prompt,
+        post_unstreamed,
+    )
     from blis_cal.trace import ServerInfo
     from blis_cal.workload.request import TOKEN_ID_FLOOR
 
+    def sent_body(cfg: ClientConfig, info: ServerInfo) -> dict:
+        async def post() -> dict:
+            async with httpx.AsyncClient() as client:
+                with respx.mock:
+                    route = respx.post(
+                        url=f"http://x{'/v1/chat/completions' if cfg.api == 'chat' else '/v1/completions'}"
+                    )
+                    route.mock(return_value=httpx.Response(200, json={}))
+                    await post_unstreamed(client, cfg, budget_prompt(cfg, info), 1, 5.0)
+                    return json.loads(route.calls.last.request.content)
+
+        return asyncio.run(post())
+
     tokens = ClientConfig(endpoint="http://x", model="m", vocab_size=300)
-    body = budget_prompt_body(tokens, ServerInfo(max_num_batched_tokens=512, max_model_len=4096))
+    body = sent_body(tokens, ServerInfo(max_num_batched_tokens=512, max_model_len=4096))
     assert len(body["prompt"]) == 512 and body["max_tokens"] == 1 and body["stream"] is False
     # Ids the model knows, no special tokens.
     assert min(body["prompt"]) >= TOKEN_ID_FLOOR and max(body["prompt"]) < 300
-    assert (
-        len(budget_prompt_body(tokens, ServerInfo(max_model_len=1024))["prompt"])
-        == 1024 - BUDGET_PROMPT_MARGIN
-    )
-    assert len(budget_prompt_body(tokens, ServerInfo())["prompt"]) == UNKNOWN_BUDGET_TOKENS
+    assert len(budget_prompt(tokens, ServerInfo(max_model_len=1024))) == 1024 - BUDGET_PROMPT_MARGIN
+    assert len(budget_prompt(tokens, ServerInfo())) == UNKNOWN_BUDGET_TOKENS
     chat = ClientConfig(endpoint="http://x", model="m", api="chat", tokens_per_word=2.0)
-    words = budget_prompt_body(chat, ServerInfo(max_num_batched_tokens=512))["messages"][0]["content"].split()
+    words = sent_body(chat, ServerInfo(max_num_batched_tokens=512))["messages"][0]["content"].split()
     assert len(words) == 256 and set(words) <= set(WORDS)  # 2 tokens a word: the budget's 512 tokens

@@ -186,21 +186,29 @@ def budget_prompt_tokens(info: ServerInfo) -> int:
     return max(1, min(tokens, info.max_model_len - BUDGET_PROMPT_MARGIN)) if info.max_model_len else tokens
 
 
-def budget_prompt_body(cfg: ClientConfig, info: ServerInfo) -> dict[str, Any]:
-    """A request whose prompt fills the token budget (`budget_prompt_tokens`), answered with one token: the
-    server then runs a step as large as any a run can make it."""
+def budget_prompt(cfg: ClientConfig, info: ServerInfo) -> list[int] | str:
+    """A prompt that fills the token budget (`budget_prompt_tokens`): answered with one token, the server
+    then runs a step as large as any a run can make it."""
     tokens = budget_prompt_tokens(info)
-    prompt: Any
     if cfg.prompt_mode == "tokens":
-        prompt = [TOKEN_ID_FLOOR + i % (cfg.vocab_size - TOKEN_ID_FLOOR) for i in range(tokens)]
-    else:
-        prompt = " ".join(WORDS[i % len(WORDS)] for i in range(max(1, int(tokens / cfg.tokens_per_word))))
-    body: dict[str, Any] = {"model": cfg.model, "max_tokens": 1, "stream": False}
+        return [TOKEN_ID_FLOOR + i % (cfg.vocab_size - TOKEN_ID_FLOOR) for i in range(tokens)]
+    return " ".join(WORDS[i % len(WORDS)] for i in range(max(1, int(tokens / cfg.tokens_per_word))))
+
+
+async def post_unstreamed(
+    client: httpx.AsyncClient, cfg: ClientConfig, prompt: list[int] | str, max_tokens: int, timeout_s: float
+) -> httpx.Response:
+    """One unrecorded, non-streamed request (a calibration or warm-up one) for `prompt`: token ids or text,
+    the chat API's user message."""
+    body: dict[str, Any] = {"model": cfg.model, "max_tokens": max_tokens, "stream": False}
     if cfg.api == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
-    return body
+    headers = {"Content-Type": "application/json", **cfg.headers}
+    if cfg.api_key:
+        headers["Authorization"] = f"Bearer {cfg.api_key}"
+    return await client.post(cfg.endpoint + _PATHS[cfg.api], json=body, headers=headers, timeout=timeout_s)
 
 
 def build_headers(req: RequestLike, cfg: ClientConfig, x_request_id: str) -> dict[str, str]:
@@ -619,16 +627,8 @@ async def measure_tokens_per_word(client: httpx.AsyncClient, cfg: ClientConfig) 
     counts = []
     for n in (100, 200):
         text = " ".join(WORDS[i % len(WORDS)] for i in range(n))
-        body: dict[str, Any] = {"model": cfg.model, "max_tokens": 1, "stream": False}
-        if cfg.api == "chat":
-            body["messages"] = [{"role": "user", "content": text}]
-        else:
-            body["prompt"] = text
-        headers = {"Content-Type": "application/json", **cfg.headers}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
         try:
-            resp = await client.post(cfg.endpoint + _PATHS[cfg.api], json=body, headers=headers, timeout=60.0)
+            resp = await post_unstreamed(client, cfg, text, 1, 60.0)
             counts.append(int(resp.json()["usage"]["prompt_tokens"]))
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             return 1.0, f"tokens-per-word calibration request failed ({type(exc).__name__}); assuming 1.0"

@@ -29,7 +29,7 @@ from blis_cal.errors import ConfigError
 from blis_cal.observe.client import (
     ClientConfig,
     Outcome,
-    budget_prompt_body,
+    budget_prompt,
     budget_prompt_tokens,
     build_body,
     build_headers,
@@ -38,6 +38,7 @@ from blis_cal.observe.client import (
     make_session,
     measure_tokens_per_word,
     new_request_id,
+    post_unstreamed,
     send,
 )
 from blis_cal.observe.clock import Clock, new_event_loop
@@ -443,20 +444,9 @@ async def _prewarm(
     """Unrecorded load so the run starts warm: first one prompt as long as the token budget (a fresh vLLM runs
     each step larger than any before it slower), then 4 workers sending BLIS's `"warm "`×256 prompt for 64
     tokens until `duration_s` has passed. A note when the server refused the budget prompt."""
-    body: dict[str, Any] = {"model": ccfg.model, "max_tokens": 64, "stream": False}
-    if ccfg.api == "chat":
-        body["messages"] = [{"role": "user", "content": "warm " * 256}]
-    else:
-        body["prompt"] = "warm " * 256
-    headers = {"Content-Type": "application/json", **ccfg.headers}
-    if ccfg.api_key:
-        headers["Authorization"] = f"Bearer {ccfg.api_key}"
-    url = ccfg.endpoint + ("/v1/chat/completions" if ccfg.api == "chat" else "/v1/completions")
     started = time.monotonic()
     try:
-        resp = await client.post(
-            url, json=budget_prompt_body(ccfg, info), headers=headers, timeout=ccfg.timeout_s
-        )
+        resp = await post_unstreamed(client, ccfg, budget_prompt(ccfg, info), 1, ccfg.timeout_s)
         refused = None if resp.status_code == 200 else f"HTTP {resp.status_code}: {clip_text(resp.text)}"
     except httpx.HTTPError as exc:
         refused = str(exc) or type(exc).__name__
@@ -464,7 +454,7 @@ async def _prewarm(
     async def worker() -> None:
         while True:
             try:
-                await client.post(url, json=body, headers=headers, timeout=ccfg.timeout_s)
+                await post_unstreamed(client, ccfg, "warm " * 256, 64, ccfg.timeout_s)
             except httpx.HTTPError:
                 await asyncio.sleep(0.5)
 
