@@ -29,10 +29,16 @@ def users_client(users, think: dict, inputs=(300, 80, 20, 600), outputs=(60, 20,
 
 
 def captured(
-    multi_turn=None, think_us=200_000, num_requests=60, model=MODEL, users=4, start_together=False
+    multi_turn=None,
+    think_us=200_000,
+    num_requests=60,
+    model=MODEL,
+    users=4,
+    start_together=False,
+    config: SimConfig = CONFIG,
 ) -> Trace:
     """`users` users pausing `think_us`; they start u·think/N apart, or all at 0 with `start_together` (a
-    constant think-time distribution, as BLIS's --think-time-dist)."""
+    constant think-time distribution, as BLIS's --think-time-dist); the server is `config`."""
     think = (
         {"think_time_distribution": {"type": "constant", "params": {"value": think_us}}}
         if start_together
@@ -43,11 +49,11 @@ def captured(
         client["reasoning"] = {"multi_turn": multi_turn}
     workload = generate(parse_spec({"num_requests": num_requests, "seed": 5, "clients": [client]}, "t"))
     bridge = follow_up_for(workload)
-    run = simulate(requests_from_workload(workload), CONFIG, model, bridge, record_tokens=True)
+    run = simulate(requests_from_workload(workload), config, model, bridge, record_tokens=True)
     trace = results_to_trace(
         run, workload_trace(workload, bridge.released), output_delay_us=model.output_delay_us()
     )
     trace.header.server = ServerInfo(
-        type="blis-sim", **{name: getattr(CONFIG, name) for name in SERVER_FIELDS}
+        type="blis-sim", **{name: getattr(config, name) for name in SERVER_FIELDS}
     )
     return trace

@@ -145,8 +145,8 @@ def test_a_slower_server_keeps_closed_loop_users_waiting_instead_of_piling_up():
 
 def test_aligned_never_sends_before_the_recorded_time_or_the_predecessors_simulated_answer():
     """Causality and conservation in the default mode, on a slower and on a faster simulation: a user sends
-    only after its simulated answer (+ its recorded client overhead), and never before its recorded time; a
-    slower simulation keeps the users waiting as causal does."""
+    only after its simulated answer (+ its recorded client overhead), and (on a cache that never preempts)
+    never before its recorded time; a slower simulation keeps the users waiting as causal does."""
     trace = captured(think_us=200_000)
     links = trace_links(trace)
     by_id = {r.request_id: r for r in trace.records}
@@ -167,24 +167,66 @@ def test_aligned_never_sends_before_the_recorded_time_or_the_predecessors_simula
 
 def test_aligned_shifts_a_paused_row_by_the_mean_lateness_of_recent_answers():
     """The rule itself: each answer's lateness (simulated − recorded) joins a window of ALIGN_ANSWERS; a row
-    sent after a pause goes at its recorded time + their mean (never earlier), or right after its own answer
-    (+ the recorded overhead) if that is later; a row sent as soon as its answer came goes at that answer."""
+    sent after a pause goes at its recorded time + their mean (never earlier until the replay has preempted a
+    request, earlier too from then on), or right after its own answer (+ the recorded overhead) if that is
+    later; a row sent as soon as its answer came goes at that answer."""
     send = session_modes.get("aligned").new_sender()
     paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)  # 5 ms of client overhead
     # answer 30 ms late: shifted 30 ms
-    assert send(1_000_000, 1_030_000, paused) == 1_030_000
+    assert send(1_000_000, 1_030_000, paused, False) == 1_030_000
     # answer 50 ms early: the mean lateness −10 ms shifts nothing (never earlier than recorded)
-    assert send(2_000_000, 1_950_000, paused) == 2_000_000
+    assert send(2_000_000, 1_950_000, paused, False) == 2_000_000
     # answer 400 ms late: mean (30 − 50 + 400) / 3 = 126.7 ms, but its own answer + 5 ms is later
-    assert send(3_000_000, 3_400_000, paused) == 3_400_000 - 200_000 + 5_000
+    assert send(3_000_000, 3_400_000, paused, False) == 3_400_000 - 200_000 + 5_000
     # as soon as its answer came: at the simulated answer + the gap (closed-loop), and its lateness counts too
-    assert send(4_000_000, 4_090_000, Link(parent_id=0, gap_us=3_000, think_us=0)) == 4_090_000
+    assert send(4_000_000, 4_090_000, Link(parent_id=0, gap_us=3_000, think_us=0), False) == 4_090_000
     # the oldest answers leave the window: after ALIGN_ANSWERS on-time answers the shift is 0 again
     for k in range(ALIGN_ANSWERS):
-        send(5_000_000 + k, 5_000_000 + k, paused)
-    assert send(6_000_000, 6_000_000, paused) == 6_000_000
+        send(5_000_000 + k, 5_000_000 + k, paused, False)
+    assert send(6_000_000, 6_000_000, paused, False) == 6_000_000
     # a fresh sender per replay: nothing carried over
-    assert session_modes.get("aligned").new_sender()(1_000_000, 1_000_000, paused) == 1_000_000
+    assert session_modes.get("aligned").new_sender()(1_000_000, 1_000_000, paused, False) == 1_000_000
+
+
+def test_aligned_follows_early_answers_too_once_the_replay_preempted():
+    """After a preemption the mean shift goes both ways: a row is sent early by how early the recent answers
+    came, but never before its own simulated answer (+ the recorded client overhead)."""
+    send = session_modes.get("aligned").new_sender()
+    paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)
+    assert send(1_000_000, 960_000, paused, True) == 960_000  # 40 ms early: sent 40 ms early
+    # on time after a 15 ms think: the mean (−40 + 0) / 2 = −20 ms would send it before its own answer + 5 ms
+    short = Link(parent_id=0, gap_us=20_000, think_us=15_000)
+    assert send(2_000_000, 2_000_000, short, True) == 2_000_000 - 20_000 + 5_000
+    assert send(3_000_000, 2_990_000, paused, False) == 3_000_000  # no preemption: never earlier
+
+
+def test_aligned_on_a_small_cache_sends_users_a_faster_replay_answered_early():
+    """Eight users on a 64-block cache: replayed at the capture's speed every row goes at its recorded time and
+    the capture is reproduced, preemptions included; replayed faster, the replay preempts and users answered
+    early send early (the requests holding blocks stay as many), never before their simulated answer."""
+    small = dataclasses.replace(CONFIG, num_gpu_blocks=64)
+    trace = captured(users=8, num_requests=80, config=small)
+    links = trace_links(trace)
+    by_id = {r.request_id: r for r in trace.records}
+    same = replay_trace(trace, small, MODEL, session_mode="aligned").results
+    assert sum(r.num_preemptions for r in same) > 0
+    assert all(r.arrival_us == by_id[r.request_id].send_time_us for r in same)
+    rep = compare(trace, same)
+    assert rep.trace_info["compared"] == len(trace.records)
+    assert max(rep.mape(m) for m in ("ttft", "itl", "e2e")) < 0.01
+    fast = {
+        r.request_id: r
+        for r in replay_trace(
+            trace, small, BlackboxModel((500.0, 0.5, 50.0), (2500.0, 5.0, 100.0)), session_mode="aligned"
+        ).results
+    }
+    assert len(fast) == len(trace.records) and sum(r.num_preemptions for r in fast.values()) > 0
+    early = 0
+    for rid, link in links.items():
+        overhead = link.gap_us - link.think_us
+        assert fast[rid].arrival_us >= fast[link.parent_id].finish_us + overhead
+        early += fast[rid].arrival_us < by_id[rid].send_time_us
+    assert early > len(links) // 2
 
 
 def test_session_mode_is_deterministic_and_notes_the_linked_rows():

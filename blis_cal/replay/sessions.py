@@ -24,14 +24,15 @@ from blis_cal.trace import Trace, injection_time_us
 from blis_cal.trace_links import Link, trace_links
 from blis_cal.workload.spec import Distribution
 
-Sender = Callable[[int, int, Link], int]  # (recorded send, predecessor's release, link) -> simulated send
+# (recorded send, predecessor's release, link, whether the replay has preempted a request yet) -> simulated send
+Sender = Callable[[int, int, Link, bool], int]
 
 
 @dataclass(frozen=True)
 class SessionMode:
     """How a linked row's simulated send time follows from its recorded one, its predecessor's release (the
-    predecessor's simulated finish + the recorded gap) and its link; `new_sender` gives a fresh sender for
-    each replay (None: every row at its recorded time)."""
+    predecessor's simulated finish + the recorded gap), its link and whether the replay has preempted yet;
+    `new_sender` gives a fresh sender for each replay (None: every row at its recorded time)."""
 
     description: str
     new_sender: Callable[[], Sender] | None
@@ -48,17 +49,20 @@ ALIGN_ANSWERS = 12
 
 class _Aligned:
     """`aligned`'s sender: a row sent after a pause goes at its recorded time shifted by how late the
-    simulation's last ALIGN_ANSWERS answers came on average (never earlier), but never before its own answer
-    (+ the recorded client overhead); a row sent as soon as its answer came, at that answer (closed-loop)."""
+    simulation's last ALIGN_ANSWERS answers came on average (never earlier until the replay has preempted a
+    request, earlier too from then on), but never before its own answer (+ the recorded client overhead); a
+    row sent as soon as its answer came, at that answer (closed-loop)."""
 
     def __init__(self) -> None:
         self._late: deque[int] = deque(maxlen=ALIGN_ANSWERS)  # simulated − recorded answer, latest last
 
-    def __call__(self, recorded: int, released: int, link: Link) -> int:
+    def __call__(self, recorded: int, released: int, link: Link, preempted: bool) -> int:
         self._late.append(released - recorded)
         if not link.waited:
             return released
-        shift = max(0, round(sum(self._late) / len(self._late)))
+        shift = round(sum(self._late) / len(self._late))
+        if not preempted:
+            shift = max(0, shift)
         overhead = link.gap_us - link.think_us if link.think_us else 0
         return max(recorded + shift, released - link.gap_us + overhead)
 
@@ -70,13 +74,13 @@ session_modes.register("fixed")(
 session_modes.register("closed-loop")(
     SessionMode(
         "a follow-up at its predecessor's simulated finish + the recorded gap (BLIS --session-mode closed-loop)",
-        _stateless(lambda recorded, released, link: released),
+        _stateless(lambda recorded, released, link, preempted: released),
     )
 )
 session_modes.register("causal")(
     SessionMode(
         "recorded send time, but never before the predecessor's simulated finish + the recorded gap",
-        _stateless(lambda recorded, released, link: max(recorded, released)),
+        _stateless(lambda recorded, released, link, preempted: max(recorded, released)),
     )
 )
 # A user sending the moment its answer came never left the server: holding it to its recorded time (causal)
@@ -85,17 +89,21 @@ session_modes.register("causal")(
 session_modes.register("adaptive")(
     SessionMode(
         "a row sent as soon as its predecessor answered as closed-loop, one sent after a pause as causal",
-        _stateless(lambda recorded, released, link: max(recorded, released) if link.waited else released),
+        _stateless(
+            lambda recorded, released, link, preempted: max(recorded, released) if link.waited else released
+        ),
     )
 )
 # `causal` moves a user by every ms its answer is late and never back, so per-request noise ratchets its
 # timeline later and loses which requests met; the shift averaged over recent answers keeps the users'
-# recorded order and follows a simulation slower than the capture (docs/accuracy.md).
+# recorded order and follows a simulation slower than the capture. Once KV blocks ran short (a preemption),
+# how many requests hold blocks sets how many more are preempted, so users a faster simulation answered early
+# send early too rather than leave blocks free the server's users held (docs/accuracy.md, fortieth session).
 session_modes.register("aligned")(
     SessionMode(
         "a row sent as soon as its predecessor answered as closed-loop; one sent after a pause at its recorded "
-        f"time shifted by how late the last {ALIGN_ANSWERS} simulated answers came on average, never before "
-        "its predecessor's simulated answer (default)",
+        f"time shifted by how late the last {ALIGN_ANSWERS} simulated answers came on average (once the replay "
+        "has preempted a request, by how early too), never before its predecessor's simulated answer (default)",
         _Aligned,
     )
 )
@@ -109,6 +117,7 @@ class TraceFollowUp:
         self._held = held  # parent id -> [(child request at its recorded time, its link)]
         assert mode.new_sender is not None  # chain_requests: `fixed` needs no bridge
         self._send_us = mode.new_sender()
+        self._preempted = False  # a finished request was preempted in this replay
         self.released_by: dict[int, int] = {}  # child id -> the parent whose simulated answer released it
 
     def __call__(self, result: RequestResult) -> list[SimRequest]:
@@ -116,8 +125,11 @@ class TraceFollowUp:
         children = self._held.pop(result.request_id, ())
         if result.status == "ok":
             self.released_by.update((child.request_id, result.request_id) for child, _ in children)
+        self._preempted = self._preempted or result.num_preemptions > 0
         return [
-            dataclasses.replace(child, arrival_us=self._send_us(child.arrival_us, done + link.gap_us, link))
+            dataclasses.replace(
+                child, arrival_us=self._send_us(child.arrival_us, done + link.gap_us, link, self._preempted)
+            )
             for child, link in children
         ]
 
