@@ -345,7 +345,7 @@ _OPT_SESSION_MODE = typer.Option(
     help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
     "simulation (default aligned: a row sent the moment its answer came at the predecessor's simulated answer "
     "+ the recorded gap; one sent after a pause at its recorded time shifted by how late the recent simulated "
-    "answers came on average, but never before its own); "
+    "answers came on average, or how early once the replay has preempted a request, but never before its own); "
     "`blis policies` lists and describes the modes.",
 )
 
