@@ -344,8 +344,9 @@ _OPT_SESSION_MODE = typer.Option(
     "--session-mode",
     help="When rows sent after an earlier row's answer (closed-loop users, chat sessions) are sent in the "
     "simulation (default aligned: a row sent the moment its answer came at the predecessor's simulated answer "
-    "+ the recorded gap; one sent after a pause at its recorded time shifted by how late the recent simulated "
-    "answers came on average, or how early once the replay has preempted a request, but never before its own); "
+    "+ the recorded gap; one sent after a pause at its recorded time shifted by how late a line through the "
+    "recent simulated answers puts the simulation, or how early once the replay has preempted a request, but "
+    "never before its own answer); "
     "`blis policies` lists and describes the modes.",
 )
 

@@ -25,7 +25,7 @@ from blis_cal.replay import (
     trace_requests,
 )
 from blis_cal.replay.from_workload import requests_from_workload, workload_trace
-from blis_cal.replay.sessions import ALIGN_ANSWERS
+from blis_cal.replay.sessions import ALIGN_ANSWERS, ALIGN_LINE_MIN
 from blis_cal.simulate import BlackboxModel, simulate
 from blis_cal.trace import Trace, TraceHeader, TraceRecord, read_trace, write_trace
 from blis_cal.trace_links import Link, trace_links
@@ -165,11 +165,11 @@ def test_aligned_never_sends_before_the_recorded_time_or_the_predecessors_simula
     assert max_in_flight(replay(trace, SLOW, "aligned")) <= USERS
 
 
-def test_aligned_shifts_a_paused_row_by_the_mean_lateness_of_recent_answers():
-    """The rule itself: each answer's lateness (simulated − recorded) joins a window of ALIGN_ANSWERS; a row
-    sent after a pause goes at its recorded time + their mean (never earlier until the replay has preempted a
-    request, earlier too from then on), or right after its own answer (+ the recorded overhead) if that is
-    later; a row sent as soon as its answer came goes at that answer."""
+def test_aligned_shifts_a_paused_row_by_the_lateness_of_recent_answers():
+    """The rule itself: each answer's lateness (simulated − recorded) joins a window of ALIGN_ANSWERS; until
+    ALIGN_LINE_MIN answers have come, a row sent after a pause goes at its recorded time + their mean (never
+    earlier until the replay has preempted a request, earlier too from then on), or right after its own answer
+    (+ the recorded overhead) if that is later; a row sent as soon as its answer came goes at that answer."""
     send = session_modes.get("aligned").new_sender()
     paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)  # 5 ms of client overhead
     # answer 30 ms late: shifted 30 ms
@@ -180,12 +180,27 @@ def test_aligned_shifts_a_paused_row_by_the_mean_lateness_of_recent_answers():
     assert send(3_000_000, 3_400_000, paused, False) == 3_400_000 - 200_000 + 5_000
     # as soon as its answer came: at the simulated answer + the gap (closed-loop), and its lateness counts too
     assert send(4_000_000, 4_090_000, Link(parent_id=0, gap_us=3_000, think_us=0), False) == 4_090_000
-    # the oldest answers leave the window: after ALIGN_ANSWERS on-time answers the shift is 0 again
+    # the oldest answers leave the window: ALIGN_ANSWERS on-time answers later the shift is 0 again
     for k in range(ALIGN_ANSWERS):
         send(5_000_000 + k, 5_000_000 + k, paused, False)
     assert send(6_000_000, 6_000_000, paused, False) == 6_000_000
     # a fresh sender per replay: nothing carried over
     assert session_modes.get("aligned").new_sender()(1_000_000, 1_000_000, paused, False) == 1_000_000
+
+
+def test_aligned_follows_a_line_through_the_answers_lateness():
+    """From ALIGN_LINE_MIN answers on, a paused row's shift is the least-squares line through the answers'
+    (release, lateness) read at its release, not their mean: a simulation falling steadily behind is followed
+    without lag."""
+    send = session_modes.get("aligned").new_sender()
+    paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)
+    at_once = Link(parent_id=0, gap_us=3_000, think_us=0)
+    # answers released each second, each 10 ms later than the one before
+    for k in range(ALIGN_LINE_MIN - 1):
+        assert send(k * 990_000, k * 1_000_000, at_once, False) == k * 1_000_000
+    # released at 8 s, 40 ms late: the line through the eight (x in s, lateness in ms: 0-6 → 0-60, 8 → 40) is
+    # 7.719 + 6.491·x ms, 59.649 ms at 8 s (their mean: 31.25 ms)
+    assert send(7_960_000, 8_000_000, paused, False) == 7_960_000 + 59_649
 
 
 def test_aligned_follows_early_answers_too_once_the_replay_preempted():

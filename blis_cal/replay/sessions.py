@@ -42,25 +42,47 @@ def _stateless(send: Sender) -> Callable[[], Sender]:
     return lambda: send
 
 
-# Answers over which `aligned` averages how late the simulation answers: fewer follow one answer's noise,
-# more lag a simulation falling behind (docs/accuracy.md, twenty-fourth session).
-ALIGN_ANSWERS = 12
+# Answers through whose lateness `aligned` draws its line: a window follows a simulation that changes pace
+# within a long replay; fewer answers let one answer's noise move the users (docs/accuracy.md, forty-first
+# session).
+ALIGN_ANSWERS = 128
+ALIGN_LINE_MIN = 8  # answers before the line is drawn; until then their mean lateness
 
 
 class _Aligned:
-    """`aligned`'s sender: a row sent after a pause goes at its recorded time shifted by how late the
-    simulation's last ALIGN_ANSWERS answers came on average (never earlier until the replay has preempted a
-    request, earlier too from then on), but never before its own answer (+ the recorded client overhead); a
-    row sent as soon as its answer came, at that answer (closed-loop)."""
+    """`aligned`'s sender: a row sent after a pause goes at its recorded time shifted by the lateness
+    (simulated − recorded answer) that a least-squares line through the last ALIGN_ANSWERS answers' lateness
+    against their release times gives at this release (never earlier until the replay has preempted a request,
+    earlier too from then on), but never before its own answer (+ the recorded client overhead); a row sent as
+    soon as its answer came, at that answer (closed-loop)."""
 
     def __init__(self) -> None:
-        self._late: deque[int] = deque(maxlen=ALIGN_ANSWERS)  # simulated − recorded answer, latest last
+        self._points: deque[tuple[int, int]] = deque()  # (release, lateness) µs, latest last
+        # Exact integer sums of release, lateness, release² and release·lateness over the window.
+        self._sums = [0, 0, 0, 0]
+
+    def _add(self, x: int, y: int, sign: int) -> None:
+        for i, v in enumerate((x, y, x * x, x * y)):
+            self._sums[i] += sign * v
+
+    def _lateness_now(self, released: int) -> int:
+        """The line's lateness at `released` (the answers' mean until ALIGN_LINE_MIN have come)."""
+        n = len(self._points)
+        sx, sy, sxx, sxy = self._sums
+        spread = n * sxx - sx * sx
+        if n < ALIGN_LINE_MIN or spread <= 0:
+            return round(sy / n)
+        slope = (n * sxy - sx * sy) / spread
+        return round((sy - slope * sx) / n + slope * released)
 
     def __call__(self, recorded: int, released: int, link: Link, preempted: bool) -> int:
-        self._late.append(released - recorded)
+        if len(self._points) == ALIGN_ANSWERS:
+            self._add(*self._points.popleft(), -1)
+        self._points.append((released, released - recorded))
+        self._add(released, released - recorded, 1)
         if not link.waited:
             return released
-        shift = round(sum(self._late) / len(self._late))
+        shift = self._lateness_now(released)
         if not preempted:
             shift = max(0, shift)
         overhead = link.gap_us - link.think_us if link.think_us else 0
@@ -95,15 +117,18 @@ session_modes.register("adaptive")(
     )
 )
 # `causal` moves a user by every ms its answer is late and never back, so per-request noise ratchets its
-# timeline later and loses which requests met; the shift averaged over recent answers keeps the users'
-# recorded order and follows a simulation slower than the capture. Once KV blocks ran short (a preemption),
-# how many requests hold blocks sets how many more are preempted, so users a faster simulation answered early
-# send early too rather than leave blocks free the server's users held (docs/accuracy.md, fortieth session).
+# timeline later and loses which requests met. `aligned` moves every paused user alike, by a line through the
+# recent answers' lateness: it keeps the users' recorded order and follows a simulation falling behind (a
+# steady drift, without the lag of a mean nor one answer's noise). Once KV blocks ran short (a preemption), how
+# many requests hold blocks sets how many more are preempted, so users a faster simulation answered early send
+# early too rather than leave blocks free the server's users held (docs/accuracy.md, fortieth and forty-first
+# sessions).
 session_modes.register("aligned")(
     SessionMode(
         "a row sent as soon as its predecessor answered as closed-loop; one sent after a pause at its recorded "
-        f"time shifted by how late the last {ALIGN_ANSWERS} simulated answers came on average (once the replay "
-        "has preempted a request, by how early too), never before its predecessor's simulated answer (default)",
+        f"time shifted by how late a line through the last {ALIGN_ANSWERS} simulated answers puts the simulation "
+        "now (once the replay has preempted a request, how early too), never before its predecessor's simulated "
+        "answer (default)",
         _Aligned,
     )
 )
