@@ -204,8 +204,8 @@ def test_aligned_follows_a_line_through_the_answers_lateness():
 
 
 def test_aligned_follows_early_answers_too_once_the_replay_preempted():
-    """After a preemption the mean shift goes both ways: a row is sent early by how early the recent answers
-    came, but never before its own simulated answer (+ the recorded client overhead)."""
+    """After a preemption the shift goes both ways: a row is sent early by how early the recent answers came,
+    but never before its own simulated answer (+ the recorded client overhead)."""
     send = session_modes.get("aligned").new_sender()
     paused = Link(parent_id=0, gap_us=200_000, think_us=195_000)
     assert send(1_000_000, 960_000, paused, True) == 960_000  # 40 ms early: sent 40 ms early
