@@ -57,7 +57,8 @@ def trace_info(
 
         blis trace info run.csv --header run-header.yaml --json
     """
-    from blis_cal.trace import read_trace, trace_summary
+    from blis_cal.trace import read_trace
+    from blis_cal.trace_analysis import trace_summary
     from blis_cal.trace_links import links_summary
 
     trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
@@ -1243,7 +1244,8 @@ def observe_cmd(
         blis observe --endpoint http://127.0.0.1:8000 --model tiny --concurrency 8 --duration 60 --api chat --out chat.csv
     """
     from blis_cal.observe import ClientConfig, ObserveConfig, observe
-    from blis_cal.trace import parse_server_facts, read_trace, trace_summary
+    from blis_cal.trace import parse_server_facts, read_trace
+    from blis_cal.trace_analysis import trace_summary
     from blis_cal.workload import workload_from_options
 
     workload = workload_from_options(

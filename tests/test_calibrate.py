@@ -189,7 +189,7 @@ def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
     from blis_cal.calibrate.compare import speed_note
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
-    from blis_cal.trace import decode_steps
+    from blis_cal.trace_analysis import decode_steps
 
     # 2,000-token prompts through a 256-token budget: each prefill runs in about eight steps and only the
     # last streams a token, so most steps with only decode events also computed a prompt chunk.
@@ -208,7 +208,7 @@ def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
 def test_a_step_whose_events_reached_the_client_apart_is_not_read_as_two_short_steps():
     from blis_cal.calibrate.synthetic import jitter_chunks, poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
-    from blis_cal.trace import STEP_BURST_GAP_US, decode_steps
+    from blis_cal.trace_analysis import STEP_BURST_GAP_US, decode_steps
 
     # Client delays of 2 ms on average split many steps of several requests into bursts more than
     # STEP_BURST_GAP_US apart; read as steps, those halves would pull the median step of one request down.
@@ -229,7 +229,7 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
     from blis_cal.calibrate.sim_bridge import replay_with
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
-    from blis_cal.trace import decode_steps
+    from blis_cal.trace_analysis import decode_steps
 
     # Light load (mostly one request decoding alone) and heavy load (mostly many): all steps are compared.
     alpha, beta = (1000.0, 0.0, 0.0), (6000.0, 20.0, 150.0, 0.0, 2.0)
@@ -258,7 +258,7 @@ def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_cove
     from blis_cal.calibrate.sim_bridge import replay_with
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, FitCoverage, SimConfig
-    from blis_cal.trace import decode_steps
+    from blis_cal.trace_analysis import decode_steps
 
     # The server's pure-decode step is flat up to 3 requests and then 1 ms more per request; coefficients
     # fitted where it never decoded more than 3 are flat everywhere.
@@ -288,7 +288,7 @@ def test_a_trace_decoding_longer_contexts_than_the_fit_saw_is_noted():
     from blis_cal.calibrate.features import decode_step_rows
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, FitCoverage, SimConfig
-    from blis_cal.trace import decode_steps
+    from blis_cal.trace_analysis import decode_steps
 
     config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
     model = BlackboxModel((1000.0, 0.0, 0.0), (6000.0, 20.0, 1000.0, 0.0, 2.0))

@@ -43,7 +43,8 @@ from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, SimConfig
 from blis_cal.simulate.latency import BATCH_TABLE, BATCH_TABLE_SIZES, BETA_TERMS, StepBatch, attention_pairs
 from blis_cal.simulate.request import SimRequest
-from blis_cal.trace import DecodeStep, decode_steps, ok_records, read_trace
+from blis_cal.trace import ok_records, read_trace
+from blis_cal.trace_analysis import DecodeStep, decode_steps
 
 CONFIG = SimConfig(
     block_size=16, num_gpu_blocks=8192, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096

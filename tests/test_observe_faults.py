@@ -13,7 +13,8 @@ import time
 import pytest
 
 from blis_cal.observe import ClientConfig, ObserveConfig, Observer, observe
-from blis_cal.trace import ok_records, read_trace, trace_summary
+from blis_cal.trace import ok_records, read_trace
+from blis_cal.trace_analysis import trace_summary
 from blis_cal.workload import Workload, generate, parse_spec, workload_from_options
 from tests.fake_vllm import FakeVLLM
 from tests.workload_requests import workload_request

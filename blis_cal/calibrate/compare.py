@@ -27,17 +27,13 @@ from blis_cal.trace import (
     FRESH_SERVER,
     ITL_BURST_SHARE,
     LATE_SEND_US,
-    DecodeStep,
-    SpeedDrift,
     Trace,
     TraceRecord,
     burst_delivered,
     captured_fresh,
-    decode_speed_drift,
-    decode_steps,
     itl_means_us,
-    send_lags_us,
 )
+from blis_cal.trace_analysis import DecodeStep, SpeedDrift, decode_speed_drift, decode_steps, send_lags_us
 
 METRICS = ("ttft", "itl", "e2e")
 PERCENTILES = (50, 90, 95, 99)

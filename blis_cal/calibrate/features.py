@@ -18,19 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from blis_cal.simulate.latency import attention_pairs
-from blis_cal.trace import (
+from blis_cal.trace import Chunk, Trace, TraceRecord, burst_delivered, itl_means_us, ok_records
+from blis_cal.trace_analysis import (
     STEP_BURST_GAP_US,
-    Chunk,
     DecodeStep,
     PromptToLay,
-    Trace,
-    TraceRecord,
-    burst_delivered,
     duplicated_prefix_tokens,
     estimate_cached_tokens,
-    itl_means_us,
     lay_prompt_chunks,
-    ok_records,
     prefill_chunk_cap,
     shared_prefix_tokens,
     token_budget,
@@ -123,7 +118,7 @@ def _chunked_prefills(
     budget: int,
     cap: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The prompts laid over the steps that computed them (`trace.lay_prompt_chunks`, vLLM's chunked prefill).
+    """The prompts laid over the steps that computed them (`trace_analysis.lay_prompt_chunks`, vLLM's chunked prefill).
     One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
@@ -375,7 +370,7 @@ DECODE_STEPS_MIN = 20  # pure-decode steps of one batch size for its median to b
 
 def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
     """One row per batch size seen in at least DECODE_STEPS_MIN of a trace's pure-decode `steps`
-    (`trace.decode_steps`): their median duration and mean context. Medians over many steps are robust to
+    (`trace_analysis.decode_steps`): their median duration and mean context. Medians over many steps are robust to
     events of one step split over two network reads, and show how a step's cost grows with the number of
     decoding requests."""
     by_size: dict[int, list[tuple[int, int, int]]] = {}

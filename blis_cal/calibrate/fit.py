@@ -62,7 +62,8 @@ from blis_cal.simulate.latency import (
 )
 from blis_cal.simulate.roofline import shipped_model_shape
 from blis_cal.stats import percentile
-from blis_cal.trace import SpeedDrift, Trace, estimate_cached_tokens, ok_records
+from blis_cal.trace import Trace, ok_records
+from blis_cal.trace_analysis import SpeedDrift, estimate_cached_tokens
 
 PAIRS = "Ppairs"  # the prefill attention pairs column (β10)
 # An attention pair may cost at most this share of a prompt token (β10 ≤ share·β1), else the fit leaves pairs

@@ -5,7 +5,7 @@ server-reported prompt length when recorded and the observed output length. Rows
 share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
 did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
 output as its own prefix (multi-turn chat history), or the prompt alone where the recorded hits say the answer
-came back as other token ids (`trace.answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
+came back as other token ids (`trace_analysis.answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
 beyond the blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
 prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
@@ -22,7 +22,8 @@ from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
 from blis_cal.simulate.metrics import SimRun
 from blis_cal.simulate.request import SimRequest, output_key
-from blis_cal.trace import Trace, TraceHeader, TraceRecord, answers_reused, injection_time_us
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, injection_time_us
+from blis_cal.trace_analysis import answers_reused
 from blis_cal.trace_links import trace_links
 
 # Header `server:` fields that set engine settings (0 / None there means unknown: keep the default).
