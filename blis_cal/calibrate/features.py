@@ -118,8 +118,9 @@ def _chunked_prefills(
     budget: int,
     cap: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The prompts laid over the steps that computed them (`trace_analysis.lay_prompt_chunks`, vLLM's chunked prefill).
-    One event per chunk, at the time of its step's events (a prompt that fits its last step stays one event)."""
+    """The prompts laid over the steps that computed them (`trace_analysis.lay_prompt_chunks`, vLLM's chunked
+    prefill). One event per chunk, at the time of its step's events (a prompt that fits its last step stays one
+    event)."""
     starts = np.r_[0, np.nonzero(np.diff(t) > STEP_BURST_GAP_US)[0] + 1]
     step_of = np.searchsorted(starts, np.arange(len(t)), side="right") - 1
     room = (budget - np.add.reduceat((v[:, 1] > 0).astype(np.int64), starts)).tolist()
@@ -370,8 +371,8 @@ DECODE_STEPS_MIN = 20  # pure-decode steps of one batch size for its median to b
 
 def decode_step_rows(steps: Sequence[DecodeStep]) -> StepRows:
     """One row per batch size seen in at least DECODE_STEPS_MIN of a trace's pure-decode `steps`
-    (`trace_analysis.decode_steps`): their median duration and mean context. Medians over many steps are robust to
-    events of one step split over two network reads, and show how a step's cost grows with the number of
+    (`trace_analysis.decode_steps`): their median duration and mean context. Medians over many steps are robust
+    to events of one step split over two network reads, and show how a step's cost grows with the number of
     decoding requests."""
     by_size: dict[int, list[tuple[int, int, int]]] = {}
     for step in steps:

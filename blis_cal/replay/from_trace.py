@@ -1,12 +1,12 @@
 """Replay a TraceV2 trace through the simulator: trace rows -> SimRequests, header -> SimConfig.
 
 Each row becomes a request injected at its send time (the moment the server could first see it), with the
-server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group`
-share identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's
-did; with `session_context_growth: accumulate` a session's round carries the previous round's prompt and
-output as its own prefix (multi-turn chat history), or the prompt alone where the recorded hits say the answer
-came back as other token ids (`trace_analysis.answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go
-beyond the blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
+server-reported prompt length when recorded and the observed output length. Rows of a `prefix_group` share
+identical prefix content of `prefix_length` tokens, so the simulated prefix cache hits where vLLM's did; with
+`session_context_growth: accumulate` a session's round carries the previous round's prompt and output as its own
+prefix (multi-turn chat history), or the prompt alone where the recorded hits say the answer came back as other
+token ids (`trace_analysis.answers_reused`). When a row's recorded `cached_tokens` (vLLM's usage) go beyond the
+blocks its prompt shares with earlier rows' prompts and answers, they were in the server's cache before the
 capture (a warm cache, e.g. the same prompts sent in an earlier run): they start out cached in the simulated
 prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sessions) follow the session mode
 (`sessions.py`): by default never before their predecessor's simulated answer.
