@@ -821,9 +821,22 @@ def _write_json(path: Path, data: object) -> None:
 
 def _calibration_table(title: str, rows: list[dict]) -> Table:
     # Numbers keep their width and a narrow terminal (a pipe: 80 columns) folds the trace name instead of cutting it.
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(
+        title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True
+    )
     table.add_column("trace", overflow="fold", min_width=10)
-    for col in ("n", "req/s", "TTFT MAPE", "ITL MAPE", "E2E MAPE", "E2E r", "E2E quality", "speed drift"):
+    columns = (
+        "n",
+        "req/s",
+        "TTFT MAPE",
+        "ITL MAPE",
+        "E2E MAPE",
+        "E2E r",
+        "E2E quality",
+        "speed drift",
+        "step ratio",
+    )
+    for col in columns:
         table.add_column(col.replace(" ", "\n"), justify="right", no_wrap=True)
     for row in rows:
         pct = [
@@ -838,6 +851,7 @@ def _calibration_table(title: str, rows: list[dict]) -> Table:
             f"{row.get('e2e_pearson_r', 0):.3f}",
             str(row.get("e2e_quality", "-")),
             pct[3],
+            f"{row['step_ratio']:.2f}×" if "step_ratio" in row else "-",
         )
     return table
 

@@ -186,7 +186,7 @@ def test_a_server_changing_speed_during_the_capture_is_noted(later_step_us, note
 
 
 def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
-    from blis_cal.calibrate.compare import speed_note
+    from blis_cal.calibrate.compare import decode_step_ratio, speed_note
     from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
     from blis_cal.simulate import BlackboxModel, SimConfig
     from blis_cal.trace_analysis import decode_steps
@@ -202,7 +202,9 @@ def test_steps_that_computed_a_chunk_of_a_long_prompt_are_not_decode_steps():
         for s in steps
     ]
     assert len(steps) > 100 and sum(exact) / len(steps) > 0.9
-    assert speed_note("t", steps, model) is None  # the server is the model: nothing to note
+    ratio = decode_step_ratio(steps, model)
+    assert ratio is not None and ratio[0] == pytest.approx(1, abs=0.02) and ratio[1] == len(steps)
+    assert speed_note("t", ratio) is None  # the server is the model: nothing to note
 
 
 def test_a_step_whose_events_reached_the_client_apart_is_not_read_as_two_short_steps():
@@ -244,12 +246,16 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
     phrase = "what the coefficients say for their batch sizes"
     speed = [n for n in report.notes if phrase in n]
     assert bool(speed) == noted
+    assert summary_row(report)["step_ratio"] == pytest.approx(slowdown, rel=0.02)  # noted or not
+    if rate < 10 and noted:
+        assert "<th>step_ratio</th>" in render_html([report])
     if noted:
         ran_at = re.search(r"ran at ([0-9.]+)× the speed", speed[0])
         assert ran_at and float(ran_at.group(1)) == pytest.approx(1 / slowdown, rel=0.02)
         assert "recalibrate" in speed[0]
     # Without the model (e.g. `--sim-results`) there is nothing to compare the steps with.
-    assert not [n for n in compare(trace, replay_with(trace, "blackbox", alpha, beta)).notes if phrase in n]
+    bare = compare(trace, replay_with(trace, "blackbox", alpha, beta))
+    assert not [n for n in bare.notes if phrase in n] and "step_ratio" not in summary_row(bare)
 
 
 def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_covered_steps_set_the_speed():
@@ -441,6 +447,7 @@ def test_the_validation_table_fits_80_columns_and_folds_a_long_trace_name():
     name = "budget256_kv40_closed12p_s2608_with_a_longer_name"
     row = {"trace": name, "requests": 144, "rate_rps": 6.2, "ttft_mape": 0.177, "itl_mape": 0.065}
     row |= {"e2e_mape": 0.059, "e2e_pearson_r": 0.995, "e2e_quality": "excellent", "speed_drift": 0.08}
+    row["step_ratio"] = 1.2961
     console = Console(width=80, record=True, file=io.StringIO())
     console.print(_calibration_table("Validation", [row]))
     lines = console.export_text().splitlines()
@@ -448,7 +455,8 @@ def test_the_validation_table_fits_80_columns_and_folds_a_long_trace_name():
     body = lines[next(i for i, line in enumerate(lines) if "───" in line) + 1 :]
     assert "".join(line.split()[0] for line in body if line.strip()) == name  # folded, not cut
     assert all(
-        cell in body[0] for cell in ("144", "6.20", "17.7 %", "6.5 %", "5.9 %", "0.995", "excellent", "8.0 %")
+        cell in body[0]
+        for cell in ("144", "6.20", "17.7 %", "6.5 %", "5.9 %", "0.995", "excellent", "8.0 %", "1.30×")
     )
 
 

@@ -285,38 +285,35 @@ class DecodeStepModel(Protocol):
     ) -> int: ...
 
 
-def speed_note(
-    where: str, steps: Sequence[DecodeStep], model: DecodeStepModel, coverage: FitCoverage | None = None
-) -> str | None:
-    """A note when a trace's pure-decode `steps` (`decode_steps`: every batch size, so loaded traces count
-    too; only those the coefficients' fit covered, up to `coverage.batch_max` requests, when known and enough)
-    differ from the model's steps of the same batch and context by more than SPEED_NOTE_TOLERANCE (median
-    ratio): the server was not the one the coefficients describe (another machine, other work on it, another
-    time), which no fit on other traces can know."""
+def decode_step_ratio(
+    steps: Sequence[DecodeStep], model: DecodeStepModel, coverage: FitCoverage | None = None
+) -> tuple[float, int] | None:
+    """How long a trace's pure-decode `steps` (`decode_steps`: every batch size, so loaded traces count too; only
+    those the coefficients' fit covered, up to `coverage.batch_max` requests, when known and enough) took over
+    what `model` says for the same batch and context: (median ratio, steps), None with fewer than
+    SPEED_NOTE_MIN_STEPS. Far from 1, the server was not the one the coefficients describe (another machine,
+    other work on it, another time), which no fit on other traces can know."""
     if coverage is not None:
         covered = [s for s in steps if s.num_decode <= coverage.batch_max]
         steps = covered if len(covered) >= SPEED_NOTE_MIN_STEPS else steps  # larger batches: coverage_notes
     if len(steps) < SPEED_NOTE_MIN_STEPS:
         return None
-    ratio = float(
-        np.median(
-            [
-                s.duration_us
-                / max(
-                    model.decode_only_step_us(
-                        s.num_decode, s.context_tokens + s.shared_tokens, s.shared_tokens
-                    ),
-                    1,
-                )
-                for s in steps
-            ]
-        )
-    )
-    if abs(ratio - 1) <= SPEED_NOTE_TOLERANCE:
+    ratios = [
+        s.duration_us
+        / max(model.decode_only_step_us(s.num_decode, s.context_tokens + s.shared_tokens, s.shared_tokens), 1)
+        for s in steps
+    ]
+    return float(np.median(ratios)), len(steps)
+
+
+def speed_note(where: str, ratio: tuple[float, int] | None) -> str | None:
+    """A note when the `decode_step_ratio` is off 1 by more than SPEED_NOTE_TOLERANCE."""
+    if ratio is None or abs(ratio[0] - 1) <= SPEED_NOTE_TOLERANCE:
         return None
+    value, count = ratio
     return (
-        f"{where}: decode steps took {ratio:.2f}× what the coefficients say for their batch sizes and contexts "
-        f"(median of {len(steps)} steps): this server ran at {1 / ratio:.2f}× the speed of the one they were "
+        f"{where}: decode steps took {value:.2f}× what the coefficients say for their batch sizes and contexts "
+        f"(median of {count} steps): this server ran at {1 / value:.2f}× the speed of the one they were "
         "fitted on (another machine, other work on it, or another time); recalibrate on traces from this "
         "environment"
     )
@@ -422,9 +419,9 @@ def compare(
     """Pair `trace` with simulated `results` by request id and compute BLIS's metrics.
 
     `warmup` (None = the header's warm_up_requests) excludes request ids below it. With the `latency_model`
-    that produced the results, a note says when the server ran at another speed (`speed_note`); with the
-    batches and contexts its coefficients were fitted on (`fit_coverage`, else the model's own when it knows
-    them), when the trace decoded larger ones or longer ones (`coverage_notes`).
+    that produced the results, the trace's `decode_step_ratio` (and a note when the server ran at another
+    speed); with the batches and contexts its coefficients were fitted on (`fit_coverage`, else the model's
+    own when it knows them), notes when the trace decoded larger ones or longer ones (`coverage_notes`).
     `diagnostics` are `trace_diagnostics(trace)` when already known (a fit compares each trace many times).
     Raises CalibrationError when nothing can be compared.
     """
@@ -604,13 +601,15 @@ def compare(
                 f"{', '.join(f'{p:.2f}' for p in drift.parts)} of the run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
-    speed = (
-        speed_note(where, diagnostics.steps, latency_model, fit_coverage)
+    ratio = (
+        decode_step_ratio(diagnostics.steps, latency_model, fit_coverage)
         if latency_model is not None
         else None
     )
-    if speed:
-        notes.append(speed)
+    if ratio is not None:
+        trace_info["decode_step_ratio"] = round(ratio[0], 4)
+        if speed := speed_note(where, ratio):
+            notes.append(speed)
     if fit_coverage is not None:
         notes.extend(coverage_notes(where, diagnostics.steps, fit_coverage))
     split = ttft_split_ms(matched, rtt)
@@ -636,6 +635,8 @@ def summary_row(report: ComparisonReport) -> dict[str, Any]:
     }
     if "decode_speed_drift" in report.trace_info:
         row["speed_drift"] = report.trace_info["decode_speed_drift"]
+    if "decode_step_ratio" in report.trace_info:
+        row["step_ratio"] = report.trace_info["decode_step_ratio"]
     for metric in METRICS:
         if metric not in report.metrics:
             continue
