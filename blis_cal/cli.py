@@ -282,7 +282,8 @@ _OPT_TRACE_SERVER_INFO = typer.Option(
     [],
     "--server-info",
     help="Server fact for every trace's header, KEY=VALUE, where it lacks or got one wrong "
-    "(e.g. long_prefill_token_threshold=256, max_num_seqs=16).",
+    "(e.g. long_prefill_token_threshold=256, max_num_seqs=16); TRACE:KEY=VALUE for one trace (its file's "
+    "stem, e.g. kv24_run:num_gpu_blocks=24), over a value for every trace.",
 )
 
 _OPT_POLICY_CONFIG = typer.Option(
@@ -943,12 +944,11 @@ def calibrate_cmd(
     from blis_cal.calibrate.pipeline import load_traces, run_compare, run_fit
     from blis_cal.calibrate.report_html import write_html
     from blis_cal.errors import ConfigError
-    from blis_cal.trace import parse_server_facts
 
     if sim_results is not None and session_mode is not None:
         raise ConfigError("--session-mode sets how calibrate replays; --sim-results are replayed already")
     session_mode = _session_mode(session_mode)
-    named = load_traces(traces, server_facts=parse_server_facts(server_info))
+    named = load_traces(traces, server_info=server_info)
     for t in named:
         print_notes(t.trace.notes)
     server = named[0].trace.header.server
@@ -1080,10 +1080,9 @@ def validate_cmd(
         blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
-    from blis_cal.trace import parse_server_facts
 
     session_mode = _session_mode(session_mode)
-    named = load_traces(traces, server_facts=parse_server_facts(server_info))
+    named = load_traces(traces, server_info=server_info)
     for t in named:
         print_notes(t.trace.notes)
     if leave_one_out:

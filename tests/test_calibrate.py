@@ -771,6 +771,19 @@ def test_a_request_whose_tokens_reached_the_client_in_one_burst_leaves_the_itl_m
     assert rep.trace_info["itl_one_burst"] == 0 and not any("one burst" in n for n in rep.notes)
 
 
+def test_scoped_server_info_sets_one_traces_header_and_leaves_the_others():
+    from blis_cal.calibrate.pipeline import load_traces
+
+    day = REPO / "traces" / "real_day48"
+    paths = [day / "a08_s4801.csv", day / "kv24_closed8t_s4804.csv"]
+    before = [t.trace.header.server for t in load_traces(paths)]
+    assert [s.num_gpu_blocks for s in before] == [1024, 24]
+    items = ["max_num_seqs=8", "a08_s4801:num_gpu_blocks=48", "kv24_closed8t_s4804:max_num_seqs=4"]
+    after = [t.trace.header.server for t in load_traces(paths, server_info=items)]
+    assert [(s.num_gpu_blocks, s.max_num_seqs) for s in after] == [(48, 8), (24, 4)]
+    assert [s.max_num_batched_tokens for s in after] == [s.max_num_batched_tokens for s in before]
+
+
 def test_cli_server_info_sets_what_a_trace_header_lacks(tmp_path):
     # Day 44's capture through vLLM's --long-prefill-token-threshold 128, its header stripped of the threshold:
     # `--server-info` puts it back and the validation is the header's; `=0` replays without the cap.
@@ -794,6 +807,20 @@ def test_cli_server_info_sets_what_a_trace_header_lacks(tmp_path):
     assert summary(tmp_path / "t.csv") != as_captured
     uncapped = summary(src.with_suffix(".csv"), "--server-info", "long_prefill_token_threshold=0")
     assert uncapped == summary(tmp_path / "t.csv")
+    # TRACE:KEY=VALUE sets it in that trace's header only, over a value for every trace.
+    scoped = [
+        "--server-info",
+        "long_prefill_token_threshold=0",
+        "--server-info",
+        "t:long_prefill_token_threshold=128",
+    ]
+    assert summary(tmp_path / "t.csv", *scoped) == as_captured
+    res = CliRunner().invoke(
+        app, ["validate", str(tmp_path / "t.csv"), *lookup, "--server-info", "u:max_num_seqs=4"]
+    )
+    assert (
+        res.exit_code != 0 and "no trace named 'u'" in str(res.exception) and "one of t" in str(res.exception)
+    )
     res = CliRunner().invoke(
         app, ["validate", str(tmp_path / "t.csv"), *lookup, "--server-info", "max_num_seqs=-4"]
     )

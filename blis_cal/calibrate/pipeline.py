@@ -17,8 +17,9 @@ from blis_cal.calibrate.compare import (
 )
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
+from blis_cal.errors import ConfigError
 from blis_cal.replay import DEFAULT_SESSION_MODE
-from blis_cal.trace import read_trace, with_server_facts
+from blis_cal.trace import parse_server_facts, read_trace, with_server_facts
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
 # The accuracy targets on held-out real traces (issue 5): metric -> (MAPE at most, Pearson r at least).
@@ -26,10 +27,12 @@ TARGETS = {"e2e_mape": 0.05, "itl_mape": 0.05, "ttft_mape": 0.10, "e2e_pearson_r
 
 
 def load_traces(
-    paths: Sequence[str | Path], *, skip_bad_rows: bool = False, server_facts: dict[str, Any] | None = None
+    paths: Sequence[str | Path], *, skip_bad_rows: bool = False, server_info: Sequence[str] = ()
 ) -> list[NamedTrace]:
-    """Read each trace (header = sibling .yaml); names are the file stems, made unique. `server_facts`
-    (`trace.parse_server_facts`) set those of every header's `server:` block (what it lacks or got wrong)."""
+    """Read each trace (header = sibling .yaml); names are the file stems, made unique. `server_info` items
+    (`--server-info`: KEY=VALUE, `trace.parse_server_facts`) set that fact in every header's `server:` block
+    (what it lacks or got wrong); TRACE:KEY=VALUE in that trace's only, over an unscoped value of the key.
+    Raises ConfigError when TRACE names none of the traces."""
     if not paths:
         raise CalibrationError("no trace files given")
     out: list[NamedTrace] = []
@@ -43,14 +46,37 @@ def load_traces(
         )
     for path in paths:
         trace = read_trace(path, skip_bad_rows=skip_bad_rows)
-        if server_facts:
-            trace.header.server = with_server_facts(trace.header.server, server_facts)
         if companions and not out:
             trace.notes.append(f"skipped {len(companions)} companion file(s) (.itl.csv / .metrics.csv)")
         name = Path(path).stem
         seen[name] = seen.get(name, 0) + 1
         out.append(NamedTrace(name if seen[name] == 1 else f"{name}#{seen[name]}", trace))
+    every, scoped = _scoped_server_info(server_info, [t.name for t in out])
+    common = parse_server_facts(every)
+    for t in out:
+        facts = common | parse_server_facts(scoped.get(t.name, []))
+        if facts:
+            t.trace.header.server = with_server_facts(t.trace.header.server, facts)
     return out
+
+
+def _scoped_server_info(items: Sequence[str], names: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """`--server-info` items for every trace, and per trace name those given as TRACE:KEY=VALUE."""
+    every: list[str] = []
+    scoped: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        trace, colon, key = key.rpartition(":")
+        if not colon:
+            every.append(item)
+        elif trace in names:
+            scoped.setdefault(trace, []).append(f"{key}{sep}{value}")
+        else:
+            raise ConfigError(
+                f"--server-info {item!r}: no trace named {trace!r}; TRACE is a trace file's stem, one of "
+                f"{', '.join(names)}"
+            )
+    return every, scoped
 
 
 def pooled_report(reports: Sequence[ComparisonReport]) -> dict[str, Any]:
