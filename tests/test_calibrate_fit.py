@@ -786,3 +786,26 @@ def test_fit_notes_what_its_traces_did_not_measure(synthetic):
         [*synthetic, NamedTrace("cached", cached)], model_form="blackbox-ctx", refine=False, bootstrap=0
     )
     assert not any("per-request queue" in n or "prefix-cache hits" in n for n in measured.notes)
+
+
+def test_a_fit_over_traces_at_different_speeds_reports_each_step_ratio_and_notes_the_spread(synthetic):
+    """Two traces from one server: each trace's decode steps run at the fitted price. A third from the same
+    server 30 % slower: the joint fit averages them, each trace's step ratio says how far it ran from the
+    average, and a note names the traces off it by more than 10 %."""
+    alone = fit(synthetic, bootstrap=0, max_evaluations=0)
+    for nt in synthetic:
+        assert alone.reports[nt.name].trace_info["decode_step_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert not any("ran at different speeds" in note for note in alone.notes)
+    slow = simulated(tuple(1.3 * b for b in BETA), slow=poisson_requests(200, 6.0, seed=5))
+    mixed = fit([*synthetic, *slow], bootstrap=0, max_evaluations=0)
+    ratios = {name: report.trace_info["decode_step_ratio"] for name, report in mixed.reports.items()}
+    assert ratios["slow"] / ratios["syn1"] == pytest.approx(1.3, rel=0.03)
+    assert ratios["syn1"] < 1 < ratios["slow"]
+    # Here the slow trace is the one beyond 10 % (1.22×; the others 0.94× and 0.97×).
+    noted = [note for note in mixed.notes if "ran at different speeds" in note]
+    assert (
+        [note.split(":")[0] for note in noted]
+        == [n for n, r in ratios.items() if abs(r - 1) > 0.1]
+        == ["slow"]
+    )
+    assert f"took {ratios['slow']:.2f}× what the fitted coefficients say" in noted[0]

@@ -30,11 +30,13 @@ import numpy as np
 from scipy.optimize import least_squares, lsq_linear, minimize
 
 from blis_cal.calibrate.compare import (
+    SPEED_NOTE_TOLERANCE,
     CalibrationError,
     ComparisonReport,
     ResultLike,
     TraceDiagnostics,
     compare,
+    decode_step_ratio,
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
@@ -59,6 +61,7 @@ from blis_cal.simulate.latency import (
     CACHED_PAIRS_TERM,
     PAIRS_TERM,
     BlackboxModel,
+    latency_models,
 )
 from blis_cal.simulate.roofline import shipped_model_shape
 from blis_cal.stats import percentile
@@ -959,6 +962,7 @@ def fit(
         method=method,
         reports={nt.name: rep for nt, rep in zip(traces, reports, strict=True)},
     )
+    _note_step_ratios(result, traces, form)
     if result.decode_batch_max < LIGHT_LOAD_BATCH:
         # A light load measures β4 on short contexts too (day 44's pair: 0.68 µs, its long prompts at 64
         # requests ran 1.67× the pair's steps; docs/accuracy.md, thirty-seventh session).
@@ -1027,6 +1031,24 @@ def fit(
             )
     result.fit_seconds = time.perf_counter() - started
     return result
+
+
+def _note_step_ratios(result: FitResult, traces: Sequence[NamedTrace], form: ModelForm) -> None:
+    """Each fitted trace's `decode_step_ratio` against the fitted coefficients in its report, and a note for one
+    off by more than SPEED_NOTE_TOLERANCE: traces from different hosts or hours, which the fit averages."""
+    model = latency_models.get(form.latency_model)(result.alpha, result.beta)
+    for nt in traces:
+        ratio = decode_step_ratio(nt.diagnostics().steps, model)
+        if ratio is None:
+            continue
+        result.reports[nt.name].trace_info["decode_step_ratio"] = round(ratio[0], 4)
+        if abs(ratio[0] - 1) > SPEED_NOTE_TOLERANCE:
+            result.notes.append(
+                f"{nt.name}: its decode steps took {ratio[0]:.2f}× what the fitted coefficients say for their batch "
+                f"sizes and contexts (median of {ratio[1]} steps): the fit's traces ran at different speeds "
+                "(another machine, other work on it, or another hour) and the coefficients average them; fit on "
+                "traces captured close together in time"
+            )
 
 
 def _fmt(values: Sequence[float]) -> str:
