@@ -761,6 +761,7 @@ def test_leave_one_out_validates_each_trace_on_a_fit_without_it(synthetic):
     # Both traces come from the same engine, so each one's fit predicts the other.
     for rep in reports:
         assert rep.mape("e2e") < 0.02
+        assert rep.trace_info["decode_step_ratio"] == pytest.approx(1.0, abs=0.03)  # the same server's speed
     # The heavier trace decodes larger batches than the lighter one its fold was fitted on: noted.
     assert fits[0].decode_batch_max < fits[1].decode_batch_max
     assert any("extrapolated" in n for n in reports[0].notes)

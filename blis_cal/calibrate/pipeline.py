@@ -19,6 +19,7 @@ from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
 from blis_cal.errors import ConfigError
 from blis_cal.replay import DEFAULT_SESSION_MODE
+from blis_cal.simulate import latency_models
 from blis_cal.trace import parse_server_facts, read_trace, with_server_facts
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
@@ -260,8 +261,9 @@ def leave_one_out(
             simulator=simulator,
             pair_share=pair_share,
         )
+        model = latency_models.get(form.latency_model)(result.alpha, result.beta)
         reports.append(
-            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.coverage)[0]
+            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.coverage, model)[0]
         )
         fits.append(result)
     return reports, fits
