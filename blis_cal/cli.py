@@ -570,7 +570,7 @@ def replay_cmd(
 
         blis replay run.csv --alpha 20000,0,0 --beta 10000,30,500 --instances 4 --routing-policy weighted
     """
-    from blis_cal.replay import config_from_trace, trace_requests, with_think_time
+    from blis_cal.replay import config_from_trace, trace_requests, unstated_settings_note, with_think_time
     from blis_cal.trace import read_trace
     from blis_cal.workload.think_time import think_time_option
 
@@ -604,6 +604,12 @@ def replay_cmd(
     if think is not None:
         trace = with_think_time(trace, think, config.seed)
     notes = list(trace.notes)
+    flags = {"num_gpu_blocks": num_gpu_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs}
+    flags |= {"max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
+    how = "--num-gpu-blocks, --block-size, --max-num-batched-tokens, --max-num-seqs, --max-model-len"
+    given = [name for name, value in flags.items() if value is not None]
+    if note := unstated_settings_note(trace.header, config, how, given):
+        notes.append(note)
     policy = _cluster_policy(
         policy_config,
         instances,

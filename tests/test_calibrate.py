@@ -784,6 +784,29 @@ def test_scoped_server_info_sets_one_traces_header_and_leaves_the_others():
     assert [s.max_num_batched_tokens for s in after] == [s.max_num_batched_tokens for s in before]
 
 
+def test_a_trace_whose_header_lacks_engine_settings_gets_a_note_naming_them_and_server_info(tmp_path):
+    from blis_cal.calibrate.pipeline import load_traces
+
+    src = REPO / "traces" / "real_day48" / "kv24_closed8t_s4804"
+    for suffix in (".csv", ".itl.csv"):
+        shutil.copy(src.with_suffix(suffix), tmp_path / f"t{suffix}")
+    (tmp_path / "t.yaml").write_text("trace_version: 2\nmode: real\nserver: {type: vllm, model: tiny}\n")
+    [named] = load_traces([tmp_path / "t.csv"], server_info=["t:num_gpu_blocks=24"])
+    [note] = [n for n in named.trace.notes if "does not state" in n]
+    assert note.startswith(
+        "t: the trace header does not state the server's block_size, max_num_batched_tokens"
+    )
+    assert "num_gpu_blocks" not in note and "--server-info KEY=VALUE, or t:KEY=VALUE" in note
+    stated = [
+        f"{k}={v}" for k, v in (("block_size", 128), ("max_num_batched_tokens", 2048), ("max_num_seqs", 64))
+    ]
+    [named] = load_traces(
+        [tmp_path / "t.csv"], server_info=["t:num_gpu_blocks=24", *stated, "max_model_len=2048"]
+    )
+    assert not any("does not state" in n for n in named.trace.notes)
+    assert not any("does not state" in n for n in load_traces([src.with_suffix(".csv")])[0].trace.notes)
+
+
 def test_cli_server_info_sets_what_a_trace_header_lacks(tmp_path):
     # Day 44's capture through vLLM's --long-prefill-token-threshold 128, its header stripped of the threshold:
     # `--server-info` puts it back and the validation is the header's; `=0` replays without the cap.

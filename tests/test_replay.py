@@ -413,3 +413,40 @@ def test_warm_tokens_out_of_range_are_rejected():
     bad = SimRequest(0, 0, 100, 2, (("req:0", 100),), warm_tokens=101)
     with pytest.raises(SimulationError, match=r"warm_tokens must be in 0\.\.input_len"):
         simulate([bad], SimConfig(), MODEL)
+
+
+def test_a_header_without_the_engine_settings_is_replayed_on_defaults_and_says_so(tmp_path):
+    """BLIS's observe records only the server type and model: the replay says which settings it took and
+    their values, leaves out what a flag gave, and says nothing when the header states them all."""
+    from blis_cal.replay import unstated_settings_note
+    from blis_cal.trace import ServerInfo
+
+    full = read_trace(TRACES / "real_day48" / "kv24_closed8t_s4804.csv")
+    assert unstated_settings_note(full.header, config_from_trace(full.header), "flags") is None
+    bare = TraceHeader(server=ServerInfo(type="vllm", model="tiny", num_gpu_blocks=24))
+    note = unstated_settings_note(
+        bare, config_from_trace(bare, max_num_seqs=8), "flags", given=["max_num_seqs"]
+    )
+    assert note is not None and "num_gpu_blocks" not in note and "max_num_seqs" not in note
+    assert "block_size, max_num_batched_tokens, max_model_len: replayed with block_size=16" in note
+    assert note.endswith("(flags; vLLM logs them at startup)")
+    write_trace(
+        Trace(header=TraceHeader(server=ServerInfo(type="vllm", model="tiny")), records=full.records),
+        tmp_path / "t.csv",
+    )
+    out = _blis(
+        "replay",
+        str(tmp_path / "t.csv"),
+        "--alpha",
+        "20000,0,0",
+        "--beta",
+        "10000,30,500",
+        "--num-gpu-blocks",
+        "24",
+    )
+    assert out.returncode == 0, out.stderr
+    said = " ".join(out.stderr.split())
+    assert (
+        "does not state the server's block_size, max_num_batched_tokens, max_num_seqs, max_model_len" in said
+    )
+    assert "--num-gpu-blocks, --block-size" in said and "num_gpu_blocks=" not in said

@@ -18,7 +18,7 @@ from blis_cal.calibrate.compare import (
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
 from blis_cal.errors import ConfigError
-from blis_cal.replay import DEFAULT_SESSION_MODE
+from blis_cal.replay import DEFAULT_SESSION_MODE, config_from_trace, unstated_settings_note
 from blis_cal.simulate import latency_models
 from blis_cal.trace import parse_server_facts, read_trace, with_server_facts
 
@@ -58,6 +58,9 @@ def load_traces(
         facts = common | parse_server_facts(scoped.get(t.name, []))
         if facts:
             t.trace.header.server = with_server_facts(t.trace.header.server, facts)
+        how = f"--server-info KEY=VALUE, or {t.name}:KEY=VALUE for this trace only"
+        if note := unstated_settings_note(t.trace.header, config_from_trace(t.trace.header), how):
+            t.trace.notes.append(f"{t.name}: {note}")
     return out
 
 

@@ -14,6 +14,7 @@ prefix cache too. Rows sent in answer to an earlier row (closed-loop users, sess
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from blis_cal.replay.sessions import DEFAULT_SESSION_MODE, TraceFollowUp, chain_requests
@@ -36,6 +37,27 @@ SERVER_FIELDS = (
     "long_prefill_token_threshold",
     "long_prefill_token_threshold_adaptive",
 )
+
+
+# What a replay needs to know of the captured engine; BLIS's observe records none of it (server type and model).
+ENGINE_SETTINGS = ("num_gpu_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
+
+
+def unstated_settings_note(
+    header: TraceHeader, config: SimConfig, how: str, given: Iterable[str] = ()
+) -> str | None:
+    """A note naming the ENGINE_SETTINGS neither the header's `server:` block nor `given` (flags) state, with the
+    values `config` took for them and `how` to set them: a replay on another engine predicts another server."""
+    server = header.server
+    missing = [n for n in ENGINE_SETTINGS if n not in given and not (server and getattr(server, n))]
+    if not missing:
+        return None
+    taken = ", ".join(f"{n}={getattr(config, n)}" for n in missing)
+    cache = ", a KV cache too large to run short" if "num_gpu_blocks" in missing else ""
+    return (
+        f"the trace header does not state the server's {', '.join(missing)}: replayed with {taken} (vLLM's "
+        f"serving defaults{cache}); set what the server ran with ({how}; vLLM logs them at startup)"
+    )
 
 
 def requests_from_trace(
