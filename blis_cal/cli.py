@@ -577,13 +577,11 @@ def replay_cmd(
     think = think_time_option(think_time_ms, think_time_dist)
     trace = read_trace(trace_csv, header, skip_bad_rows=skip_bad_rows)
     server = trace.header.server
+    engine = {"num_gpu_blocks": num_gpu_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs}
+    engine |= {"max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
     config = config_from_trace(
         trace.header,
-        block_size=block_size,
-        num_gpu_blocks=num_gpu_blocks,
-        max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        max_model_len=max_model_len,
+        **engine,
         long_prefill_token_threshold=long_prefill_token_threshold,
         long_prefill_token_threshold_adaptive=long_prefill_token_threshold_adaptive,
         enable_prefix_caching=prefix_caching,
@@ -604,10 +602,10 @@ def replay_cmd(
     if think is not None:
         trace = with_think_time(trace, think, config.seed)
     notes = list(trace.notes)
-    flags = {"num_gpu_blocks": num_gpu_blocks, "block_size": block_size, "max_num_seqs": max_num_seqs}
-    flags |= {"max_num_batched_tokens": max_num_batched_tokens, "max_model_len": max_model_len}
-    how = "--num-gpu-blocks, --block-size, --max-num-batched-tokens, --max-num-seqs, --max-model-len"
-    given = [name for name, value in flags.items() if value is not None]
+    how = ", ".join(
+        "--" + name.replace("_", "-") for name in engine
+    )  # the flags are named after the settings
+    given = [name for name, value in engine.items() if value is not None]
     if note := unstated_settings_note(trace.header, config, how, given):
         notes.append(note)
     policy = _cluster_policy(

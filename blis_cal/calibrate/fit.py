@@ -62,6 +62,7 @@ from blis_cal.simulate.latency import (
     CACHED_PAIRS_TERM,
     PAIRS_TERM,
     BlackboxModel,
+    LatencyModel,
     latency_models,
 )
 from blis_cal.simulate.roofline import shipped_model_shape
@@ -118,6 +119,10 @@ class ModelForm:
     def without(self, column: str) -> ModelForm:
         """The same form without `column` (its coefficient stays 0)."""
         return replace(self, beta_columns=tuple(c for c in self.beta_columns if c != column))
+
+    def latency(self, alpha: Sequence[float], beta: Sequence[float]) -> LatencyModel:
+        """The form's latency model with these coefficients."""
+        return latency_models.get(self.latency_model)(tuple(alpha), tuple(beta))
 
     @property
     def terms(self) -> tuple[int, ...]:
@@ -1040,7 +1045,7 @@ def fit(
 def _note_step_ratios(result: FitResult, traces: Sequence[NamedTrace], form: ModelForm) -> None:
     """Each fitted trace's `decode_step_ratio` against the fitted coefficients in its report, and a note for one
     off by more than SPEED_NOTE_TOLERANCE: traces from different hosts or hours, which the fit averages."""
-    model = latency_models.get(form.latency_model)(result.alpha, result.beta)
+    model = form.latency(result.alpha, result.beta)
     for nt in traces:
         ratio = decode_step_ratio(nt.diagnostics().steps, model)
         if ratio is None:

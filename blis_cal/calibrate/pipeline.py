@@ -19,7 +19,6 @@ from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
 from blis_cal.errors import ConfigError
 from blis_cal.replay import DEFAULT_SESSION_MODE, config_from_trace, unstated_settings_note
-from blis_cal.simulate import latency_models
 from blis_cal.trace import parse_server_facts, read_trace, with_server_facts
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
@@ -264,7 +263,7 @@ def leave_one_out(
             simulator=simulator,
             pair_share=pair_share,
         )
-        model = latency_models.get(form.latency_model)(result.alpha, result.beta)
+        model = form.latency(result.alpha, result.beta)
         reports.append(
             evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.coverage, model)[0]
         )
