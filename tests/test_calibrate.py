@@ -247,8 +247,12 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
     speed = [n for n in report.notes if phrase in n]
     assert bool(speed) == noted
     assert summary_row(report)["step_ratio"] == pytest.approx(slowdown, rel=0.02)  # noted or not
+    # Every step is slower alike, so the steps that computed a prompt are too.
+    assert summary_row(report)["prefill_step_ratio"] == pytest.approx(slowdown, rel=0.02)
+    assert bool([n for n in report.notes if "steps with a prefill took" in n]) == noted
     if rate < 10 and noted:
-        assert "<th>step_ratio</th>" in render_html([report])
+        page = render_html([report])
+        assert "<th>step_ratio</th>" in page and "<th>prefill_step_ratio</th>" in page
     if noted:
         ran_at = re.search(r"ran at ([0-9.]+)× the speed", speed[0])
         assert ran_at and float(ran_at.group(1)) == pytest.approx(1 / slowdown, rel=0.02)
@@ -256,6 +260,43 @@ def test_a_server_at_another_speed_than_the_coefficients_is_noted(rate, slowdown
     # Without the model (e.g. `--sim-results`) there is nothing to compare the steps with.
     bare = compare(trace, replay_with(trace, "blackbox", alpha, beta))
     assert not [n for n in bare.notes if phrase in n] and "step_ratio" not in summary_row(bare)
+    assert "prefill_step_ratio" not in summary_row(bare)
+
+
+def test_a_server_slower_at_prefill_alone_shows_in_the_prefill_step_ratio_not_the_decode_one():
+    from blis_cal.calibrate.compare import prefill_step_ratio, trace_diagnostics
+    from blis_cal.calibrate.sim_bridge import replay_with
+    from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
+    from blis_cal.simulate import BlackboxModel, SimConfig
+
+    # The server prices a prompt token at 2× the coefficients' β1 and a decode as they do: TTFT runs long
+    # while ITL does not, which the decode steps alone cannot explain.
+    alpha, beta = (1000.0, 0.0, 0.0), (6000.0, 20.0, 150.0, 0.0, 2.0)
+    config = SimConfig(block_size=16, num_gpu_blocks=4096, max_num_seqs=64, max_num_batched_tokens=2048)
+    server = BlackboxModel(alpha, (6000.0, 40.0, 150.0, 0.0, 2.0))
+    trace = simulated_trace(poisson_requests(120, 4.0, seed=6), config, server)
+    model = BlackboxModel(alpha, beta)
+    rows = trace_diagnostics(trace).prefills
+    assert rows is not None and len(rows.duration_us) >= 20
+    # What each kept step should cost on the server over what the coefficients say, computed by hand.
+    f = rows.features
+    expected = np.median(
+        (6000 + 40 * f["P"] + 150 * f["D"] + 2 * f["Dctx"])
+        / (6000 + 20 * f["P"] + 150 * f["D"] + 2 * f["Dctx"])
+    )
+    assert expected > 1.3
+    ratio = prefill_step_ratio(rows, model)
+    assert (
+        ratio is not None
+        and ratio[0] == pytest.approx(expected, rel=0.02)
+        and ratio[1] == len(rows.duration_us)
+    )
+    report = compare(trace, replay_with(trace, "blackbox", alpha, beta), trace_name="t", latency_model=model)
+    assert report.trace_info["decode_step_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert report.trace_info["prefill_step_ratio"] == pytest.approx(expected, rel=0.02)
+    notes = [n for n in report.notes if "took" in n and "recalibrate" in n]
+    assert len(notes) == 1 and notes[0].startswith("t: steps with a prefill took")
+    assert report.metrics["ttft"]["workload_level"]["mean_error"] < 0  # the replay's TTFT is short
 
 
 def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_covered_steps_set_the_speed():
@@ -282,7 +323,7 @@ def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_cove
     assert coverage_notes("t", steps, FitCoverage(seen)) == []
     model = BlackboxModel(alpha, beta)
     replay = replay_with(trace, "blackbox", alpha, beta)
-    speed = "what the coefficients say"
+    speed = "decode steps took"
     assert any(speed in n for n in compare(trace, replay, trace_name="t", latency_model=model).notes)
     covered = compare(trace, replay, trace_name="t", latency_model=model, fit_coverage=FitCoverage(3)).notes
     assert not any(speed in n for n in covered)  # where the fit saw, the server runs as the coefficients say

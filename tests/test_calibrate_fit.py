@@ -796,6 +796,7 @@ def test_a_fit_over_traces_at_different_speeds_reports_each_step_ratio_and_notes
     alone = fit(synthetic, bootstrap=0, max_evaluations=0)
     for nt in synthetic:
         assert alone.reports[nt.name].trace_info["decode_step_ratio"] == pytest.approx(1.0, abs=0.02)
+        assert alone.reports[nt.name].trace_info["prefill_step_ratio"] == pytest.approx(1.0, abs=0.05)
     assert not any("ran at different speeds" in note for note in alone.notes)
     slow = simulated(tuple(1.3 * b for b in BETA), slow=poisson_requests(200, 6.0, seed=5))
     mixed = fit([*synthetic, *slow], bootstrap=0, max_evaluations=0)

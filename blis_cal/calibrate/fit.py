@@ -38,6 +38,7 @@ from blis_cal.calibrate.compare import (
     TraceDiagnostics,
     compare,
     decode_step_ratio,
+    prefill_step_ratio,
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
@@ -49,7 +50,6 @@ from blis_cal.calibrate.features import (
     decode_step_rows,
     floor_column,
     idle_prefill_rows,
-    prefill_step_rows,
     window_rows,
 )
 from blis_cal.errors import ConfigError
@@ -347,7 +347,7 @@ def _collect(traces: Sequence[NamedTrace], rtt_us: int | None) -> _Rows:
                 "`observe --record-itl`)"
             )
         windows.append(window_rows(nt.trace))
-        steps.append(prefill_step_rows(nt.trace))
+        steps.append(nt.diagnostics().prefills)
         prefills.append(idle_prefill_rows(nt.trace))
         rtts.append(resolve_rtt_us(nt.trace, rtt_us))
     if sum(len(w.itl_us) for w in windows) < 3:
@@ -1043,10 +1043,15 @@ def fit(
 
 
 def _note_step_ratios(result: FitResult, traces: Sequence[NamedTrace], form: ModelForm) -> None:
-    """Each fitted trace's `decode_step_ratio` against the fitted coefficients in its report, and a note for one
-    off by more than SPEED_NOTE_TOLERANCE: traces from different hosts or hours, which the fit averages."""
+    """Each fitted trace's `decode_step_ratio` (and `prefill_step_ratio`) against the fitted coefficients in its
+    report, and a note for one whose decode steps are off by more than SPEED_NOTE_TOLERANCE: traces from
+    different hosts or hours, which the fit averages."""
     model = form.latency(result.alpha, result.beta)
     for nt in traces:
+        prefills = nt.diagnostics().prefills
+        prefill_ratio = prefill_step_ratio(prefills, model) if prefills is not None else None
+        if prefill_ratio is not None:
+            result.reports[nt.name].trace_info["prefill_step_ratio"] = round(prefill_ratio[0], 4)
         ratio = decode_step_ratio(nt.diagnostics().steps, model)
         if ratio is None:
             continue

@@ -135,7 +135,7 @@ def _summary_table(reports: Sequence[ComparisonReport]) -> str:
     cols = ["trace", "requests", "rate_rps"]
     for m in METRICS:
         cols += [f"{m}_mape", f"{m}_pearson_r", f"{m}_bias", f"{m}_quality"]
-    cols += ["speed_drift", "step_ratio"]
+    cols += ["speed_drift", "step_ratio", "prefill_step_ratio"]
     rows = [summary_row(r) for r in reports]
     head = "".join(f"<th class=l>{c}</th>" if c == "trace" else f"<th>{c}</th>" for c in cols)
     body = []
