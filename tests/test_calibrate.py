@@ -328,6 +328,15 @@ def test_a_trace_decoding_larger_batches_than_the_fit_saw_is_noted_and_only_cove
     covered = compare(trace, replay, trace_name="t", latency_model=model, fit_coverage=FitCoverage(3)).notes
     assert not any(speed in n for n in covered)  # where the fit saw, the server runs as the coefficients say
     assert any("extrapolated" in n for n in covered)
+    # Steps that computed a prompt are read the same way: only those decoding as many as the fit saw, when
+    # there are enough of them (here 3 of 174 decode 3 or fewer: all are read).
+    from blis_cal.calibrate.compare import prefill_step_ratio, trace_diagnostics
+
+    rows = trace_diagnostics(trace).prefills
+    within = int(np.count_nonzero(rows.features["D"] <= 10))
+    assert 20 <= within < len(rows.duration_us)
+    assert prefill_step_ratio(rows, model, FitCoverage(10))[1] == within
+    assert prefill_step_ratio(rows, model, FitCoverage(3))[1] == len(rows.duration_us)
 
 
 def test_a_trace_decoding_longer_contexts_than_the_fit_saw_is_noted():
