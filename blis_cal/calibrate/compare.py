@@ -339,6 +339,17 @@ def prefill_step_ratio(
     return float(np.median(rows.duration_us[keep] / np.maximum(priced, 1))), len(priced)
 
 
+def step_ratios(
+    diagnostics: TraceDiagnostics, model: DecodeStepModel, coverage: FitCoverage | None = None
+) -> dict[str, tuple[float, int]]:
+    """The trace's `decode_step_ratio` and `prefill_step_ratio` against `model`, by kind ("decode", "prefill"),
+    those its steps measure."""
+    ratios = {"decode": decode_step_ratio(diagnostics.steps, model, coverage)}
+    if diagnostics.prefills is not None:
+        ratios["prefill"] = prefill_step_ratio(diagnostics.prefills, model, coverage)
+    return {kind: ratio for kind, ratio in ratios.items() if ratio is not None}
+
+
 STEP_KINDS = {
     "decode": "decode steps took {ratio:.2f}× what the coefficients say for their batch sizes and contexts",
     "prefill": "steps with a prefill took {ratio:.2f}× what the coefficients say for their prompt tokens, "
@@ -641,24 +652,11 @@ def compare(
                 f"{', '.join(f'{p:.2f}' for p in drift.parts)} of the run's own): the server's speed changed during the capture (other work on the machine); a step "
                 "model holds one speed, so part of this trace's error is beyond any fit"
             )
-    ratio = (
-        decode_step_ratio(diagnostics.steps, latency_model, fit_coverage)
-        if latency_model is not None
-        else None
-    )
-    if ratio is not None:
-        trace_info["decode_step_ratio"] = round(ratio[0], 4)
-        if speed := speed_note(where, ratio):
-            notes.append(speed)
-    prefill_ratio = (
-        prefill_step_ratio(diagnostics.prefills, latency_model, fit_coverage)
-        if latency_model is not None and diagnostics.prefills is not None
-        else None
-    )
-    if prefill_ratio is not None:
-        trace_info["prefill_step_ratio"] = round(prefill_ratio[0], 4)
-        if speed := speed_note(where, prefill_ratio, "prefill"):
-            notes.append(speed)
+    if latency_model is not None:
+        for kind, ratio in step_ratios(diagnostics, latency_model, fit_coverage).items():
+            trace_info[f"{kind}_step_ratio"] = round(ratio[0], 4)
+            if speed := speed_note(where, ratio, kind):
+                notes.append(speed)
     if fit_coverage is not None:
         notes.extend(coverage_notes(where, diagnostics.steps, fit_coverage))
     split = ttft_split_ms(matched, rtt)

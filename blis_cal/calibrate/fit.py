@@ -37,8 +37,7 @@ from blis_cal.calibrate.compare import (
     ResultLike,
     TraceDiagnostics,
     compare,
-    decode_step_ratio,
-    prefill_step_ratio,
+    step_ratios,
     trace_diagnostics,
 )
 from blis_cal.calibrate.features import (
@@ -1048,15 +1047,11 @@ def _note_step_ratios(result: FitResult, traces: Sequence[NamedTrace], form: Mod
     different hosts or hours, which the fit averages."""
     model = form.latency(result.alpha, result.beta)
     for nt in traces:
-        prefills = nt.diagnostics().prefills
-        prefill_ratio = prefill_step_ratio(prefills, model) if prefills is not None else None
-        if prefill_ratio is not None:
-            result.reports[nt.name].trace_info["prefill_step_ratio"] = round(prefill_ratio[0], 4)
-        ratio = decode_step_ratio(nt.diagnostics().steps, model)
-        if ratio is None:
-            continue
-        result.reports[nt.name].trace_info["decode_step_ratio"] = round(ratio[0], 4)
-        if abs(ratio[0] - 1) > SPEED_NOTE_TOLERANCE:
+        ratios = step_ratios(nt.diagnostics(), model)
+        for kind, (value, _) in ratios.items():
+            result.reports[nt.name].trace_info[f"{kind}_step_ratio"] = round(value, 4)
+        ratio = ratios.get("decode")
+        if ratio is not None and abs(ratio[0] - 1) > SPEED_NOTE_TOLERANCE:
             result.notes.append(
                 f"{nt.name}: its decode steps took {ratio[0]:.2f}× what the fitted coefficients say for their batch "
                 f"sizes and contexts (median of {ratio[1]} steps): the fit's traces ran at different speeds "
