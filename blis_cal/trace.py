@@ -57,6 +57,15 @@ class ServerInfo:
     enable_prefix_caching: bool | None = None
 
 
+# What a replay needs to know of the captured engine; BLIS's observe records none of it (server type and model).
+ENGINE_SETTINGS = ("num_gpu_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
+
+
+def unstated_engine_settings(server: ServerInfo | None, given: Iterable[str] = ()) -> list[str]:
+    """The ENGINE_SETTINGS neither `server` (a header's `server:` block) nor `given` (names set elsewhere) state."""
+    return [n for n in ENGINE_SETTINGS if n not in given and not (server and getattr(server, n))]
+
+
 def parse_server_facts(values: Iterable[str]) -> dict[str, Any]:
     """`--server-info` items (`max_num_seqs=64`) -> typed ServerInfo fields: what a server does not expose, or
     a trace's header lacks. 0 or empty means unknown, as in the header; negative numbers are errors."""

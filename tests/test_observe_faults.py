@@ -13,6 +13,7 @@ import time
 import pytest
 
 from blis_cal.observe import ClientConfig, ObserveConfig, Observer, observe
+from blis_cal.replay import config_from_trace, unstated_settings_note
 from blis_cal.trace import ok_records, read_trace
 from blis_cal.trace_analysis import trace_summary
 from blis_cal.workload import Workload, generate, parse_spec, workload_from_options
@@ -237,6 +238,36 @@ def test_a_dev_mode_server_info_fills_the_scheduler_facts_and_server_info_still_
     )
     assert (found.tensor_parallel, found.max_model_len, found.block_size) == (1, 2048, 16)
     assert (headers[1].max_num_seqs, headers[1].max_num_batched_tokens) == (8, 512)  # --server-info over it
+
+
+def test_a_server_that_does_not_state_its_scheduler_settings_gets_a_note_naming_them_and_server_info(
+    tmp_path,
+):
+    # vLLM without dev mode has no /server_info: /metrics and /v1/models give the cache and the model length, not
+    # the token budget or the seats, which a replay then takes from vLLM's defaults.
+    reqs = [wreq(0, 0, 10, n_out=3)]
+    phrase = "the server did not state its"
+    engine = {"scheduler_config": {"max_num_seqs": 24, "max_num_batched_tokens": 512}}
+    runs = {
+        "plain": ({}, None),
+        "given": ({"max_num_seqs": 8, "max_num_batched_tokens": 256}, None),
+        "dev": ({}, engine),
+    }
+    notes = {}
+    for name, (overrides, engine_config) in runs.items():
+        with FakeVLLM(engine_config=engine_config) as server:
+            cfg = config(server, server_overrides=overrides)
+            notes[name] = observe(workload(reqs), cfg, tmp_path / f"{name}.csv", handle_signals=False).notes
+    [note] = [n for n in notes["plain"] if phrase in n]
+    assert "max_num_batched_tokens, max_num_seqs" in note and "--server-info" in note
+    assert "num_gpu_blocks" not in note and "max_model_len" not in note  # stated by /metrics and /v1/models
+    assert not any(phrase in n for n in notes["given"] + notes["dev"])
+    server = read_trace(tmp_path / "plain.csv").header.server
+    assert (server.max_num_seqs, server.max_num_batched_tokens, server.num_gpu_blocks) == (0, 0, 512)
+    # the replay's note names the same settings
+    trace = read_trace(tmp_path / "plain.csv")
+    replay_note = unstated_settings_note(trace.header, config_from_trace(trace.header), "flags")
+    assert replay_note is not None and "max_num_batched_tokens, max_num_seqs:" in replay_note
 
 
 def test_chat_text_prompts_measure_tokens_per_word(tmp_path):

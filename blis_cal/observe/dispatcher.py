@@ -52,6 +52,7 @@ from blis_cal.trace import (
     TraceWriter,
     captured_fresh,
     sibling,
+    unstated_engine_settings,
     with_server_facts,
 )
 
@@ -194,6 +195,13 @@ class Observer:
         facts = await server_facts(client, ccfg.endpoint, ccfg.model, aux_headers)
         self.notes.extend(facts.notes)
         info = with_server_facts(facts.info, cfg.server_overrides)
+        if missing := unstated_engine_settings(info):
+            self.notes.append(
+                f"the server did not state its {', '.join(missing)} (vLLM serves its scheduler's only at "
+                "/server_info, in dev mode: VLLM_SERVER_DEV_MODE=1), so the trace header will lack them and a "
+                "replay will take vLLM's serving defaults; pass what the server was started with, e.g. "
+                "--server-info max_num_seqs=64 --server-info max_num_batched_tokens=2048 (vLLM logs them at startup)"
+            )
         if isinstance(transport, Http1Session) and info.vllm_version:
             transport.lazy_acks = True  # vLLM's API server sends with TCP_NODELAY (uvicorn on asyncio/uvloop)
         if ccfg.prompt_mode == "text":

@@ -23,7 +23,7 @@ from blis_cal.simulate.kv_cache import block_hashes
 from blis_cal.simulate.latency import LatencyModel
 from blis_cal.simulate.metrics import SimRun
 from blis_cal.simulate.request import SimRequest, output_key
-from blis_cal.trace import Trace, TraceHeader, TraceRecord, injection_time_us
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, injection_time_us, unstated_engine_settings
 from blis_cal.trace_analysis import answers_reused
 from blis_cal.trace_links import trace_links
 
@@ -39,17 +39,13 @@ SERVER_FIELDS = (
 )
 
 
-# What a replay needs to know of the captured engine; BLIS's observe records none of it (server type and model).
-ENGINE_SETTINGS = ("num_gpu_blocks", "block_size", "max_num_batched_tokens", "max_num_seqs", "max_model_len")
-
-
 def unstated_settings_note(
     header: TraceHeader, config: SimConfig, how: str, given: Iterable[str] = ()
 ) -> str | None:
-    """A note naming the ENGINE_SETTINGS neither the header's `server:` block nor `given` (flags) state, with the
-    values `config` took for them and `how` to set them: a replay on another engine predicts another server."""
-    server = header.server
-    missing = [n for n in ENGINE_SETTINGS if n not in given and not (server and getattr(server, n))]
+    """A note naming the engine settings neither the header's `server:` block nor `given` (flags) state
+    (`unstated_engine_settings`), with the values `config` took for them and `how` to set them: a replay on
+    another engine predicts another server."""
+    missing = unstated_engine_settings(header.server, given)
     if not missing:
         return None
     taken = ", ".join(f"{n}={getattr(config, n)}" for n in missing)
