@@ -602,9 +602,8 @@ def replay_cmd(
     if think is not None:
         trace = with_think_time(trace, think, config.seed)
     notes = list(trace.notes)
-    how = ", ".join(
-        "--" + name.replace("_", "-") for name in engine
-    )  # the flags are named after the settings
+    # the flags are named after the settings
+    how = ", ".join(f"--{name.replace('_', '-')}" for name in engine)
     given = [name for name, value in engine.items() if value is not None]
     if note := unstated_settings_note(trace.header, config, how, given):
         notes.append(note)

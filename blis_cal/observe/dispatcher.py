@@ -199,8 +199,8 @@ class Observer:
             self.notes.append(
                 f"the server did not state its {', '.join(missing)} (vLLM serves its scheduler's only at "
                 "/server_info, in dev mode: VLLM_SERVER_DEV_MODE=1), so the trace header will lack them and a "
-                "replay will take vLLM's serving defaults; pass what the server was started with, e.g. "
-                "--server-info max_num_seqs=64 --server-info max_num_batched_tokens=2048 (vLLM logs them at startup)"
+                "replay will take vLLM's serving defaults; pass what the server was started with: "
+                f"{' '.join(f'--server-info {name}=N' for name in missing)} (vLLM logs them at startup)"
             )
         if isinstance(transport, Http1Session) and info.vllm_version:
             transport.lazy_acks = True  # vLLM's API server sends with TCP_NODELAY (uvicorn on asyncio/uvloop)
