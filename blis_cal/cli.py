@@ -1069,6 +1069,13 @@ def validate_cmd(
     ),
     session_mode: str | None = _OPT_SESSION_MODE,
     server_info: list[str] = _OPT_TRACE_SERVER_INFO,
+    timing_floor_ms: float | None = typer.Option(
+        None,
+        "--timing-floor-ms",
+        help="Replay each trace once more with every send moved later by up to this many ms (seeded) and "
+        "report how far that alone moves its per-request TTFT/ITL/E2E: the floor under per-request MAPE "
+        "(default 2, under a client's own send lag; 0: off; not with --leave-one-out).",
+    ),
 ) -> None:
     """Validation report for a model/GPU pair over held-out traces: a row per trace and a pooled summary.
 
@@ -1083,8 +1090,13 @@ def validate_cmd(
         blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
+    from blis_cal.calibrate.timing_floor import DEFAULT_JITTER_MS, jitter_us_of
+    from blis_cal.errors import ConfigError
 
     session_mode = _session_mode(session_mode)
+    if leave_one_out and timing_floor_ms is not None:
+        raise ConfigError("--timing-floor-ms replays with the given coefficients; not with --leave-one-out")
+    jitter_us = jitter_us_of(DEFAULT_JITTER_MS if timing_floor_ms is None else timing_floor_ms)
     named = load_traces(traces, server_info=server_info)
     for t in named:
         print_notes(t.trace.notes)
@@ -1118,7 +1130,7 @@ def validate_cmd(
     sim_model, replay = _replay_fn(
         "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
     )
-    reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model)
+    reports, _ = run_compare(named, replay, rtt_us=rtt_us, latency_model=sim_model, timing_floor_us=jitter_us)
     coefficients = sim_model.describe() | {"model": model, "gpu": gpu, "tp": tp, "session_mode": session_mode}
     _validation_output(
         reports, coefficients, report, html_path, f"blis-cal validation: {model} on {gpu or '?'} TP {tp}"

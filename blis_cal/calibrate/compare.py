@@ -177,7 +177,7 @@ class ComparisonReport:
         return out
 
 
-def _sim_itl(result: ResultLike) -> float | None:
+def sim_itl(result: ResultLike) -> float | None:
     if result.output_tokens <= 1:
         return None
     if result.itl_mean_us:
@@ -535,14 +535,14 @@ def compare(
         pairs.sim["ttft"].append(float(res.ttft_us) + rtt)
         pairs.real["e2e"].append(float(rec.e2e_us))
         pairs.sim["e2e"].append(float(res.e2e_us) + rtt)
-        sim_itl = _sim_itl(res)
+        itl_us = sim_itl(res)
         if rec.output_tokens > 1:
             if rec.request_id in bursts:
                 counts["itl_one_burst"] += 1
-            elif rec.request_id in real_itl and sim_itl is not None:
+            elif rec.request_id in real_itl and itl_us is not None:
                 pairs.itl_ids.append(rec.request_id)
                 pairs.real["itl"].append(real_itl[rec.request_id])
-                pairs.sim["itl"].append(sim_itl)
+                pairs.sim["itl"].append(itl_us)
             else:
                 counts["itl_dropped"] += 1
     if not pairs.request_ids:
@@ -686,6 +686,8 @@ def summary_row(report: ComparisonReport) -> dict[str, Any]:
         row["step_ratio"] = report.trace_info["decode_step_ratio"]
     if "prefill_step_ratio" in report.trace_info:
         row["prefill_step_ratio"] = report.trace_info["prefill_step_ratio"]
+    if "timing_floor" in report.trace_info and "ttft" in report.trace_info["timing_floor"]:
+        row["ttft_timing_floor"] = report.trace_info["timing_floor"]["ttft"]
     for metric in METRICS:
         if metric not in report.metrics:
             continue

@@ -137,6 +137,8 @@ def _summary_table(reports: Sequence[ComparisonReport]) -> str:
         cols += [f"{m}_mape", f"{m}_pearson_r", f"{m}_bias", f"{m}_quality"]
     cols += ["speed_drift", "step_ratio", "prefill_step_ratio"]
     rows = [summary_row(r) for r in reports]
+    if any("ttft_timing_floor" in row for row in rows):
+        cols.append("ttft_timing_floor")
     head = "".join(f"<th class=l>{c}</th>" if c == "trace" else f"<th>{c}</th>" for c in cols)
     body = []
     for row in rows:
@@ -144,7 +146,7 @@ def _summary_table(reports: Sequence[ComparisonReport]) -> str:
         for c in cols:
             v = row.get(c, "")
             cls = f" class={v}" if c.endswith("_quality") and v else (" class=l" if c == "trace" else "")
-            if (c.endswith("_mape") or c == "speed_drift") and isinstance(v, float):
+            if (c.endswith("_mape") or c in ("speed_drift", "ttft_timing_floor")) and isinstance(v, float):
                 v = f"{100 * v:.1f} %"
             cells.append(f"<td{cls}>{_cell(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
