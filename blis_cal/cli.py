@@ -341,6 +341,15 @@ _OPT_REPLAY_THINK_DIST = typer.Option(
     help="As --think-time-ms, with each pause drawn (--seed) from a distribution, BLIS syntax: "
     "lognormal:mu=2.0,sigma=0.6,min=3s,max=30s or constant:value=500ms.",
 )
+_OPT_TIMING_FLOOR = typer.Option(
+    None,
+    "--timing-floor-ms",
+    help="Replay each trace once more with every send moved later by up to this many ms (seeded) and report how "
+    "far that alone moves its per-request TTFT/ITL/E2E: the floor under per-request MAPE (default 2, under a "
+    "client's own send lag; 0: off; only where the traces are replayed with coefficients, not with "
+    "--leave-one-out or --sim-results).",
+)
+
 _OPT_SESSION_MODE = typer.Option(
     None,
     "--session-mode",
@@ -359,6 +368,13 @@ def _session_mode(value: str | None) -> str:
 
     session_modes.get(value or DEFAULT_SESSION_MODE)
     return value or DEFAULT_SESSION_MODE
+
+
+def _timing_floor_us(value: float | None) -> int:
+    """The --timing-floor-ms value in µs (default: the library's DEFAULT_JITTER_MS), checked."""
+    from blis_cal.calibrate.timing_floor import DEFAULT_JITTER_MS, jitter_us_of
+
+    return jitter_us_of(DEFAULT_JITTER_MS if value is None else value)
 
 
 def _model_form(value: str | None) -> str:
@@ -924,6 +940,7 @@ def calibrate_cmd(
     seed: int = typer.Option(0, "--seed", help="Fit: bootstrap seed."),
     session_mode: str | None = _OPT_SESSION_MODE,
     server_info: list[str] = _OPT_TRACE_SERVER_INFO,
+    timing_floor_ms: float | None = _OPT_TIMING_FLOOR,
 ) -> None:
     """Compare simulated with observed latencies, or fit α/β from traces (`--fit`) and write them.
 
@@ -950,6 +967,10 @@ def calibrate_cmd(
 
     if sim_results is not None and session_mode is not None:
         raise ConfigError("--session-mode sets how calibrate replays; --sim-results are replayed already")
+    if timing_floor_ms is not None and (do_fit or sim_results is not None):
+        raise ConfigError(
+            "--timing-floor-ms replays the traces with given coefficients; not with --fit or --sim-results"
+        )
     session_mode = _session_mode(session_mode)
     named = load_traces(traces, server_info=server_info)
     for t in named:
@@ -1015,7 +1036,14 @@ def calibrate_cmd(
             sim_model, replay = _replay_fn(
                 "blackbox", alpha, beta, model, gpu, tp, coeffs, vllm_version, session_mode
             )
-            reports, data = run_compare(named, replay, rtt_us=rtt_us, warmup=warmup, latency_model=sim_model)
+            reports, data = run_compare(
+                named,
+                replay,
+                rtt_us=rtt_us,
+                warmup=warmup,
+                latency_model=sim_model,
+                timing_floor_us=_timing_floor_us(timing_floor_ms),
+            )
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
         _write_json(report, data)
@@ -1069,13 +1097,7 @@ def validate_cmd(
     ),
     session_mode: str | None = _OPT_SESSION_MODE,
     server_info: list[str] = _OPT_TRACE_SERVER_INFO,
-    timing_floor_ms: float | None = typer.Option(
-        None,
-        "--timing-floor-ms",
-        help="Replay each trace once more with every send moved later by up to this many ms (seeded) and "
-        "report how far that alone moves its per-request TTFT/ITL/E2E: the floor under per-request MAPE "
-        "(default 2, under a client's own send lag; 0: off; not with --leave-one-out).",
-    ),
+    timing_floor_ms: float | None = _OPT_TIMING_FLOOR,
 ) -> None:
     """Validation report for a model/GPU pair over held-out traces: a row per trace and a pooled summary.
 
@@ -1090,13 +1112,12 @@ def validate_cmd(
         blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
-    from blis_cal.calibrate.timing_floor import DEFAULT_JITTER_MS, jitter_us_of
     from blis_cal.errors import ConfigError
 
     session_mode = _session_mode(session_mode)
     if leave_one_out and timing_floor_ms is not None:
         raise ConfigError("--timing-floor-ms replays with the given coefficients; not with --leave-one-out")
-    jitter_us = jitter_us_of(DEFAULT_JITTER_MS if timing_floor_ms is None else timing_floor_ms)
+    jitter_us = _timing_floor_us(timing_floor_ms)
     named = load_traces(traces, server_info=server_info)
     for t in named:
         print_notes(t.trace.notes)

@@ -152,3 +152,17 @@ def test_a_replay_is_unchanged_by_the_floor():
     run_compare([NamedTrace("t", trace)], simulate, timing_floor_us=2_000)
     assert seen[0] == [0, 10_000] and seen[1] != seen[0]
     assert [r.send_time_us for r in trace.records] == [0, 10_000]
+
+
+def test_cli_calibrate_with_coefficients_reports_the_floor_and_refuses_it_where_nothing_is_replayed(tmp_path):
+    trace = str(REPO / "traces" / "real_day52" / "kv32_burst8x_s5203.csv")
+    lookup = ["--coeffs", str(REPO / "defaults.yaml"), "--model", "tiny", "--gpu", "cpu", "--tp", "1"]
+    out = tmp_path / "c.json"
+    res = CliRunner().invoke(app, ["calibrate", trace, *lookup, "--report", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert data["trace_info"]["timing_floor"]["jitter_us"] == 2_000
+    assert data["summary_rows"][0]["ttft_timing_floor"] == data["trace_info"]["timing_floor"]["ttft"]
+    for extra in (["--sim-results", trace], ["--fit", "--model", "tiny", "--gpu", "cpu", "--tp", "1"]):
+        res = CliRunner().invoke(app, ["calibrate", trace, *extra, "--timing-floor-ms", "2"])
+        assert res.exit_code != 0 and "not with --fit or --sim-results" in str(res.exception)
