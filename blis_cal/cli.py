@@ -971,6 +971,7 @@ def calibrate_cmd(
         raise ConfigError(
             "--timing-floor-ms replays the traces with given coefficients; not with --fit or --sim-results"
         )
+    jitter_us = _timing_floor_us(timing_floor_ms)  # a bad value fails before any trace is read
     session_mode = _session_mode(session_mode)
     named = load_traces(traces, server_info=server_info)
     for t in named:
@@ -1042,7 +1043,7 @@ def calibrate_cmd(
                 rtt_us=rtt_us,
                 warmup=warmup,
                 latency_model=sim_model,
-                timing_floor_us=_timing_floor_us(timing_floor_ms),
+                timing_floor_us=jitter_us,
             )
     print_notes([note for rep in reports for note in rep.notes])
     if report is not None:
