@@ -346,8 +346,8 @@ _OPT_TIMING_FLOOR = typer.Option(
     "--timing-floor-ms",
     help="Replay each trace once more with every send moved later by up to this many ms (seeded) and report how "
     "far that alone moves its per-request TTFT/ITL/E2E: the floor under per-request MAPE (default 2, under a "
-    "client's own send lag; 0: off; only where the traces are replayed with coefficients, not with "
-    "--leave-one-out or --sim-results).",
+    "client's own send lag; 0: off; wherever traces are replayed with coefficients, with --leave-one-out each "
+    "under its fold's fit; not with --fit or --sim-results).",
 )
 
 _OPT_SESSION_MODE = typer.Option(
@@ -852,26 +852,27 @@ def _calibration_table(title: str, rows: list[dict]) -> Table:
         "ITL MAPE",
         "E2E MAPE",
         "E2E r",
-        "E2E quality",
         "speed drift",
-        "step ratio",
+        "decode/ prefill ratio",
+        "TTFT floor",
     )
     for col in columns:
         table.add_column(col.replace(" ", "\n"), justify="right", no_wrap=True)
     for row in rows:
         pct = [
             f"{100 * row[k]:.1f} %" if k in row else "-"
-            for k in ("ttft_mape", "itl_mape", "e2e_mape", "speed_drift")
+            for k in ("ttft_mape", "itl_mape", "e2e_mape", "speed_drift", "ttft_timing_floor")
         ]
+        ratios = "/".join(f"{row[k]:.2f}" if k in row else "-" for k in ("step_ratio", "prefill_step_ratio"))
         table.add_row(
             str(row["trace"]),
             str(row["requests"]),
             f"{row['rate_rps']:.2f}",
             *pct[:3],
             f"{row.get('e2e_pearson_r', 0):.3f}",
-            str(row.get("e2e_quality", "-")),
             pct[3],
-            f"{row['step_ratio']:.2f}×" if "step_ratio" in row else "-",
+            ratios,
+            pct[4],
         )
     return table
 
@@ -1113,11 +1114,8 @@ def validate_cmd(
         blis validate traces/*.csv traces/real/*.csv --leave-one-out --html loo.html
     """
     from blis_cal.calibrate.pipeline import load_traces, run_compare
-    from blis_cal.errors import ConfigError
 
     session_mode = _session_mode(session_mode)
-    if leave_one_out and timing_floor_ms is not None:
-        raise ConfigError("--timing-floor-ms replays with the given coefficients; not with --leave-one-out")
     jitter_us = _timing_floor_us(timing_floor_ms)
     named = load_traces(traces, server_info=server_info)
     for t in named:
@@ -1133,6 +1131,7 @@ def validate_cmd(
                 rtt_us=rtt_us,
                 session_mode=session_mode,
                 progress=lambda m: status.update(m),
+                timing_floor_us=jitter_us,
             )
         coefficients = {
             "leave_one_out": model_form,

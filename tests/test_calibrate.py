@@ -497,7 +497,7 @@ def test_the_validation_table_fits_80_columns_and_folds_a_long_trace_name():
     name = "budget256_kv40_closed12p_s2608_with_a_longer_name"
     row = {"trace": name, "requests": 144, "rate_rps": 6.2, "ttft_mape": 0.177, "itl_mape": 0.065}
     row |= {"e2e_mape": 0.059, "e2e_pearson_r": 0.995, "e2e_quality": "excellent", "speed_drift": 0.08}
-    row["step_ratio"] = 1.2961
+    row |= {"step_ratio": 1.2961, "prefill_step_ratio": 0.9449, "ttft_timing_floor": 0.086}
     console = Console(width=80, record=True, file=io.StringIO())
     console.print(_calibration_table("Validation", [row]))
     lines = console.export_text().splitlines()
@@ -506,7 +506,17 @@ def test_the_validation_table_fits_80_columns_and_folds_a_long_trace_name():
     assert "".join(line.split()[0] for line in body if line.strip()) == name  # folded, not cut
     assert all(
         cell in body[0]
-        for cell in ("144", "6.20", "17.7 %", "6.5 %", "5.9 %", "0.995", "excellent", "8.0 %", "1.30×")
+        for cell in (
+            "144",
+            "6.20",
+            "17.7 %",
+            "6.5 %",
+            "5.9 %",
+            "0.995",
+            "8.0 %",
+            "1.30/0.94",
+            "8.6 %",
+        )
     )
 
 

@@ -766,8 +766,30 @@ def test_leave_one_out_validates_each_trace_on_a_fit_without_it(synthetic):
     assert fits[0].decode_batch_max < fits[1].decode_batch_max
     assert any("extrapolated" in n for n in reports[0].notes)
     assert not any("extrapolated" in n for n in reports[1].notes)
+    assert not any("timing_floor" in r.trace_info for r in reports)  # none unless asked for
     with pytest.raises(CalibrationError, match="at least two"):
         leave_one_out(synthetic[:1])
+
+
+def test_leave_one_out_floors_each_trace_under_its_folds_fit(synthetic):
+    """With a timing floor, each held-out trace's is that of its own fold's coefficients, and its comparison
+    is the one without the floor."""
+    from blis_cal.calibrate.fit import trace_simulator
+    from blis_cal.calibrate.pipeline import leave_one_out
+    from blis_cal.calibrate.timing_floor import jittered, timing_floor
+
+    plain, _ = leave_one_out(synthetic, max_evaluations=2)
+    reports, fits = leave_one_out(synthetic, max_evaluations=2, timing_floor_us=2_000)
+    simulate = trace_simulator()
+    form = model_forms.get("blackbox")
+    for held, rep, before, f in zip(synthetic, reports, plain, fits, strict=True):
+        assert rep.mape("ttft") == before.mape("ttft") and rep.mape("e2e") == before.mape("e2e")
+        a, b = tuple(f.alpha), tuple(f.beta)
+        base = simulate(held.trace, form, a, b)
+        moved = simulate(jittered(held.trace, 2_000), form, a, b)
+        want = {m: round(v, 6) for m, v in timing_floor(base, moved).items()}
+        assert rep.trace_info["timing_floor"] == {"jitter_us": 2_000} | want
+        assert want["ttft"] > 0
 
 
 def test_fit_notes_what_its_traces_did_not_measure(synthetic):

@@ -10,13 +10,18 @@ from typer.testing import CliRunner
 from blis_cal.calibrate.fit import NamedTrace
 from blis_cal.calibrate.pipeline import run_compare
 from blis_cal.calibrate.report_html import render_html
+from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
 from blis_cal.calibrate.timing_floor import jitter_us_of, jittered, timing_floor
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
-from blis_cal.simulate import RequestResult
-from blis_cal.trace import Trace, TraceHeader, TraceRecord
+from blis_cal.simulate import BlackboxModel, RequestResult, SimConfig
+from blis_cal.trace import Trace, TraceHeader, TraceRecord, write_trace
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIG = SimConfig(
+    block_size=16, num_gpu_blocks=8192, max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=4096
+)
+ALPHA, BETA = (3000.0, 1.5, 0.0), (6000.0, 20.0, 150.0)
 
 
 def result(rid, ttft, e2e, out=3, status="ok"):
@@ -136,8 +141,22 @@ def test_cli_validate_reports_a_deterministic_floor_by_default_and_checks_the_fl
     assert wider["jitter_us"] == 10_000 and wider["ttft"] > 0
     res = CliRunner().invoke(app, ["validate", trace, *lookup, "--timing-floor-ms", "-1"])
     assert res.exit_code != 0 and "--timing-floor-ms is -1.0" in str(res.exception)
-    res = CliRunner().invoke(app, ["validate", trace, trace, "--leave-one-out", "--timing-floor-ms", "2"])
-    assert res.exit_code != 0 and "not with --leave-one-out" in str(res.exception)
+
+
+def test_cli_leave_one_out_reports_each_held_out_traces_floor(tmp_path):
+    paths = []
+    for name, (n, rate, seed) in {"light": (120, 3.0, 1), "heavy": (160, 6.0, 2)}.items():
+        trace = simulated_trace(poisson_requests(n, rate, seed=seed), CONFIG, BlackboxModel(ALPHA, BETA))
+        write_trace(trace, tmp_path / f"{name}.csv")
+        paths.append(str(tmp_path / f"{name}.csv"))
+    out = tmp_path / "loo.json"
+    res = CliRunner().invoke(app, ["validate", *paths, "--leave-one-out", "--report", str(out)])
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert set(data["coefficients"]["fits"]) == {"light", "heavy"}
+    floors = [r["trace_info"]["timing_floor"] for r in data["per_trace"]]
+    assert [f["jitter_us"] for f in floors] == [2_000, 2_000] and all(f["ttft"] > 0 for f in floors)
+    assert [r["ttft_timing_floor"] for r in data["rows"]] == [f["ttft"] for f in floors]
 
 
 def test_a_replay_is_unchanged_by_the_floor():

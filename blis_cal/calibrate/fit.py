@@ -33,7 +33,6 @@ from blis_cal.calibrate.compare import (
     SPEED_NOTE_TOLERANCE,
     CalibrationError,
     ComparisonReport,
-    DecodeStepModel,
     ResultLike,
     TraceDiagnostics,
     compare,
@@ -838,21 +837,15 @@ def evaluate(
     beta: Sequence[float],
     simulator: Simulator,
     rtt_us: int | None = None,
-    fit_coverage: FitCoverage | None = None,
-    latency_model: DecodeStepModel | None = None,
 ) -> list[ComparisonReport]:
-    """Replay every trace with the coefficients and compare with what was observed (noting traces that decode
-    larger batches or longer contexts than the coefficients' fit saw, `fit_coverage`, when given; with the
-    coefficients' `latency_model`, each trace's step ratio and speed note as `compare` gives them)."""
+    """Replay every trace with the coefficients and compare with what was observed."""
     return [
         compare(
             nt.trace,
             simulator(nt.trace, form, tuple(alpha), tuple(beta)),
             rtt_us=rtt_us,
             trace_name=nt.name,
-            latency_model=latency_model,
             diagnostics=nt.diagnostics(),
-            fit_coverage=fit_coverage,
         )
         for nt in traces
     ]

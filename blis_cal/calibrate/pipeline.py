@@ -20,6 +20,7 @@ from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share,
 from blis_cal.calibrate.timing_floor import jittered, timing_floor
 from blis_cal.errors import ConfigError
 from blis_cal.replay import DEFAULT_SESSION_MODE, config_from_trace, unstated_settings_note
+from blis_cal.simulate.coefficients import FitCoverage
 from blis_cal.trace import parse_server_facts, read_trace, with_server_facts
 
 COMPANION_SUFFIXES = (".itl.csv", ".metrics.csv")
@@ -193,25 +194,48 @@ def run_compare(
     noting batches beyond its coefficients' fit when that is known too); the pooled JSON report. With
     `timing_floor_us` > 0 (`simulate` must replay), each trace is replayed once more with its sends moved by up
     to that many µs, and how far that moved the replay per request is its `timing_floor` (`timing_floor.py`)."""
-    reports = []
-    for t in traces:
-        results = simulate(t)
-        rep = compare(
-            t.trace,
-            results,
+    reports = [
+        _compare_replay(
+            t,
+            simulate,
             rtt_us=rtt_us,
             warmup=warmup,
-            trace_name=t.name,
             latency_model=latency_model,
-            diagnostics=t.diagnostics(),
+            timing_floor_us=timing_floor_us,
         )
-        if timing_floor_us > 0:
-            moved = simulate(NamedTrace(t.name, jittered(t.trace, timing_floor_us)))
-            _add_timing_floor(rep, t.name, timing_floor(results, moved), timing_floor_us)
-        reports.append(rep)
+        for t in traces
+    ]
     report = pooled_report(reports)
     report["targets"] = target_check(report["metrics"])
     return reports, report
+
+
+def _compare_replay(
+    t: NamedTrace,
+    simulate: Callable[[NamedTrace], Sequence[Any]],
+    *,
+    rtt_us: int | None,
+    warmup: int | None = None,
+    latency_model: DecodeStepModel | None = None,
+    fit_coverage: FitCoverage | None = None,
+    timing_floor_us: int = 0,
+) -> ComparisonReport:
+    """One trace against its replay (`run_compare`), with its timing floor when `timing_floor_us` > 0."""
+    results = simulate(t)
+    rep = compare(
+        t.trace,
+        results,
+        rtt_us=rtt_us,
+        warmup=warmup,
+        trace_name=t.name,
+        latency_model=latency_model,
+        diagnostics=t.diagnostics(),
+        fit_coverage=fit_coverage,
+    )
+    if timing_floor_us > 0:
+        moved = simulate(NamedTrace(t.name, jittered(t.trace, timing_floor_us)))
+        _add_timing_floor(rep, t.name, timing_floor(results, moved), timing_floor_us)
+    return rep
 
 
 def _add_timing_floor(rep: ComparisonReport, name: str, floor: dict[str, float], jitter_us: int) -> None:
@@ -258,10 +282,12 @@ def leave_one_out(
     rtt_us: int | None = None,
     session_mode: str = DEFAULT_SESSION_MODE,
     progress: Callable[[str], None] | None = None,
+    timing_floor_us: int = 0,
 ) -> tuple[list[ComparisonReport], list[FitResult]]:
     """Cross-validation: for each trace, fit on all the others and compare it with the replay using those
-    coefficients. Every report is on a trace the fit never saw."""
-    from blis_cal.calibrate.fit import evaluate, model_forms
+    coefficients. Every report is on a trace the fit never saw; with `timing_floor_us` > 0 each carries its
+    timing floor under those coefficients (`run_compare`)."""
+    from blis_cal.calibrate.fit import model_forms
 
     simulator = trace_simulator(session_mode)
 
@@ -285,9 +311,16 @@ def leave_one_out(
             simulator=simulator,
             pair_share=pair_share,
         )
-        model = form.latency(result.alpha, result.beta)
+        alpha, beta = tuple(result.alpha), tuple(result.beta)
         reports.append(
-            evaluate([held], form, result.alpha, result.beta, simulator, rtt_us, result.coverage, model)[0]
+            _compare_replay(
+                held,
+                lambda nt, a=alpha, b=beta: simulator(nt.trace, form, a, b),
+                rtt_us=rtt_us,
+                latency_model=form.latency(alpha, beta),
+                fit_coverage=result.coverage,
+                timing_floor_us=timing_floor_us,
+            )
         )
         fits.append(result)
     return reports, fits
