@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from blis_cal.calibrate.compare import ComparisonReport
 from blis_cal.calibrate.fit import NamedTrace
 from blis_cal.calibrate.pipeline import run_compare
 from blis_cal.calibrate.report_html import render_html
 from blis_cal.calibrate.synthetic import poisson_requests, simulated_trace
-from blis_cal.calibrate.timing_floor import jitter_us_of, jittered, timing_floor
+from blis_cal.calibrate.timing_floor import jitter_us_of, jittered, pooled_floor, timing_floor
 from blis_cal.cli import app
 from blis_cal.errors import ConfigError
 from blis_cal.simulate import BlackboxModel, RequestResult, SimConfig
@@ -116,11 +117,36 @@ def test_run_compare_reports_the_floor_and_notes_it_past_the_ttft_target():
         if noted:
             assert f"TTFT by {100 * by:.1f} %" in notes[0] and "judge TTFT by its means" in notes[0]
         assert "<th>ttft_timing_floor</th>" in render_html(reports)
+    # Over several traces the pooled report carries their floors pooled as their MAPEs are (4 requests each).
+    moves = {"t1": simulate_moving(0.2), "t2": simulate_moving(0.05)}
+    named = [NamedTrace("t1", trace), NamedTrace("t2", trace)]
+    _, data = run_compare(named, lambda t: moves[t.name](t), timing_floor_us=2_000)
+    assert data["trace_info"]["timing_floor"]["ttft"] == pytest.approx(0.125)
     # Off (0), or a compare with results replayed elsewhere: no second replay, no floor.
     calls = []
     reports, _ = run_compare([NamedTrace("t", trace)], lambda t: calls.append(t) or base, timing_floor_us=0)
     assert len(calls) == 1 and "timing_floor" not in reports[0].trace_info
     assert "ttft_timing_floor" not in render_html(reports)
+
+
+def floored(floor, counts):
+    metrics = {m: {"count": n} for m, n in counts.items()}
+    return ComparisonReport(trace_info={"timing_floor": floor}, metrics=metrics, pairs=None)
+
+
+def test_pooled_floor_weights_each_trace_by_the_requests_it_compared_hand_computed():
+    a = floored(
+        {"jitter_us": 2_000, "ttft": 0.10, "itl": 0.02, "e2e": 0.01}, {"ttft": 30, "itl": 10, "e2e": 30}
+    )
+    b = floored(
+        {"jitter_us": 2_000, "ttft": 0.20, "itl": 0.04, "e2e": 0.03}, {"ttft": 10, "itl": 30, "e2e": 10}
+    )
+    assert pooled_floor([a, b]) == {"jitter_us": 2_000, "ttft": 0.125, "itl": 0.035, "e2e": 0.015}
+    assert pooled_floor([a]) == a.trace_info["timing_floor"]
+    # A trace without a floor, or one moved by another jitter, leaves nothing to pool.
+    assert pooled_floor([a, ComparisonReport(trace_info={}, metrics={}, pairs=None)]) is None
+    assert pooled_floor([a, floored({"jitter_us": 500, "ttft": 0.1}, {"ttft": 5})]) is None
+    assert pooled_floor([]) is None
 
 
 def test_cli_validate_reports_a_deterministic_floor_by_default_and_checks_the_flag(tmp_path):
@@ -134,6 +160,8 @@ def test_cli_validate_reports_a_deterministic_floor_by_default_and_checks_the_fl
         return [r["trace_info"].get("timing_floor") for r in json.loads(out.read_text())["per_trace"]]
 
     default = floors()
+    summary = json.loads((tmp_path / "v.json").read_text())["summary"]
+    assert summary["timing_floor"] == default[0]  # one trace: its own floor
     assert default[0]["jitter_us"] == 2_000 and set(default[0]) == {"jitter_us", "ttft", "itl", "e2e"}
     assert default == floors()  # seeded: the same floor every run
     assert floors("--timing-floor-ms", "0") == [None]
@@ -157,6 +185,9 @@ def test_cli_leave_one_out_reports_each_held_out_traces_floor(tmp_path):
     floors = [r["trace_info"]["timing_floor"] for r in data["per_trace"]]
     assert [f["jitter_us"] for f in floors] == [2_000, 2_000] and all(f["ttft"] > 0 for f in floors)
     assert [r["ttft_timing_floor"] for r in data["rows"]] == [f["ttft"] for f in floors]
+    counts = [r["metrics"]["ttft"]["count"] for r in data["per_trace"]]
+    pooled_ttft = sum(f["ttft"] * n for f, n in zip(floors, counts, strict=True)) / sum(counts)
+    assert data["summary"]["timing_floor"]["ttft"] == pytest.approx(pooled_ttft, abs=1e-6)
 
 
 def test_a_replay_is_unchanged_by_the_floor():

@@ -17,7 +17,7 @@ from blis_cal.calibrate.compare import (
 )
 from blis_cal.calibrate.defaults_file import make_entry, merge_defaults_entry
 from blis_cal.calibrate.fit import FitResult, NamedTrace, fit, model_pair_share, trace_simulator
-from blis_cal.calibrate.timing_floor import jittered, timing_floor
+from blis_cal.calibrate.timing_floor import jittered, pooled_floor, timing_floor
 from blis_cal.errors import ConfigError
 from blis_cal.replay import DEFAULT_SESSION_MODE, config_from_trace, unstated_settings_note
 from blis_cal.simulate.coefficients import FitCoverage
@@ -94,6 +94,8 @@ def pooled_report(reports: Sequence[ComparisonReport]) -> dict[str, Any]:
         for key in ("num_requests", "warm_up_excluded", "matched_pairs", "token_mismatches", "compared"):
             info[key] = sum(int(r.trace_info.get(key, 0)) for r in reports)
         info["traces"] = [r.trace_info.get("trace", "") for r in reports]
+        if (floor := pooled_floor(reports)) is not None:
+            info["timing_floor"] = floor
         merged = ComparisonReport(trace_info=info, metrics=pooled(reports), pairs=reports[0].pairs)
         out = merged.to_dict()
     out["per_trace"] = [r.to_dict() for r in reports]
@@ -255,6 +257,7 @@ def _add_timing_floor(rep: ComparisonReport, name: str, floor: dict[str, float],
 def validation_report(reports: Sequence[ComparisonReport], coefficients: dict[str, Any]) -> dict[str, Any]:
     """`blis validate`'s JSON: a row per trace, the pooled summary, the targets, full per-trace reports."""
     summary = pooled(reports)
+    floor = pooled_floor(reports)
     return {
         "coefficients": coefficients,
         "rows": [summary_row(r) for r in reports],
@@ -268,6 +271,7 @@ def validation_report(reports: Sequence[ComparisonReport], coefficients: dict[st
                 if m in summary
                 for k in ("mape", "pearson_r", "quality")
             },
+            **({"timing_floor": floor} if floor is not None else {}),
         },
         "targets": target_check(summary),
         "per_trace": [r.to_dict() for r in reports],

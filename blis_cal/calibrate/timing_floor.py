@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from blis_cal.calibrate.compare import METRICS, ResultLike, sim_itl
+from blis_cal.calibrate.compare import METRICS, ComparisonReport, ResultLike, sim_itl
 from blis_cal.errors import ConfigError
 from blis_cal.trace import Trace
 
@@ -58,4 +58,22 @@ def timing_floor(base: Sequence[ResultLike], moved: Sequence[ResultLike]) -> dic
         kept = [(b, m) for b, m in values[metric] if b is not None and m is not None and b > 0]
         if kept:
             out[metric] = float(np.mean([abs(m - b) / b for b, m in kept]))
+    return out
+
+
+def pooled_floor(reports: Sequence[ComparisonReport]) -> dict[str, float] | None:
+    """The traces' `timing_floor`s pooled as their MAPEs are: per metric, the mean weighted by the requests each
+    trace compared in it. None unless every report has a floor, all with one jitter."""
+    floors = [r.trace_info.get("timing_floor") for r in reports]
+    if not floors or any(f is None for f in floors) or len({f["jitter_us"] for f in floors}) != 1:
+        return None
+    out: dict[str, float] = {"jitter_us": floors[0]["jitter_us"]}
+    for metric in METRICS:
+        weighted = [
+            (f[metric], r.metrics[metric]["count"])
+            for f, r in zip(floors, reports, strict=True)
+            if metric in f and metric in r.metrics
+        ]
+        if weighted and sum(n for _, n in weighted):
+            out[metric] = round(sum(v * n for v, n in weighted) / sum(n for _, n in weighted), 6)
     return out
