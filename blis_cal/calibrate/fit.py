@@ -629,8 +629,14 @@ def _solve_columns(
     scale = np.abs(a).max(axis=0)
     used = scale > 0
     if start is None:
+        # The linear first guess leaves out rows the fixed columns alone over-explain (a misread step): their
+        # negative targets would pull every coefficient to 0, where the log residuals below have no slope.
+        room = given < 1.0
         first = np.zeros(a.shape[1])
-        first[used] = lsq_linear(a[:, used] / scale[used], 1.0 - given, bounds=(0.0, np.inf)).x / scale[used]
+        first[used] = (
+            lsq_linear(a[room][:, used] / scale[used], 1.0 - given[room], bounds=(0.0, np.inf)).x
+            / scale[used]
+        )
     else:  # warm start (bootstrap replicates start from the point estimate)
         first = np.asarray(start, dtype=float)
     a_used = a[:, used]
